@@ -1,0 +1,250 @@
+"""`melanoma` command line. Thin: parse arguments, call one function per subcommand.
+
+Any UserError (bad path, bad flag value, bad data) is printed as one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from melanoma_detector import DISCLAIMER, __version__
+from melanoma_detector.errors import UserError
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a model (the seed's two-phase recipe)")
+    p.add_argument("--data", action="append", required=True, metavar="ROOT_OR_MANIFEST",
+                   help="data folder or CSV manifest; repeat to combine several sets")
+    p.add_argument("--out", required=True, help="run folder (config, split, metrics, plots, checkpoint)")
+    p.add_argument("--config", help="YAML config; flags below override it")
+    p.add_argument("--backbone", help="any timm model name (default: efficientnet_b3, the seed's)")
+    p.add_argument("--weights", help="local backbone weights: state dict (.pth) or .safetensors")
+    p.add_argument("--allow-random-init", action="store_true", default=None,
+                   help="train from random weights when no ImageNet weights can be had")
+    p.add_argument("--no-pretrained", action="store_true", help="random initialisation on purpose")
+    p.add_argument("--image-size", type=_positive_int)
+    p.add_argument("--resize-mode", choices=["crop", "squash"])
+    p.add_argument("--epochs-frozen", type=_non_negative_int)
+    p.add_argument("--epochs-finetune", type=_non_negative_int)
+    p.add_argument("--batch-size", type=_positive_int)
+    p.add_argument("--lr-frozen", type=float)
+    p.add_argument("--lr-finetune", type=float)
+    p.add_argument("--unfreeze-fraction", type=float)
+    p.add_argument("--phase2-mode", choices=["auto", "plain", "cached"])
+    p.add_argument("--cache-views", type=_positive_int)
+    p.add_argument("--cache-dir")
+    p.add_argument("--split-file", help="a saved split.csv to reuse instead of splitting")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--threads", type=_positive_int)
+    p.add_argument("--workers", type=_non_negative_int, help="DataLoader worker processes")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--max-steps-per-epoch", type=_positive_int, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--skip-bad-images", action="store_true", default=None,
+                   help="skip unreadable images (and report how many) instead of stopping")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from melanoma_detector.config import load_config
+    from melanoma_detector.training.trainer import run_training
+
+    overrides = {
+        "data.paths": args.data,
+        "data.split_file": args.split_file,
+        "data.skip_bad_images": args.skip_bad_images,
+        "data.num_workers": args.workers,
+        "model.backbone": args.backbone,
+        "model.weights": args.weights,
+        "model.allow_random_init": args.allow_random_init,
+        "model.pretrained": False if args.no_pretrained else None,
+        "model.image_size": args.image_size,
+        "model.resize_mode": args.resize_mode,
+        "train.epochs_frozen": args.epochs_frozen,
+        "train.epochs_finetune": args.epochs_finetune,
+        "train.batch_size": args.batch_size,
+        "train.lr_frozen": args.lr_frozen,
+        "train.lr_finetune": args.lr_finetune,
+        "train.unfreeze_fraction": args.unfreeze_fraction,
+        "train.phase2_mode": args.phase2_mode,
+        "train.cache_views": args.cache_views,
+        "train.cache_dir": args.cache_dir,
+        "train.device": args.device,
+        "train.threads": args.threads,
+        "train.seed": args.seed,
+        "train.max_steps_per_epoch": args.max_steps_per_epoch,
+    }
+    config = load_config(args.config, overrides)
+    if not 0 <= config.train.unfreeze_fraction <= 1:
+        raise UserError(f"--unfreeze-fraction {config.train.unfreeze_fraction}: accepted 0 to 1")
+    summary = run_training(config, args.out, progress=not args.no_progress)
+    best = summary["best"]
+    print(f"best val AUC {best['val_auc']} ({best['phase']} epoch {best['epoch']}); run folder: {summary['out_dir']}")
+    for split, m in summary["metrics"].items():
+        print(f"{split}: AUC {m['roc_auc']}, sensitivity {m['sensitivity']}, specificity {m['specificity']} "
+              f"at screening threshold {summary['thresholds']['screening']:.3f}")
+    return 0
+
+
+def _make_predictor(model: str | None):
+    if model is None:
+        raise UserError("--model is required: a checkpoint (.pt) or run folder from `melanoma train`")
+    from melanoma_detector.models.torch_predictor import TorchPredictor
+
+    return TorchPredictor(model)
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics, curves and per-image predictions on a labelled set")
+    p.add_argument("--model", help="checkpoint (.pt) or run folder")
+    p.add_argument("--data", required=True, help="class folders, a root with test/, or a CSV manifest")
+    p.add_argument("--out", help="output folder (default: evaluation/ next to the model)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from melanoma_detector.evaluation.evaluate import evaluate_model
+
+    predictor = _make_predictor(args.model)
+    out = args.out or str(Path(args.model).with_suffix("") if Path(args.model).is_file() else Path(args.model)) + "-evaluation"
+    m = evaluate_model(predictor, args.data, out_dir=out, progress=not args.no_progress)
+    print(f"n={m['n']} ({m['n_pos']} malignant)  AUC {m['roc_auc']:.4f}  accuracy {m['accuracy']:.4f}  "
+          f"sensitivity {m['sensitivity']:.4f}  specificity {m['specificity']:.4f}  "
+          f"balanced accuracy {m['balanced_accuracy']:.4f}  F1 {m['f1']:.4f}  (threshold {m['threshold']:.3f})")
+    print(f"report written to {out}")
+    print(DISCLAIMER)
+    return 0
+
+
+def _collect_images(paths: list[str]) -> list[str]:
+    from melanoma_detector.data.io import is_image_file
+
+    files: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f))
+            if not found:
+                raise UserError(f"{p}: folder holds no images (.jpg, .jpeg, .png, .bmp, .tif, .tiff, .webp)")
+            files.extend(found)
+        elif p.exists():
+            files.append(str(p))  # any file: a non-image gets status cannot_assess, not a crash
+        else:
+            raise UserError(f"{p}: no such file or folder")
+    return files
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="probability of melanoma for images or folders")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--model", help="checkpoint (.pt) or run folder")
+    p.add_argument("--csv", help="write results to this CSV file")
+    p.add_argument("--json", nargs="?", const="-", help="write results as JSON (to a file, or stdout)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    files = _collect_images(args.paths)
+    predictor = _make_predictor(args.model)
+    rows = predictor.predict_paths(files, progress=not args.no_progress and len(files) > 1)
+    columns = ["path", "probability_malignant", "predicted_label", "status", "reason"]
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    if args.json:
+        payload = json.dumps({"disclaimer": DISCLAIMER, "results": rows}, indent=2)
+        if args.json == "-":
+            print(payload)
+        else:
+            Path(args.json).write_text(payload)
+    if args.json != "-":
+        width = max(len(r["path"]) for r in rows)
+        print(f"{'path':<{width}}  {'p(malignant)':>12}  label")
+        for r in rows:
+            if r["status"] == "ok":
+                print(f"{r['path']:<{width}}  {r['probability_malignant']:>12.4f}  {r['predicted_label']}")
+            else:
+                print(f"{r['path']:<{width}}  {'-':>12}  cannot assess: {r['reason']}")
+        print(DISCLAIMER)
+    return 0 if any(r["status"] == "ok" for r in rows) else 1
+
+
+def _add_data(sub) -> None:
+    p = sub.add_parser("data", help="inspect a data set")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{check}")
+    c = dsub.add_parser("check", help="counts, sizes, unreadable files, duplicates, leakage")
+    c.add_argument("root", help="data folder or CSV manifest")
+    c.add_argument("--out", help="report folder (default: ./data-check-<name>)")
+    c.add_argument("--near-threshold", type=_non_negative_int, default=4, help="pHash Hamming distance (default 4)")
+    c.add_argument("--no-progress", action="store_true")
+    c.set_defaults(func=cmd_data_check)
+
+
+def cmd_data_check(args) -> int:
+    from melanoma_detector.data.check import check_dataset, format_summary
+
+    out = args.out or f"data-check-{Path(args.root).resolve().name}"
+    report = check_dataset(args.root, out_dir=out, near_threshold=args.near_threshold, progress=not args.no_progress)
+    print(format_summary(report))
+    return 1 if report.get("leakage") else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="melanoma",
+        description="Benign vs. malignant (melanoma) classification of dermoscopic images. " + DISCLAIMER,
+    )
+    parser.add_argument("--version", action="version", version=f"melanoma-detector {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_data(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

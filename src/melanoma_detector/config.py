@@ -1,0 +1,177 @@
+"""Run configuration: frozen dataclasses, loaded from YAML, overridden from the CLI.
+
+Every run writes its resolved configuration (`config.yaml`) into its run folder, so a run can
+be repeated from that file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from melanoma_detector.errors import UserError
+
+# The seed notebook's recipe, kept as the defaults.
+SEED_BACKBONE = "efficientnet_b3"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    paths: tuple[str, ...] = ()
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15  # only used when a source has no test split of its own
+    split_file: str | None = None  # a committed split (CSV: path,split) that overrides splitting
+    skip_bad_images: bool = False
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = SEED_BACKBONE
+    pretrained: bool = True
+    weights: str | None = None  # a local state dict / safetensors file for the backbone
+    allow_random_init: bool = False
+    image_size: int | None = None  # None: the backbone's pretrained input size
+    resize_mode: str = "crop"  # "crop": short side + centre crop; "squash": resize to square
+    hidden: tuple[int, int] = (512, 256)
+    dropout: tuple[float, float] = (0.45, 0.35)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs_frozen: int = 25
+    epochs_finetune: int = 35
+    lr_frozen: float = 1e-3
+    lr_finetune: float = 1e-5
+    batch_size: int = 32
+    # Keras' kernel_regularizer=l2(l2) on the two hidden Dense layers adds l2 * sum(w^2) to the
+    # loss; its gradient is 2 * l2 * w, i.e. Adam(weight_decay=2 * l2) on those weights only.
+    l2: float = 1e-3
+    unfreeze_fraction: float = 0.3
+    class_weights: bool = True
+    early_stopping_patience: int = 8
+    reduce_lr_patience: int = 3
+    reduce_lr_factor: float = 0.2
+    min_lr: float = 1e-7
+    feature_cache: bool = True  # phase 1 on cached pooled features of the frozen backbone
+    flip_average: bool = False  # average cached features over a horizontal flip
+    phase2_mode: str = "auto"  # auto | plain | cached ("auto": cached on CPU, plain on GPU)
+    cache_views: int = 4  # augmented views per image for the cached phase 2
+    cache_dir: str | None = None  # default: <out>/../.cache or ~/.cache/melanoma-detector
+    device: str = "auto"
+    threads: int | None = None
+    max_steps_per_epoch: int | None = None  # for smoke runs
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    """Turn YAML/CLI values into the field's declared type (tuples stay tuples: frozen)."""
+    f = {f.name: f for f in fields(cls)}[name]
+    typ = str(f.type)
+    if value is None:
+        return None
+    if typ.startswith("tuple"):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = typ[len("tuple[") : -1].split(",")[0].strip()
+        conv = {"int": int, "float": float, "str": str}.get(inner, lambda v: v)
+        return tuple(conv(v) for v in value)
+    if typ.startswith("bool"):
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise UserError(f"config {name}: expected true/false, got {value!r}")
+        return bool(value)
+    try:
+        if typ.startswith("int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if typ.startswith("float"):
+            return float(value)
+    except (TypeError, ValueError):
+        raise UserError(f"config {name}: expected {typ}, got {value!r}") from None
+    return value
+
+
+def _build_section(cls: type, values: Mapping[str, Any], section: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise UserError(
+            f"unknown config key(s) in '{section}': {', '.join(sorted(unknown))}; "
+            f"accepted: {', '.join(sorted(known))}"
+        )
+    return cls(**{k: _coerce(cls, k, v) for k, v in values.items()})
+
+
+def config_from_dict(values: Mapping[str, Any] | None) -> Config:
+    values = dict(values or {})
+    unknown = set(values) - set(_SECTIONS)
+    if unknown:
+        raise UserError(
+            f"unknown config section(s): {', '.join(sorted(unknown))}; accepted: data, model, train"
+        )
+    return Config(
+        **{
+            name: _build_section(cls, values.get(name) or {}, name)
+            for name, cls in _SECTIONS.items()
+        }
+    )
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Load YAML (optional) then apply `overrides` given as {"section.key": value}."""
+    import yaml
+
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"config file not found: {p} (expected a YAML file)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from None
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {p} must hold a mapping with data/model/train sections")
+        values = {k: dict(v or {}) for k, v in loaded.items()}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        values.setdefault(section, {})[key] = value
+    return config_from_dict(values)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    import yaml
+
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,134 @@
+"""Seeded, stratified, group-aware splits: one lesion never lands on two sides."""
+
+from __future__ import annotations
+
+import csv
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+
+from melanoma_detector.data.discovery import DataSource, Sample
+from melanoma_detector.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+def _split_groups(
+    samples: list[Sample], fractions: dict[str, float], seed: int
+) -> dict[str, str]:
+    """Assign whole groups to splits, stratified by the group's label (malignant if any image is).
+
+    Groups of each stratum are shuffled with `seed` and dealt out until each split holds its
+    share of that stratum's images, so class balance is kept even when group sizes vary.
+    """
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        groups[s.group_key].append(s)
+    strata: dict[int, list[str]] = defaultdict(list)
+    for g, members in sorted(groups.items()):
+        strata[max(m.label for m in members)].append(g)
+    rng = random.Random(seed)
+    assignment: dict[str, str] = {}
+    order = [name for name in ("test", "val") if fractions.get(name, 0) > 0]
+    for label in sorted(strata):
+        keys = strata[label]
+        rng.shuffle(keys)
+        total = sum(len(groups[g]) for g in keys)
+        targets = {name: fractions[name] * total for name in order}
+        filled = Counter()
+        for g in keys:
+            size = len(groups[g])
+            # Give the group to the first split still below its target, else to train.
+            dest = next((n for n in order if filled[n] + size / 2 <= targets[n]), "train")
+            filled[dest] += size
+            assignment[g] = dest
+    return assignment
+
+
+def assign_splits(
+    sources: list[DataSource],
+    *,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> list[Sample]:
+    """Fill in missing splits per source and return all samples.
+
+    A source with train and val keeps them. A source with train (and maybe test) but no val gets
+    val carved out of train. A source with no splits gets train/val/test.
+    """
+    if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(
+            f"bad split fractions val={val_fraction}, test={test_fraction}; "
+            "each in [0, 1) and together under 1"
+        )
+    out: list[Sample] = []
+    for src in sources:
+        present = {s.split for s in src.samples}
+        if None in present and len(present) > 1:
+            raise DataError(f"{src.root}: some images have a split and some do not; give all or none")
+        if None in present:
+            fractions = {"val": val_fraction, "test": test_fraction}
+            pool = src.samples
+        elif "val" not in present and "train" in present:
+            fractions = {"val": val_fraction / (1 - test_fraction) if "test" in present else val_fraction}
+            pool = [s for s in src.samples if s.split == "train"]
+        else:
+            pool = []
+            fractions = {}
+        if pool:
+            assignment = _split_groups(pool, fractions, seed)
+            for s in pool:
+                s.split = assignment[s.group_key]
+        out.extend(src.samples)
+    check_no_group_leak(out)
+    return out
+
+
+def check_no_group_leak(samples: list[Sample]) -> None:
+    sides: dict[str, set[str]] = defaultdict(set)
+    for s in samples:
+        if s.group:
+            sides[s.group_key].add(s.split or "")
+    leaked = [g for g, sp in sides.items() if len(sp) > 1]
+    if leaked:
+        raise DataError(
+            f"{len(leaked)} lesion group(s) appear in more than one split (first: {leaked[0]}); "
+            "a split must keep every image of a lesion on one side"
+        )
+
+
+def save_split(samples: list[Sample], path: str | Path) -> None:
+    with Path(path).open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["key", "path", "label", "group", "split"])
+        for s in samples:
+            w.writerow([s.key, s.path, s.label, s.group or "", s.split])
+
+
+def apply_split_file(samples: list[Sample], path: str | Path) -> list[Sample]:
+    """Use a saved split (matched by `key`, so it works on any machine that has the data)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"split file not found: {p} (expected a CSV with columns key, split)")
+    with p.open(newline="") as fh:
+        mapping = {row["key"]: row["split"] for row in csv.DictReader(fh)}
+    missing = [s.key for s in samples if s.key not in mapping]
+    if missing:
+        raise DataError(
+            f"{p}: {len(missing)} image(s) are not in the split file, first: {missing[0]}"
+        )
+    for s in samples:
+        if mapping[s.key] not in SPLITS:
+            raise DataError(f"{p}: split {mapping[s.key]!r} for {s.key}; accepted: train, val, test")
+        s.split = mapping[s.key]
+    check_no_group_leak(samples)
+    return samples
+
+
+def split_counts(samples: list[Sample]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for s in samples:
+        c = counts.setdefault(s.split or "unsplit", {"benign": 0, "malignant": 0})
+        c["malignant" if s.label else "benign"] += 1
+    return counts

@@ -1,0 +1,57 @@
+"""Checkpoints: a plain dict (weights + everything needed to use them), saved atomically and
+loaded with `torch.load(..., weights_only=True)` so a checkpoint can never run code."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from melanoma_detector.errors import UserError
+from melanoma_detector.models.factory import MelanomaNet, create_model
+from melanoma_detector.preprocess import Preprocessing
+
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoint.pt").is_file():
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        raise UserError(f"model checkpoint not found: {p} (expected a .pt file written by `melanoma train` or its run folder)")
+    try:
+        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - anything unreadable is the user's file
+        raise UserError(f"{p}: not a readable melanoma-detector checkpoint ({str(exc).splitlines()[0][:200]})") from None
+    if not isinstance(ckpt, dict) or "model_state" not in ckpt or "preprocessing" not in ckpt:
+        raise UserError(f"{p}: not a melanoma-detector checkpoint (missing model_state/preprocessing)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> MelanomaNet:
+    mcfg = ckpt["config"]["model"]
+    model = create_model(
+        ckpt["backbone"], pretrained=False, hidden=tuple(mcfg["hidden"]), dropout=tuple(mcfg["dropout"])
+    )
+    model.load_state_dict(ckpt["model_state"], strict=True)
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path) -> tuple[MelanomaNet, dict[str, Any]]:
+    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(ckpt), ckpt
+
+
+def checkpoint_preprocessing(ckpt: dict[str, Any]) -> Preprocessing:
+    return Preprocessing.from_dict(ckpt["preprocessing"])

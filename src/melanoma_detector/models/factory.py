@@ -1,0 +1,185 @@
+"""`create_model`: any timm backbone with the seed notebook's classification head."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from melanoma_detector.errors import UserError
+from melanoma_detector.preprocess import Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+class SeedHead(nn.Module):
+    """GAP features -> BatchNorm -> Dense(512, ReLU) -> Dropout(0.45) -> Dense(256, ReLU)
+    -> Dropout(0.35) -> Dense(1): the seed's Keras head, returning a logit (sigmoid is applied
+    by the loss and by the predictor, after temperature scaling)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        *,
+        hidden: Sequence[int] = (512, 256),
+        dropout: Sequence[float] = (0.45, 0.35),
+    ):
+        super().__init__()
+        # Keras BatchNormalization defaults: momentum 0.99 (torch: 1 - 0.99), epsilon 1e-3.
+        self.norm = nn.BatchNorm1d(in_features, eps=1e-3, momentum=0.01)
+        self.fc1 = nn.Linear(in_features, hidden[0])
+        self.drop1 = nn.Dropout(dropout[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.drop2 = nn.Dropout(dropout[1])
+        self.out = nn.Linear(hidden[1], 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        x = self.drop1(torch.relu(self.fc1(x)))
+        x = self.drop2(torch.relu(self.fc2(x)))
+        return self.out(x).squeeze(-1)
+
+    def l2_parameters(self) -> list[nn.Parameter]:
+        """The weights the seed regularised with L2 (the two hidden Dense kernels)."""
+        return [self.fc1.weight, self.fc2.weight]
+
+
+class MelanomaNet(nn.Module):
+    def __init__(self, backbone: nn.Module, head: SeedHead):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last convolutional feature map (B, C, H, W), the layer Grad-CAM explains."""
+        return self.backbone.forward_features(x)
+
+    @staticmethod
+    def pool(fmap: torch.Tensor) -> torch.Tensor:
+        return fmap.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.forward_features(x)))
+
+
+def backbone_units(backbone: nn.Module) -> list[nn.Module] | None:
+    """The backbone as an ordered list of modules whose composition is `forward_features`.
+
+    Supported for timm's EfficientNet/MobileNet family and ResNets; None elsewhere (then the
+    cached phase 2 is unavailable and freezing falls back to parameter order).
+    """
+    names = set(dict(backbone.named_children()))
+    if {"conv_stem", "bn1", "blocks"} <= names:
+        units: list[nn.Module] = [nn.Sequential(backbone.conv_stem, backbone.bn1)]
+        for stage in backbone.blocks:
+            units.extend(stage.children() if isinstance(stage, nn.Sequential) else [stage])
+        tail = [m for m in (getattr(backbone, "conv_head", None), getattr(backbone, "bn2", None)) if m is not None and not isinstance(m, nn.Identity)]
+        if tail:
+            units.append(nn.Sequential(*tail))
+        return units
+    if {"conv1", "bn1", "layer1", "layer4"} <= names:
+        units = [nn.Sequential(backbone.conv1, backbone.bn1, backbone.act1, backbone.maxpool)]
+        for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
+            units.extend(layer.children())
+        return units
+    return None
+
+
+def split_backbone(backbone: nn.Module, unfreeze_fraction: float) -> tuple[nn.Sequential, nn.Sequential] | None:
+    """(frozen bottom, trainable top) with the top holding ceil(fraction * units) units."""
+    units = backbone_units(backbone)
+    if units is None:
+        return None
+    n_top = min(len(units), max(0, math.ceil(unfreeze_fraction * len(units))))
+    return nn.Sequential(*units[: len(units) - n_top]), nn.Sequential(*units[len(units) - n_top :])
+
+
+def set_trainable_top(model: MelanomaNet, unfreeze_fraction: float) -> nn.Module | None:
+    """Freeze the backbone except its top `unfreeze_fraction`; return the frozen bottom module.
+
+    The frozen bottom is put in eval mode by `train_mode(...)` so its BatchNorm statistics stay
+    fixed, as Keras does for non-trainable layers.
+    """
+    for p in model.backbone.parameters():
+        p.requires_grad = False
+    parts = split_backbone(model.backbone, unfreeze_fraction)
+    if parts is not None:
+        bottom, top = parts
+        for p in top.parameters():
+            p.requires_grad = True
+        return bottom
+    params = list(model.backbone.parameters())
+    for p in params[len(params) - math.ceil(unfreeze_fraction * len(params)) :]:
+        p.requires_grad = True
+    return None
+
+
+def train_mode(model: MelanomaNet, frozen: nn.Module | None) -> None:
+    """model.train(), but modules without trainable parameters stay in eval mode."""
+    model.train()
+    if frozen is not None:
+        frozen.eval()
+    for m in model.backbone.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+            p.requires_grad for p in m.parameters(recurse=False)
+        ):
+            m.eval()
+
+
+def check_backbone_name(name: str) -> None:
+    import timm
+
+    if not timm.is_model(name):
+        raise UserError(f"unknown backbone {name!r}; any timm model name is accepted (see timm.list_models())")
+
+
+def create_timm_backbone(name: str, *, pretrained: bool = False) -> nn.Module:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise UserError(f"unknown backbone {name!r}; any timm model name is accepted (see timm.list_models())") from None
+        raise
+
+
+def default_preprocessing(backbone: nn.Module, *, image_size: int | None, resize_mode: str) -> Preprocessing:
+    """The backbone's pretrained config, optionally at another input size."""
+    cfg = getattr(backbone, "pretrained_cfg", None) or {}
+    size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    return Preprocessing(
+        input_size=size,
+        mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
+        std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+        interpolation=str(cfg.get("interpolation", "bicubic")),
+        crop_pct=float(cfg.get("crop_pct", 1.0)),
+        resize_mode=resize_mode,
+    )
+
+
+def create_model(
+    backbone: str = "efficientnet_b3",
+    *,
+    pretrained: bool = False,
+    weights: str | None = None,
+    allow_random_init: bool = False,
+    hidden: Sequence[int] = (512, 256),
+    dropout: Sequence[float] = (0.45, 0.35),
+) -> MelanomaNet:
+    """Build `backbone` (any timm name) + the seed head.
+
+    With `pretrained=True` (or `weights`), ImageNet weights come from `models.weights`; when none
+    can be had it raises unless `allow_random_init`.
+    """
+    from melanoma_detector.models.weights import load_pretrained_backbone
+
+    if pretrained or weights:
+        net = load_pretrained_backbone(backbone, weights=weights, allow_random_init=allow_random_init)
+    else:
+        net = create_timm_backbone(backbone, pretrained=False)
+    head = SeedHead(net.num_features, hidden=hidden, dropout=dropout)
+    return MelanomaNet(net, head)

@@ -1,0 +1,86 @@
+"""Evaluation-time preprocessing, in Pillow + numpy only.
+
+Training's deterministic transform, evaluation and the torch-free predictor all call
+`preprocess_image`, so the model sees bit-identical inputs wherever it runs. Its parameters live
+in the checkpoint and the model bundle, never in the code that consumes them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+INTERPOLATIONS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+RESIZE_MODES = ("crop", "squash")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    input_size: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+    crop_pct: float = 1.0
+    # "crop": shorter side to size/crop_pct, centre crop (keeps aspect ratio, may cut the edges);
+    # "squash": both sides to size/crop_pct (keeps everything, distorts aspect ratio).
+    resize_mode: str = "crop"
+
+    def __post_init__(self):
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r}; accepted: {', '.join(INTERPOLATIONS)}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode {self.resize_mode!r}; accepted: {', '.join(RESIZE_MODES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
+        return cls(
+            input_size=int(d["input_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            interpolation=str(d.get("interpolation", "bicubic")),
+            crop_pct=float(d.get("crop_pct", 1.0)),
+            resize_mode=str(d.get("resize_mode", "crop")),
+        )
+
+
+def resize_and_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
+    size = pp.input_size
+    scaled = int(round(size / pp.crop_pct))
+    resample = INTERPOLATIONS[pp.interpolation]
+    w, h = img.size
+    if pp.resize_mode == "squash":
+        new_w = new_h = scaled
+    elif w <= h:
+        new_w, new_h = scaled, max(scaled, int(round(h * scaled / w)))
+    else:
+        new_w, new_h = max(scaled, int(round(w * scaled / h))), scaled
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), resample)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if (left, top, size, size) != (0, 0, new_w, new_h):
+        img = img.crop((left, top, left + size, top + size))
+    return img
+
+
+def normalize(img: Image.Image, pp: Preprocessing) -> np.ndarray:
+    """RGB PIL image -> float32 CHW array, scaled to [0, 1] then standardised."""
+    arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def preprocess_image(img: Image.Image, pp: Preprocessing) -> np.ndarray:
+    return normalize(resize_and_crop(img, pp), pp)

@@ -1,0 +1,133 @@
+"""Step functions: one epoch of training, one pass of evaluation. They return metric dicts and
+read no globals; the trainer composes them into the seed's two phases."""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from melanoma_detector.evaluation.metrics import binary_metrics
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from melanoma_detector.errors import UserError
+
+        raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def class_weights(labels: Iterable[int]) -> tuple[float, float]:
+    """Keras-style balanced weights from the training split: n / (2 * n_class)."""
+    labels = list(labels)
+    n, n1 = len(labels), sum(labels)
+    n0 = n - n1
+    return (n / (2 * n0) if n0 else 1.0, n / (2 * n1) if n1 else 1.0)
+
+
+def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: tuple[float, float] | None) -> torch.Tensor:
+    loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    if weights is not None:
+        w = torch.where(targets > 0.5, weights[1], weights[0]).to(loss.dtype)
+        return (loss * w).sum() / w.sum()
+    return loss.mean()
+
+
+def _batches(loader, max_steps: int | None):
+    for step, batch in enumerate(loader):
+        if max_steps is not None and step >= max_steps:
+            return
+        yield batch
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    device: torch.device,
+    class_w: tuple[float, float] | None = None,
+    set_train_mode: Callable[[], None] | None = None,
+    max_steps: int | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> dict[str, float]:
+    """One pass over `loader` ((inputs, targets, ...) batches); returns {"loss", "auc", "n"}."""
+    from tqdm import tqdm
+
+    (set_train_mode or model.train)()
+    total, count = 0.0, 0
+    all_logits, all_targets = [], []
+    total_steps = len(loader) if max_steps is None else min(len(loader), max_steps)
+    bar = tqdm(_batches(loader, max_steps), total=total_steps, desc=desc, disable=not progress, leave=False)
+    for batch in bar:
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if x.shape[0] < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+            continue  # BatchNorm cannot train on a batch of one (the seed's Keras would also fail)
+        logits = model(x)
+        loss = weighted_bce(logits, y, class_w)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError("training loss is not finite; lower the learning rate")
+        total += loss.item() * x.shape[0]
+        count += x.shape[0]
+        all_logits.append(logits.detach().float().cpu())
+        all_targets.append(y.detach().float().cpu())
+        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+    out = {"loss": total / max(count, 1), "n": count}
+    if all_logits:
+        y_np = torch.cat(all_targets).numpy()
+        p_np = torch.sigmoid(torch.cat(all_logits)).numpy()
+        out["auc"] = binary_metrics(y_np, p_np)["roc_auc"]
+    return out
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: nn.Module, loader, *, device: torch.device, progress: bool = False, desc: str = "predict"
+) -> tuple[np.ndarray, np.ndarray]:
+    from tqdm import tqdm
+
+    model.eval()
+    logits, targets = [], []
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
+        logits.append(model(batch[0].to(device)).float().cpu())
+        targets.append(batch[1].float())
+    if not logits:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return torch.cat(logits).numpy(), torch.cat(targets).numpy()
+
+
+def evaluate(
+    model: nn.Module,
+    loader,
+    *,
+    device: torch.device,
+    class_w: tuple[float, float] | None = None,
+    progress: bool = False,
+    desc: str = "val",
+) -> dict[str, float]:
+    """{"loss", "auc", "accuracy"} of `model` on `loader`, plus the raw logits and targets."""
+    logits, targets = predict_logits(model, loader, device=device, progress=progress, desc=desc)
+    loss = weighted_bce(torch.from_numpy(logits), torch.from_numpy(targets), class_w).item()
+    m = binary_metrics(targets, 1 / (1 + np.exp(-logits)))
+    return {"loss": loss, "auc": m["roc_auc"], "accuracy": m["accuracy"], "logits": logits, "targets": targets}

@@ -1,0 +1,108 @@
+"""Every bad-input case of the CLI: one-line error naming the file or folder, exit code 2."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import TINY_BACKBONE, make_class_folder
+from melanoma_detector.cli import main
+
+
+def _train(data, out, *extra):
+    return main(["train", "--data", str(data), "--out", str(out), "--backbone", TINY_BACKBONE, "--no-pretrained",
+                 "--image-size", "32", "--epochs-frozen", "1", "--epochs-finetune", "0", "--batch-size", "8",
+                 "--no-progress", *extra])
+
+
+def _one_line_error(capsys, *fragments):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, (f, err)
+    return err
+
+
+def test_missing_folder(tmp_path, capsys):
+    assert _train(tmp_path / "nope", tmp_path / "out") == 2
+    _one_line_error(capsys, "nope", "accepted")
+
+
+def test_empty_folder(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert _train(tmp_path / "empty", tmp_path / "out") == 2
+    _one_line_error(capsys, "empty", "accepted")
+
+
+def test_single_class(tmp_path, capsys):
+    root = tmp_path / "single"
+    make_class_folder(root, 4, np.random.default_rng(0))
+    for p in (root / "malignant").iterdir():
+        p.unlink()
+    (root / "malignant").rmdir()
+    assert _train(root, tmp_path / "out") == 2
+    _one_line_error(capsys, "only one class", "benign and malignant")
+
+
+def test_unknown_class_folder(tmp_path, capsys):
+    root = tmp_path / "odd"
+    make_class_folder(root, 2, np.random.default_rng(0))
+    (root / "nevus").mkdir()
+    assert _train(root, tmp_path / "out") == 2
+    _one_line_error(capsys, "nevus", "accepted class folders: benign, malignant")
+
+
+@pytest.mark.parametrize("content,name", [(b"", "zero.jpg"), (b"GIF89a garbage", "bad.jpg"), (b"hello", "notes.txt")])
+def test_bad_file_in_data_then_skip(tmp_path, capsys, content, name):
+    root = tmp_path / "data"
+    make_class_folder(root / "train", 6, np.random.default_rng(0))
+    make_class_folder(root / "test", 2, np.random.default_rng(1))
+    (root / "train" / "benign" / name).write_bytes(content)
+    assert _train(root, tmp_path / "out") == 2
+    _one_line_error(capsys, name, "--skip-bad-images")
+    assert _train(root, tmp_path / "out2", "--skip-bad-images") == 0
+    assert "skipped_bad_images\": 1" in (tmp_path / "out2" / "data_summary.json").read_text()
+
+
+def test_unknown_backbone(seed_layout, tmp_path, capsys):
+    rc = main(["train", "--data", str(seed_layout), "--out", str(tmp_path / "o"), "--backbone", "no_such_net",
+               "--no-pretrained", "--no-progress"])
+    assert rc == 2
+    _one_line_error(capsys, "no_such_net", "timm")
+
+
+def test_bad_config_file(seed_layout, tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("train:\n  epochz: 3\n")
+    assert _train(seed_layout, tmp_path / "o", "--config", str(cfg)) == 2
+    _one_line_error(capsys, "epochz", "accepted")
+
+
+def test_missing_model_and_paths(tmp_path, capsys):
+    assert main(["predict", "--model", str(tmp_path / "none.pt"), str(tmp_path)]) == 2
+    _one_line_error(capsys)
+    (tmp_path / "fake.pt").write_bytes(b"not a checkpoint")
+    img_dir = tmp_path / "imgs"
+    make_class_folder(img_dir, 1, np.random.default_rng(0))
+    assert main(["predict", "--model", str(tmp_path / "fake.pt"), str(img_dir)]) == 2
+    _one_line_error(capsys, "fake.pt", "checkpoint")
+    assert main(["predict", "--model", str(tmp_path / "fake.pt"), str(tmp_path / "missing.jpg")]) == 2
+    _one_line_error(capsys, "missing.jpg")
+    assert main(["evaluate", "--model", str(tmp_path / "fake.pt"), "--data", str(tmp_path / "nodata")]) == 2
+    _one_line_error(capsys)
+
+
+def test_bad_flag_exit_code_two_without_traceback(tmp_path):
+    for args in (["train", "--data", "x", "--out", "y", "--epochs-frozen", "-3"],
+                 ["train", "--data", "x", "--out", "y", "--device", "tpu"],
+                 ["frobnicate"]):
+        r = subprocess.run([sys.executable, "-m", "melanoma_detector", *args], capture_output=True, text=True)
+        assert r.returncode == 2, args
+        assert "Traceback" not in r.stderr
+        assert "accepted" in r.stderr or "invalid" in r.stderr or "expected" in r.stderr
+
+
+def test_version_and_module_entry_point():
+    r = subprocess.run([sys.executable, "-m", "melanoma_detector", "--version"], capture_output=True, text=True)
+    assert r.returncode == 0 and "melanoma-detector" in r.stdout

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny, generated image folders in the layouts the tool accepts."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TINY_BACKBONE = "test_efficientnet"  # timm's 0.1M-parameter test model: seconds per epoch
+
+
+def lesion_image(rng: np.random.Generator, malignant: bool, size=(96, 72)) -> Image.Image:
+    """A skin-coloured background with a blob: dark, irregular and large for 'malignant',
+    light brown, round and small for 'benign', so a model can learn the difference."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    skin = np.array([224, 180, 150]) + rng.normal(0, 6, (h, w, 3))
+    cx, cy = w / 2 + rng.normal(0, 4), h / 2 + rng.normal(0, 4)
+    r = (h / 3 if malignant else h / 6) * rng.uniform(0.85, 1.15)
+    angle = np.arctan2(yy - cy, xx - cx)
+    wobble = 1 + (0.25 * np.sin(5 * angle + rng.uniform(0, 6)) if malignant else 0)
+    mask = np.hypot(xx - cx, yy - cy) < r * wobble
+    colour = np.array([60, 35, 30]) if malignant else np.array([170, 120, 90])
+    img = np.where(mask[..., None], colour + rng.normal(0, 10, (h, w, 3)), skin)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def make_class_folder(root: Path, n_per_class: int, rng: np.random.Generator, prefix: str = "img") -> list[Path]:
+    paths = []
+    for cls in ("benign", "malignant"):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n_per_class):
+            p = root / cls / f"{prefix}_{cls}_{i:03d}.jpg"
+            lesion_image(rng, cls == "malignant").save(p, quality=92)
+            paths.append(p)
+    return paths
+
+
+@pytest.fixture
+def seed_layout(tmp_path) -> Path:
+    """ROOT/{train,test}/{benign,malignant}/*.jpg, the seed notebook's Kaggle layout."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "kaggle"
+    make_class_folder(root / "train", 16, rng, "tr")
+    make_class_folder(root / "test", 6, rng, "te")
+    return root
+
+
+@pytest.fixture
+def grouped_manifest(tmp_path) -> Path:
+    """A HAM10000-like folder: images in class folders plus labels.csv with lesion groups."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "ham"
+    rows = []
+    for lesion in range(40):
+        malignant = lesion % 4 == 0
+        cls = "malignant" if malignant else "benign"
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for k in range(1 + lesion % 3):
+            image_id = f"ISIC_{lesion:04d}{k}"
+            lesion_image(rng, malignant).save(root / cls / f"{image_id}.jpg")
+            rows.append({"image_id": image_id, "lesion_id": f"HAM_{lesion:04d}", "group": f"HAM_{lesion:04d}",
+                         "dx": "mel" if malignant else "nv", "sex": "male" if lesion % 2 else "female",
+                         "label": cls})
+    with (root / "labels.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return root
+
+
+def shared_data_or_skip(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"real data not available: {path} is missing (read-only shared data set)")
+    return path

@@ -1,0 +1,101 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_class_folder
+from melanoma_detector.data.discovery import discover, discover_all, require_both_classes
+from melanoma_detector.data.splits import apply_split_file, assign_splits, check_no_group_leak, save_split
+from melanoma_detector.errors import DataError
+
+
+def test_seed_layout_is_read_exactly(seed_layout):
+    src = discover(seed_layout)
+    assert src.layout == "split-folders"
+    splits = {(s.split, s.label) for s in src.samples}
+    assert splits == {("train", 0), ("train", 1), ("test", 0), ("test", 1)}
+    assert len(src.samples) == 2 * 16 + 2 * 6
+    assert all(s.key.startswith("kaggle/train/") or s.key.startswith("kaggle/test/") for s in src.samples)
+
+
+def test_optional_val_folder(seed_layout):
+    make_class_folder(seed_layout / "val", 3, np.random.default_rng(5), "va")
+    samples = assign_splits(discover_all([str(seed_layout)]), val_fraction=0.2, test_fraction=0.1, seed=0)
+    assert sum(s.split == "val" for s in samples) == 6  # kept as given, nothing carved from train
+    assert sum(s.split == "train" for s in samples) == 32
+
+
+def test_manifest_with_groups(grouped_manifest):
+    src = discover(grouped_manifest)
+    assert src.layout == "manifest"
+    assert all(s.group and s.group.startswith("HAM_") for s in src.samples)
+    assert {s.meta["dx"] for s in src.samples} == {"mel", "nv"}
+    assert sum(s.label for s in src.samples) > 0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_split_never_leaks_a_group_and_is_stratified(grouped_manifest, seed):
+    samples = assign_splits(discover_all([str(grouped_manifest)]), val_fraction=0.2, test_fraction=0.2, seed=seed)
+    sides = {}
+    for s in samples:
+        sides.setdefault(s.group, set()).add(s.split)
+    assert all(len(v) == 1 for v in sides.values())
+    for split in ("train", "val", "test"):
+        labels = {s.label for s in samples if s.split == split}
+        assert labels == {0, 1}, f"{split} lacks a class"
+
+
+def test_split_is_seeded(grouped_manifest):
+    a = assign_splits(discover_all([str(grouped_manifest)]), val_fraction=0.2, test_fraction=0.2, seed=7)
+    b = assign_splits(discover_all([str(grouped_manifest)]), val_fraction=0.2, test_fraction=0.2, seed=7)
+    c = assign_splits(discover_all([str(grouped_manifest)]), val_fraction=0.2, test_fraction=0.2, seed=8)
+    assert [s.split for s in a] == [s.split for s in b]
+    assert [s.split for s in a] != [s.split for s in c]
+
+
+def test_val_carved_from_train_only(seed_layout):
+    samples = assign_splits(discover_all([str(seed_layout)]), val_fraction=0.25, test_fraction=0.1, seed=0)
+    test_keys = {s.key for s in samples if s.split == "test"}
+    assert all("/test/" in k for k in test_keys) and len(test_keys) == 12
+    assert sum(s.split == "val" for s in samples) > 0
+
+
+def test_saved_split_roundtrip(grouped_manifest, tmp_path):
+    samples = assign_splits(discover_all([str(grouped_manifest)]), val_fraction=0.2, test_fraction=0.2, seed=3)
+    save_split(samples, tmp_path / "split.csv")
+    fresh = [s for src in discover_all([str(grouped_manifest)]) for s in src.samples]
+    apply_split_file(fresh, tmp_path / "split.csv")
+    assert [s.split for s in fresh] == [s.split for s in samples]
+
+
+def test_leak_detected(grouped_manifest):
+    samples = [s for src in discover_all([str(grouped_manifest)]) for s in src.samples]
+    multi = [s for s in samples if s.group == "HAM_0002"]  # lesion 2 has 3 images
+    for s, split in zip(multi, ("train", "test", "train")):
+        s.split = split
+    with pytest.raises(DataError, match="more than one split"):
+        check_no_group_leak(samples)
+
+
+def test_bad_layouts(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        discover(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no class folders"):
+        discover(tmp_path / "empty")
+    (tmp_path / "odd" / "cats").mkdir(parents=True)
+    with pytest.raises(DataError, match="unknown class folder.*cats.*benign, malignant"):
+        discover(tmp_path / "odd")
+    (tmp_path / "one" / "benign").mkdir(parents=True)
+    with pytest.raises(DataError, match="no images"):
+        discover(tmp_path / "one")
+
+
+def test_single_class_is_an_error(tmp_path):
+    root = tmp_path / "single"
+    make_class_folder(root, 2, np.random.default_rng(0))
+    for p in (root / "malignant").iterdir():
+        p.unlink()
+    (root / "malignant").rmdir()
+    with pytest.raises(DataError, match="only one class"):
+        require_both_classes(discover(root).samples, "training split")

@@ -1,0 +1,120 @@
+"""End to end on a tiny generated folder in the seed's layout: train 1+1 epochs on CPU with a
+tiny random-init backbone, reload the checkpoint, and check evaluate and predict agree."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_BACKBONE
+from melanoma_detector.cli import main
+from melanoma_detector.models.checkpoint import load_checkpoint
+
+
+@pytest.fixture
+def trained_run(seed_layout, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    cache = tmp_path_factory.mktemp("cache")
+    rc = main([
+        "train", "--data", str(seed_layout), "--out", str(out), "--backbone", TINY_BACKBONE,
+        "--no-pretrained", "--image-size", "64", "--epochs-frozen", "1", "--epochs-finetune", "1",
+        "--batch-size", "8", "--cache-dir", str(cache), "--no-progress", "--seed", "3",
+    ])
+    assert rc == 0
+    return out
+
+
+@pytest.mark.parametrize("phase2_mode", ["plain", "cached"])
+def test_train_writes_a_complete_run_folder(seed_layout, tmp_path, phase2_mode):
+    out = tmp_path / f"run-{phase2_mode}"
+    rc = main([
+        "train", "--data", str(seed_layout), "--out", str(out), "--backbone", TINY_BACKBONE,
+        "--no-pretrained", "--image-size", "64", "--epochs-frozen", "1", "--epochs-finetune", "1",
+        "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
+        "--phase2-mode", phase2_mode, "--cache-views", "2",
+    ])
+    assert rc == 0
+    for name in ("config.yaml", "split.csv", "metrics.csv", "curves.png", "checkpoint.pt", "metrics.json"):
+        assert (out / name).is_file(), name
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [r["phase"] for r in rows] == ["phase1", "phase2"]
+    assert all(float(r["train_loss"]) > 0 for r in rows)
+    with (out / "split.csv").open() as fh:
+        splits = {row["split"] for row in csv.DictReader(fh)}
+    assert splits == {"train", "val", "test"}
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert ckpt["class_names"] == ["benign", "malignant"]
+    assert ckpt["preprocessing"]["input_size"] == 64
+    assert set(ckpt["thresholds"]) == {"screening", "high_specificity"}
+    assert "test" in ckpt["metrics"] and ckpt["temperature"] > 0
+
+
+def test_refuses_to_overwrite_a_run(trained_run, seed_layout, capsys):
+    rc = main(["train", "--data", str(seed_layout), "--out", str(trained_run), "--backbone", TINY_BACKBONE,
+               "--no-pretrained", "--no-progress"])
+    assert rc == 2
+    assert "already holds a trained checkpoint" in capsys.readouterr().err
+
+
+def test_checkpoint_reloads_and_evaluate_agrees_with_predict(trained_run, seed_layout, tmp_path):
+    model, ckpt = load_checkpoint(trained_run / "checkpoint.pt")
+    assert not model.training
+    ev_out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(trained_run), "--data", str(seed_layout), "--out", str(ev_out), "--no-progress"]) == 0
+    metrics = json.loads((ev_out / "metrics.json").read_text())
+    assert metrics["n"] == 12  # the test/ split of the seed layout
+    for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "balanced_accuracy", "f1"):
+        assert metrics[key] is not None
+    for png in ("roc.png", "pr.png", "confusion.png"):
+        assert (ev_out / png).stat().st_size > 1000
+    eval_rows = {r["path"]: float(r["probability_malignant"]) for r in csv.DictReader((ev_out / "predictions.csv").open())}
+
+    pred_csv = tmp_path / "pred.csv"
+    assert main(["predict", "--model", str(trained_run / "checkpoint.pt"), str(seed_layout / "test"),
+                 "--csv", str(pred_csv), "--no-progress"]) == 0
+    pred_rows = list(csv.DictReader(pred_csv.open()))
+    assert set(pred_rows[0]) >= {"path", "probability_malignant", "predicted_label"}
+    assert len(pred_rows) == 12
+    for r in pred_rows:
+        assert abs(float(r["probability_malignant"]) - eval_rows[r["path"]]) < 1e-5
+        assert r["predicted_label"] in ("benign", "malignant")
+
+
+def test_predict_json_and_bad_file(trained_run, seed_layout, tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = next((seed_layout / "test" / "benign").iterdir())
+    rc = main(["predict", "--model", str(trained_run), str(good), str(bad), "--json", "--no-progress"])
+    assert rc == 0
+    payload = json.loads(capsys.readouterr().out)
+    by_path = {r["path"]: r for r in payload["results"]}
+    assert by_path[str(good)]["status"] == "ok"
+    assert 0 <= by_path[str(good)]["probability_malignant"] <= 1
+    assert by_path[str(bad)]["status"] == "cannot_assess" and "broken.jpg" in by_path[str(bad)]["reason"]
+    assert "not a diagnosis" in payload["disclaimer"]
+
+
+def test_head_l2_and_seed_head_shape():
+    from melanoma_detector.models.factory import create_model
+
+    model = create_model(TINY_BACKBONE, pretrained=False)
+    head = model.head
+    assert [head.fc1.out_features, head.fc2.out_features, head.out.out_features] == [512, 256, 1]
+    assert head.drop1.p == 0.45 and head.drop2.p == 0.35
+    assert isinstance(head.norm, torch.nn.BatchNorm1d)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2,)
+    assert head.l2_parameters() == [head.fc1.weight, head.fc2.weight]
+
+
+def test_backbone_split_composes_to_forward_features():
+    from melanoma_detector.models.factory import create_model, split_backbone
+
+    model = create_model(TINY_BACKBONE, pretrained=False).eval()
+    bottom, top = split_backbone(model.backbone, 0.3)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        np.testing.assert_allclose(top(bottom(x)).numpy(), model.forward_features(x).numpy(), atol=1e-5)
+    n_top = sum(1 for _ in top)
+    assert n_top >= 1 and sum(1 for _ in bottom) > n_top
