@@ -110,9 +110,28 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _make_predictor(model: str | None):
-    if model is None:
-        raise UserError("--model is required: a checkpoint (.pt) or run folder from `melanoma train`")
+def _is_bundle(path: Path) -> bool:
+    return (path / "metadata.json").is_file() or path.name == "metadata.json"
+
+
+def _make_predictor(model: str | None, *, tta: bool = False):
+    """A bundle (default: the shipped one) goes through the torch-free Predictor; a checkpoint
+    (.pt or run folder) through torch."""
+    from melanoma_detector.inference.bundle import default_bundle_dir
+
+    path = Path(model) if model else default_bundle_dir()
+    if model is None and not _is_bundle(path):
+        raise UserError(f"no default model bundle at {path}; pass --model (a bundle folder, checkpoint or run folder)")
+    if _is_bundle(path):
+        from melanoma_detector.inference.predictor import Predictor
+
+        predictor = Predictor(path)
+        if tta:
+            _orig = predictor.predict_paths
+            predictor.predict_paths = lambda paths, **kw: _orig(paths, tta=True, **kw)
+        return predictor
+    if tta:
+        raise UserError("--tta needs a model bundle (melanoma export); checkpoints are scored without TTA")
     from melanoma_detector.models.torch_predictor import TorchPredictor
 
     return TorchPredictor(model)
@@ -120,7 +139,8 @@ def _make_predictor(model: str | None):
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics, curves and per-image predictions on a labelled set")
-    p.add_argument("--model", help="checkpoint (.pt) or run folder")
+    p.add_argument("--model", help="bundle folder (default: the shipped model), checkpoint (.pt) or run folder")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--data", required=True, help="class folders, a root with test/, or a CSV manifest")
     p.add_argument("--out", help="output folder (default: evaluation/ next to the model)")
     p.add_argument("--no-progress", action="store_true")
@@ -130,8 +150,8 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args) -> int:
     from melanoma_detector.evaluation.evaluate import evaluate_model
 
-    predictor = _make_predictor(args.model)
-    out = args.out or str(Path(args.model).with_suffix("") if Path(args.model).is_file() else Path(args.model)) + "-evaluation"
+    predictor = _make_predictor(args.model, tta=args.tta)
+    out = args.out or "evaluation"
     m = evaluate_model(predictor, args.data, out_dir=out, progress=not args.no_progress)
     print(f"n={m['n']} ({m['n_pos']} malignant)  AUC {m['roc_auc']:.4f}  accuracy {m['accuracy']:.4f}  "
           f"sensitivity {m['sensitivity']:.4f}  specificity {m['specificity']:.4f}  "
@@ -162,7 +182,8 @@ def _collect_images(paths: list[str]) -> list[str]:
 def _add_predict(sub) -> None:
     p = sub.add_parser("predict", help="probability of melanoma for images or folders")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
-    p.add_argument("--model", help="checkpoint (.pt) or run folder")
+    p.add_argument("--model", help="bundle folder (default: the shipped model), checkpoint (.pt) or run folder")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--csv", help="write results to this CSV file")
     p.add_argument("--json", nargs="?", const="-", help="write results as JSON (to a file, or stdout)")
     p.add_argument("--no-progress", action="store_true")
@@ -173,9 +194,9 @@ def cmd_predict(args) -> int:
     import csv
 
     files = _collect_images(args.paths)
-    predictor = _make_predictor(args.model)
+    predictor = _make_predictor(args.model, tta=args.tta)
     rows = predictor.predict_paths(files, progress=not args.no_progress and len(files) > 1)
-    columns = ["path", "probability_malignant", "predicted_label", "status", "reason"]
+    columns = ["path", "probability_malignant", "predicted_label", "risk_level", "recommendation", "status", "reason"]
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
@@ -189,10 +210,10 @@ def cmd_predict(args) -> int:
             Path(args.json).write_text(payload)
     if args.json != "-":
         width = max(len(r["path"]) for r in rows)
-        print(f"{'path':<{width}}  {'p(malignant)':>12}  label")
+        print(f"{'path':<{width}}  {'p(malignant)':>12}  {'label':<9}  risk")
         for r in rows:
             if r["status"] == "ok":
-                print(f"{r['path']:<{width}}  {r['probability_malignant']:>12.4f}  {r['predicted_label']}")
+                print(f"{r['path']:<{width}}  {r['probability_malignant']:>12.4f}  {r['predicted_label']:<9}  {r.get('risk_level') or '-'}")
             else:
                 print(f"{r['path']:<{width}}  {'-':>12}  cannot assess: {r['reason']}")
         print(DISCLAIMER)
@@ -219,6 +240,31 @@ def cmd_data_check(args) -> int:
     return 1 if report.get("leakage") else 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="build a model bundle (ONNX + metadata + model card) from a checkpoint")
+    p.add_argument("--model", required=True, help="checkpoint (.pt) or run folder")
+    p.add_argument("--out", required=True, help="bundle folder to write")
+    p.add_argument("--split", help="split.csv whose val/test images finish the bundle (default: the run's)")
+    p.add_argument("--no-data", action="store_true", help="skip calibration/metrics/input-gate statistics on data")
+    p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for CIs")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from melanoma_detector.export.bundle import check_export_target, export_bundle
+
+    check_export_target(args.out)
+    meta = export_bundle(args.model, args.out, split_file=args.split, use_data=not args.no_data,
+                         n_resamples=args.resamples)
+    test = meta.get("metrics", {}).get("test")
+    print(f"bundle written to {args.out} (model {meta['model_version']}, sha256 {meta['graph']['sha256'][:12]})")
+    if test:
+        auc = test["roc_auc"]
+        print(f"test AUC {auc['value']:.4f} (95% CI {auc['ci95'][0]:.4f}-{auc['ci95'][1]:.4f}), "
+              f"n={test['n']}; thresholds {meta['thresholds']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melanoma",
@@ -231,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_predict(sub)
     _add_data(sub)
+    _add_export(sub)
     return parser
 
 

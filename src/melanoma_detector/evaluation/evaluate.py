@@ -50,14 +50,21 @@ def evaluate_model(
     out.mkdir(parents=True, exist_ok=True)
     samples = evaluation_samples(data)
     rows = predictor.predict_paths([s.path for s in samples], progress=progress)
-    bad = [r for r in rows if r["status"] != "ok"]
-    if bad:
-        raise DataError(f"cannot evaluate: {len(bad)} image(s) could not be scored, first: {bad[0]['reason']}")
+    # Images the input gate refuses are reported, not scored: a screening tool answers
+    # "cannot assess" for them, so the metrics describe the images it does assess.
+    refused = [(s, r) for s, r in zip(samples, rows) if r["status"] != "ok"]
+    kept = [(s, r) for s, r in zip(samples, rows) if r["status"] == "ok"]
+    if not kept:
+        raise DataError(f"cannot evaluate: no image could be scored, first reason: {rows[0]['reason']}")
+    samples, rows = [s for s, _ in kept], [r for _, r in kept]
+    require_both_classes(samples, f"assessable images of {data}")
     y = np.array([s.label for s in samples])
     p = np.array([r["probability_malignant"] for r in rows], dtype=np.float64)
     threshold = predictor.threshold
     metrics = binary_metrics(y, p, threshold=threshold)
     metrics["data"] = str(data)
+    metrics["n_cannot_assess"] = len(refused)
+    metrics["cannot_assess"] = [{"path": s.path, "reason": r["reason"]} for s, r in refused[:100]]
     with (out / "predictions.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "probability_malignant", "predicted_label"])

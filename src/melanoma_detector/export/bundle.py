@@ -1,0 +1,258 @@
+"""`melanoma export`: checkpoint -> model bundle (model.onnx + metadata.json + MODEL_CARD.md).
+
+When the run's split (split.csv beside the checkpoint) points at images that exist, the bundle
+is finished on them through the exported graph itself, so its numbers describe what is served:
+temperature and operating points on validation, the out-of-distribution statistics of the input
+gate on validation, and test metrics with 95% bootstrap CIs resampled by lesion group.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
+from melanoma_detector.errors import UserError
+from melanoma_detector.inference.bundle import BUNDLE_FORMAT_VERSION
+
+log = logging.getLogger(__name__)
+
+RISK_TEXTS = {
+    "Low": (
+        "Low estimated risk at this model's screening operating point. Keep examining your skin; "
+        "have any lesion that changes in size, shape or colour checked by a clinician."
+    ),
+    "Moderate": (
+        "Above the screening threshold: have this lesion examined by a dermatologist. "
+        "Most lesions in this band are benign, but it should not be dismissed without examination."
+    ),
+    "High": (
+        "High estimated risk: seek prompt assessment by a dermatologist "
+        "(dermoscopy and, where the clinician decides, excision or biopsy)."
+    ),
+}
+DATA_CREDITS = [
+    {
+        "name": "HAM10000",
+        "citation": "Tschandl P., Rosendahl C., Kittler H. The HAM10000 dataset, a large collection of "
+        "multi-source dermatoscopic images of common pigmented skin lesions. Sci. Data 5, 180161 (2018).",
+        "licence": "CC BY-NC-SA 4.0 (non-commercial, attribution, share-alike)",
+    },
+    {
+        "name": "ISIC 2017 (Task 3 train + val)",
+        "citation": "Codella N. et al. Skin lesion analysis toward melanoma detection: a challenge at the "
+        "2017 ISBI, hosted by the ISIC. arXiv:1710.05006.",
+        "licence": "ISIC Archive terms; cite the challenge",
+    },
+]
+OOD_COMPONENTS = 32
+OOD_QUANTILE = 0.995
+
+
+def _read_split(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _run_graph(predictor, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    from tqdm import tqdm
+
+    from melanoma_detector.data.io import load_image
+    from melanoma_detector.preprocess import preprocess_image
+
+    logits, feats = [], []
+    for start in tqdm(range(0, len(paths), batch_size), desc="bundle pass", leave=False):
+        batch = np.stack([preprocess_image(load_image(p), predictor.pp) for p in paths[start : start + batch_size]])
+        out = predictor.run(batch)
+        logits.append(out["logit"])
+        feats.append(out["features"])
+    return np.concatenate(logits).astype(np.float64), np.concatenate(feats).astype(np.float64)
+
+
+def fit_ood(features: np.ndarray, *, k: int = OOD_COMPONENTS, quantile: float = OOD_QUANTILE) -> dict[str, Any]:
+    """Gaussian model of in-distribution pooled features: top-k principal subspace (Mahalanobis)
+    plus residual energy. Half the features fit it; the threshold is a high quantile of the
+    other half's distances, so it is not set on the points it was fitted to."""
+    rng = np.random.default_rng(0)
+    idx = rng.permutation(len(features))
+    fit, held = features[idx[: len(idx) // 2]], features[idx[len(idx) // 2 :]]
+    mean = fit.mean(axis=0)
+    z = fit - mean
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    k = min(k, len(s) - 1)
+    eig = (s[:k] ** 2) / max(len(fit) - 1, 1)
+    comps = vt[:k]
+    resid = (z**2).sum(axis=1) - ((z @ comps.T) ** 2).sum(axis=1)
+    resid_var = float(max(resid.mean(), 1e-12))
+    stats = {"mean": mean, "components": comps, "eigenvalues": eig, "residual_variance": resid_var}
+    zh = held - mean
+    proj = zh @ comps.T
+    d = np.sqrt((proj**2 / eig).sum(axis=1) + np.maximum((zh**2).sum(axis=1) - (proj**2).sum(axis=1), 0) / resid_var)
+    threshold = float(np.quantile(d, quantile))
+    return {
+        "method": f"Mahalanobis distance in the top-{k} principal subspace of validation features + residual",
+        "mean": [round(float(v), 6) for v in mean],
+        "components": [[round(float(v), 6) for v in row] for row in comps],
+        "eigenvalues": [float(v) for v in eig],
+        "residual_variance": resid_var,
+        "threshold": threshold,
+        "threshold_rule": f"{quantile:.3f} quantile of held-out validation distances",
+    }
+
+
+def metrics_with_ci(y: np.ndarray, p: np.ndarray, groups: list[str], thresholds: dict[str, float],
+                    *, n_resamples: int = 1000) -> dict[str, Any]:
+    from melanoma_detector.evaluation import metrics as M
+
+    def at(th):
+        return lambda yy, pp: M.binary_metrics(yy, pp, threshold=th)
+
+    fns = {
+        "roc_auc": M.roc_auc,
+        "average_precision": M.average_precision,
+        "partial_auc_above_80tpr": lambda yy, pp: M.partial_auc_above_tpr(yy, pp, 0.80),
+        "specificity_at_95_sensitivity": lambda yy, pp: M.specificity_at_sensitivity(yy, pp, 0.95),
+        "brier": M.brier_score,
+        "ece": lambda yy, pp: M.expected_calibration_error(yy, pp, 15),
+    }
+    for name, th in thresholds.items():
+        for key in ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "accuracy"):
+            fns[f"{key}@{name}"] = (lambda k, f: (lambda yy, pp: f(yy, pp)[k]))(key, at(th))
+    out: dict[str, Any] = {"n": int(len(y)), "n_malignant": int(y.sum()), "n_groups": len(set(groups))}
+    codes = np.unique(np.asarray(groups), return_inverse=True)[1]
+    for name, fn in fns.items():
+        ci = M.bootstrap_ci(y, p, fn, n_resamples=n_resamples, seed=0, groups=codes)
+        out[name] = {"value": fn(y, p), "ci95": [ci.low, ci.high]}
+    return out
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out_dir: str | Path,
+    *,
+    split_file: str | Path | None = None,
+    use_data: bool = True,
+    n_resamples: int = 1000,
+    version: str | None = None,
+) -> dict[str, Any]:
+    from melanoma_detector.evaluation.metrics import (
+        apply_temperature,
+        fit_temperature,
+        threshold_for_sensitivity,
+        threshold_for_specificity,
+    )
+    from melanoma_detector.export.onnx_export import OUTPUT_NAMES, export_onnx
+    from melanoma_detector.inference.predictor import Predictor
+    from melanoma_detector.models.checkpoint import load_checkpoint
+
+    ckpt_path = Path(checkpoint)
+    if ckpt_path.is_dir():
+        ckpt_path = ckpt_path / "checkpoint.pt"
+    model, ckpt = load_checkpoint(ckpt_path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pp = ckpt["preprocessing"]
+    sha = export_onnx(model, out / "model.onnx", input_size=int(pp["input_size"]))
+    thresholds = dict(ckpt.get("thresholds") or {"screening": 0.5, "high_specificity": 0.5})
+    meta: dict[str, Any] = {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "model_version": version or f"{__version__}+{sha[:8]}",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "software": f"melanoma-detector {__version__}",
+        "backbone": ckpt["backbone"],
+        "graph": {"file": "model.onnx", "sha256": sha, "opset": 17, "precision": "fp32",
+                  "input": "image (B, 3, S, S) float32, preprocessed", "outputs": OUTPUT_NAMES},
+        "preprocessing": pp,
+        "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
+        "temperature": float(ckpt.get("temperature", 1.0)),
+        "thresholds": thresholds,
+        "input_gate": {"min_side": 64, "min_std": 4.0},
+        "training": {
+            "config": ckpt["config"],
+            "best": ckpt.get("best"),
+            "data": DATA_CREDITS if _looks_like_shared(ckpt) else [{"name": ", ".join(ckpt["config"]["data"]["paths"])}],
+        },
+        "licence": "Model weights trained on HAM10000: CC BY-NC-SA 4.0 (non-commercial use only)"
+        if _looks_like_shared(ckpt) else "see the training data's licence",
+        "metrics": {},
+        "disclaimer": DISCLAIMER,
+    }
+    split_path = Path(split_file) if split_file else ckpt_path.parent / "split.csv"
+    if use_data and split_path.is_file():
+        rows = _read_split(split_path)
+        val = [r for r in rows if r["split"] == "val"]
+        test = [r for r in rows if r["split"] == "test"]
+        missing = [r["path"] for r in val + test if not Path(r["path"]).is_file()]
+        if missing:
+            log.warning("split images not found (first: %s); bundle has no data-derived statistics", missing[0])
+        else:
+            _write_metadata(out, meta)
+            predictor = Predictor(out, verify=True)
+            v_logits, v_feats = _run_graph(predictor, [r["path"] for r in val])
+            y_val = np.array([int(r["label"]) for r in val])
+            temperature = float(fit_temperature(v_logits, y_val))
+            p_val = apply_temperature(v_logits, temperature)
+            thresholds = {
+                "screening": float(threshold_for_sensitivity(y_val, p_val, 0.95)),
+                "high_specificity": float(threshold_for_specificity(y_val, p_val, 0.90)),
+            }
+            meta.update(temperature=temperature, thresholds=thresholds)
+            meta["calibration"] = {"method": "temperature scaling on the validation split", "n": int(len(val))}
+            meta["input_gate"]["ood"] = fit_ood(v_feats)
+            groups_val = [r.get("group") or r["key"] for r in val]
+            meta["metrics"]["val"] = metrics_with_ci(y_val, p_val, groups_val, thresholds, n_resamples=n_resamples)
+            if test:
+                t_logits, t_feats = _run_graph(predictor, [r["path"] for r in test])
+                y_test = np.array([int(r["label"]) for r in test])
+                p_test = apply_temperature(t_logits, temperature)
+                groups = [r.get("group") or r["key"] for r in test]
+                meta["metrics"]["test"] = metrics_with_ci(y_test, p_test, groups, thresholds, n_resamples=n_resamples)
+                ood = meta["input_gate"]["ood"]
+                predictor.ood = {k: np.asarray(v, np.float64) if isinstance(v, list) else v for k, v in ood.items()
+                                 if k in ("mean", "components", "eigenvalues", "residual_variance", "threshold")}
+                meta["metrics"]["test"]["ood_refused_fraction"] = float(
+                    (predictor.ood_distance(t_feats) > ood["threshold"]).mean()
+                )
+            meta["splits"] = {"file": str(split_path), "val": len(val), "test": len(test)}
+    else:
+        log.warning("no split file %s: bundle uses the checkpoint's calibration and has no input-gate statistics", split_path)
+    meta["risk_tiers"] = [
+        {"level": "Low", "min_probability": 0.0, "recommendation": RISK_TEXTS["Low"]},
+        {"level": "Moderate", "min_probability": meta["thresholds"]["screening"], "recommendation": RISK_TEXTS["Moderate"]},
+        {"level": "High", "min_probability": max(meta["thresholds"]["high_specificity"], meta["thresholds"]["screening"]),
+         "recommendation": RISK_TEXTS["High"]},
+    ]
+    _write_metadata(out, meta)
+    from melanoma_detector.export.model_card import write_model_card
+
+    write_model_card(out, meta)
+    return meta
+
+
+def _looks_like_shared(ckpt: dict[str, Any]) -> bool:
+    return any("ham10000" in str(p).lower() for p in ckpt["config"]["data"]["paths"])
+
+
+def _write_metadata(out: Path, meta: dict[str, Any]) -> None:
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, (np.floating, np.integer)):
+            return v.item()
+        return v
+
+    (out / "metadata.json").write_text(json.dumps(clean(meta), indent=1, allow_nan=False))
+
+
+def check_export_target(out_dir: str | Path) -> None:
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")

@@ -1,0 +1,104 @@
+"""MODEL_CARD.md, written from the bundle's metadata.json (never by hand, so it cannot drift)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+ROWS = [
+    ("ROC AUC", "roc_auc"),
+    ("Average precision", "average_precision"),
+    ("Partial AUC above 80% TPR (max 0.2)", "partial_auc_above_80tpr"),
+    ("Specificity at 95% sensitivity", "specificity_at_95_sensitivity"),
+    ("Sensitivity @ screening threshold", "sensitivity@screening"),
+    ("Specificity @ screening threshold", "specificity@screening"),
+    ("Sensitivity @ high-specificity threshold", "sensitivity@high_specificity"),
+    ("Specificity @ high-specificity threshold", "specificity@high_specificity"),
+    ("Balanced accuracy @ screening", "balanced_accuracy@screening"),
+    ("Brier score", "brier"),
+    ("ECE (15 bins)", "ece"),
+]
+
+
+def _cell(m: dict[str, Any] | None) -> str:
+    if not m or m.get("value") is None:
+        return "n/a"
+    lo, hi = m.get("ci95", [None, None])
+    ci = f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else ""
+    return f"{m['value']:.3f}{ci}"
+
+
+def metrics_table(metrics: dict[str, Any]) -> str:
+    sets = [s for s in ("test", "val") if s in metrics]
+    if not sets:
+        return "_No data-derived metrics in this bundle (exported without its split's images)._\n"
+    names = {"test": "Test split", "val": "Validation split"}
+    head = "| Metric | " + " | ".join(f"{names[s]} (n={metrics[s]['n']}, {metrics[s]['n_malignant']} melanoma)" for s in sets) + " |"
+    lines = [head, "|---" * (len(sets) + 1) + "|"]
+    for label, key in ROWS:
+        lines.append(f"| {label} | " + " | ".join(_cell(metrics[s].get(key)) for s in sets) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_model_card(out_dir: str | Path, meta: dict[str, Any]) -> Path:
+    pp = meta["preprocessing"]
+    th = meta["thresholds"]
+    data = "\n".join(f"- **{d['name']}**: {d.get('citation', '')} Licence: {d.get('licence', 'see source')}."
+                     for d in meta["training"]["data"])
+    cfg = meta["training"]["config"]
+    gate = meta.get("input_gate", {})
+    ood = gate.get("ood")
+    test = meta.get("metrics", {}).get("test", {})
+    refused = test.get("ood_refused_fraction")
+    text = f"""# Model card: melanoma-detector `{meta['model_version']}`
+
+> **{meta['disclaimer']}**
+
+## Intended use
+Research on benign vs. malignant (melanoma) classification of **dermoscopic** images: method
+development, benchmarking, teaching. It is **not** a medical device and **never a diagnosis**; it
+must not be used to decide whether a person seeks care. Out of scope: clinical (non-dermoscopic)
+photos, non-skin images, mucosal/acral/nail lesions beyond what the training data holds, children.
+
+## Model
+- Backbone: `{meta['backbone']}` (ImageNet-pretrained, timm) + the seed notebook's head
+  (GAP -> BatchNorm -> Dense 512 ReLU -> Dropout 0.45 -> Dense 256 ReLU -> Dropout 0.35 -> Dense 1).
+- Input: {pp['input_size']}x{pp['input_size']} RGB, resize mode `{pp['resize_mode']}`, crop_pct {pp['crop_pct']},
+  {pp['interpolation']} interpolation, mean {pp['mean']}, std {pp['std']}.
+- Training recipe: phase 1 {cfg['train']['epochs_frozen']} epochs on a frozen backbone (Adam {cfg['train']['lr_frozen']}),
+  phase 2 {cfg['train']['epochs_finetune']} epochs with the top {cfg['train']['unfreeze_fraction']:.0%} of the backbone unfrozen
+  (Adam {cfg['train']['lr_finetune']}, mode `{cfg['train']['phase2_mode']}`), class-weighted BCE, best epoch by validation AUC.
+- Graph: ONNX opset {meta['graph']['opset']}, {meta['graph']['precision']}, sha256 `{meta['graph']['sha256']}`.
+
+## Training data and licence
+{data}
+
+Split: lesion-grouped (no lesion on two sides), stratified, seeded; HAM10000 70/15/15 train/val/test,
+ISIC 2017 train -> train, ISIC 2017 val -> val. **{meta['licence']}.** Anything derived from this
+model inherits the non-commercial terms of HAM10000.
+
+## Calibration and operating points (set on the validation split)
+- Temperature scaling: T = {meta['temperature']:.3f}.
+- Screening threshold (>= 95% sensitivity on validation): p >= {th['screening']:.4f}.
+- High-specificity threshold (>= 90% specificity on validation): p >= {th['high_specificity']:.4f}.
+- Risk levels: **Low** below the screening threshold, **Moderate** between the two, **High** above
+  the high-specificity threshold.
+
+## Metrics (95% bootstrap CIs, 1000 resamples by lesion group)
+{metrics_table(meta.get('metrics', {}))}
+## Input gate
+Refused as `cannot_assess` with a reason: files that do not decode, images under {gate.get('min_side', 64)} px on a
+side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and images whose pooled features are far from the validation distribution (' + ood['method'] + '; threshold ' + f"{ood['threshold']:.2f}" + ', ' + ood['threshold_rule'] + ')' if ood else ' (no out-of-distribution statistics in this bundle)'}.{f' On the test split it refuses {refused:.1%} of dermoscopic images.' if refused is not None else ''}
+
+## Limitations
+- Dermoscopic images only; clinical photos, screenshots and non-skin images are out of distribution.
+- HAM10000 was shrunk to 200x150 and ISIC 2017 squashed to 256x256 for this training run: the model has
+  never seen full-resolution dermoscopy, and fine structures may be under-used.
+- Skin types V-VI are under-represented in both data sets; performance on darker skin is unknown.
+- Validation and test come from the same collections as training; expect lower performance on other
+  dermatoscopes, clinics and populations. Calibration can drift with prevalence.
+- Melanoma vs. everything else: basal cell carcinoma and other malignancies count as "benign" here.
+"""
+    path = Path(out_dir) / "MODEL_CARD.md"
+    path.write_text(text)
+    return path

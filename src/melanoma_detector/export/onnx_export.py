@@ -1,0 +1,79 @@
+"""Export a checkpoint to an ONNX graph that serves everything the torch-free predictor needs.
+
+Outputs of the graph (batch dimension dynamic):
+  logit     (B,)        the uncalibrated logit (temperature is applied by the predictor)
+  features  (B, C)      pooled backbone features, for the out-of-distribution gate
+  fmap      (B, C, H, W) the last convolutional feature map, for Grad-CAM
+  cam_weights (B, C)    d logit / d fmap averaged over space: Grad-CAM's channel weights
+
+The head is a small MLP on the pooled feature map, so the gradient of the logit with respect to
+the feature map has a closed form (ReLU masks times weight matrices); computing it inside the
+graph gives exact Grad-CAM at serve time with no autograd and no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from melanoma_detector.models.factory import MelanomaNet
+
+OUTPUT_NAMES = ["logit", "features", "fmap", "cam_weights"]
+
+
+class ExportWrapper(nn.Module):
+    def __init__(self, model: MelanomaNet):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, x: torch.Tensor):
+        fmap = self.model.forward_features(x)
+        pooled = fmap.mean(dim=(2, 3))
+        head = self.model.head
+        # Head in eval mode: BatchNorm is affine, dropout is identity.
+        bn = head.norm
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        z = (pooled - bn.running_mean) * scale + bn.bias
+        z1 = head.fc1(z)
+        h1 = torch.relu(z1)
+        z2 = head.fc2(h1)
+        h2 = torch.relu(z2)
+        logit = head.out(h2).squeeze(-1)
+        g2 = head.out.weight * (z2 > 0).to(z2.dtype)  # (B, 256)
+        g1 = (g2 @ head.fc2.weight) * (z1 > 0).to(z1.dtype)  # (B, 512)
+        g_pooled = (g1 @ head.fc1.weight) * scale  # (B, C)
+        hw = fmap.shape[2] * fmap.shape[3]
+        cam_weights = g_pooled / hw  # mean over space of d logit / d fmap
+        return logit, pooled, fmap, cam_weights
+
+
+def export_onnx(model: MelanomaNet, path: str | Path, *, input_size: int, opset: int = 17) -> str:
+    """Write the fp32 graph to `path`; returns its sha256."""
+    path = Path(path)
+    wrapper = ExportWrapper(model.cpu().float().eval())
+    dummy = torch.randn(2, 3, input_size, input_size)
+    with torch.no_grad():
+        torch.onnx.export(
+            wrapper,
+            (dummy,),
+            str(path),
+            input_names=["image"],
+            output_names=OUTPUT_NAMES,
+            dynamic_axes={"image": {0: "batch"}, **{n: {0: "batch"} for n in OUTPUT_NAMES}},
+            opset_version=opset,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+    model.eval()  # the exporter can leave the module in training mode
+    return sha256_file(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,238 @@
+"""`Predictor`: the serving path on ONNX Runtime + numpy + Pillow. Never imports torch.
+
+Per image it returns a calibrated probability, a label at the screening threshold, a risk
+level and recommendation from the bundle's tiers, and `status` ok / cannot_assess with a reason.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from melanoma_detector import DISCLAIMER
+from melanoma_detector.data.io import ImageSource, load_image
+from melanoma_detector.errors import ImageDecodeError
+from melanoma_detector.inference.bundle import Bundle, load_bundle
+from melanoma_detector.preprocess import preprocess_image
+
+RESULT_COLUMNS = [
+    "path", "probability_malignant", "predicted_label", "risk_level", "recommendation", "status", "reason",
+]
+
+
+class CannotAssess(Exception):
+    """The input gate refused an image; the message is the reason shown to the user."""
+
+
+def dihedral_views(x: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips/90-degree rotations of a CHW array (dermoscopy has no canonical orientation)."""
+    views = []
+    for k in range(4):
+        r = np.rot90(x, k, axes=(1, 2))
+        views.extend([r, r[:, :, ::-1]])
+    return [np.ascontiguousarray(v) for v in views]
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+class Predictor:
+    def __init__(self, bundle: str | Path | Bundle | None = None, *, threads: int | None = 2, verify: bool = True):
+        import onnxruntime as ort
+
+        self.bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle, verify=verify)
+        meta = self.bundle.metadata
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(self.bundle.graph_path), opts, providers=["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.pp = self.bundle.preprocessing
+        self.temperature = self.bundle.temperature
+        self.thresholds = self.bundle.thresholds
+        self.threshold = self.thresholds["screening"]
+        self.tiers = sorted(meta.get("risk_tiers", []), key=lambda t: t["min_probability"])
+        gate = meta.get("input_gate", {})
+        self.min_side = int(gate.get("min_side", 64))
+        self.min_std = float(gate.get("min_std", 4.0))
+        ood = gate.get("ood")
+        self.ood = None
+        if ood:
+            self.ood = {
+                "mean": np.asarray(ood["mean"], np.float64),
+                "components": np.asarray(ood["components"], np.float64),
+                "eigenvalues": np.asarray(ood["eigenvalues"], np.float64),
+                "residual_variance": float(ood["residual_variance"]),
+                "threshold": float(ood["threshold"]),
+            }
+
+    # ---- pieces ---------------------------------------------------------------------------
+    def check_image(self, img: Image.Image) -> None:
+        w, h = img.size
+        if min(w, h) < self.min_side:
+            raise CannotAssess(
+                f"image is {w}x{h} pixels; at least {self.min_side} px on each side is needed "
+                "(upload the original dermoscopic photo, not a thumbnail)"
+            )
+        small = np.asarray(img.convert("L").resize((64, 64)), dtype=np.float32)
+        if small.std() < self.min_std:
+            raise CannotAssess(
+                "image is nearly uniform (no visible lesion); upload a focused dermoscopic photo of the lesion"
+            )
+
+    def ood_distance(self, features: np.ndarray) -> np.ndarray:
+        """Mahalanobis distance in the top principal subspace of validation features, plus the
+        normalised residual outside it (feature vectors of non-dermoscopy images live there)."""
+        o = self.ood
+        z = features.astype(np.float64) - o["mean"]
+        proj = z @ o["components"].T
+        inside = (proj**2 / o["eigenvalues"]).sum(axis=1)
+        residual = (z**2).sum(axis=1) - (proj**2).sum(axis=1)
+        return np.sqrt(inside + np.maximum(residual, 0) / o["residual_variance"])
+
+    def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        outs = self.session.run(None, {"image": batch.astype(np.float32, copy=False)})
+        return dict(zip(self.output_names, outs))
+
+    def risk(self, probability: float) -> tuple[str, str]:
+        level, text = "Low", ""
+        for tier in self.tiers:
+            if probability >= tier["min_probability"]:
+                level, text = tier["level"], tier["recommendation"]
+        return level, text
+
+    def _result(self, path: str, prob: float | None, reason: str = "", extra: dict | None = None) -> dict[str, Any]:
+        if prob is None:
+            return {
+                "path": path, "probability_malignant": None, "predicted_label": None, "risk_level": None,
+                "recommendation": "Cannot assess this image: " + reason, "status": "cannot_assess",
+                "reason": reason, **(extra or {}),
+            }
+        level, text = self.risk(prob)
+        return {
+            "path": path, "probability_malignant": prob,
+            "predicted_label": "malignant" if prob >= self.threshold else "benign",
+            "risk_level": level, "recommendation": text, "status": "ok", "reason": "", **(extra or {}),
+        }
+
+    # ---- public API ------------------------------------------------------------------------
+    def prepare(self, source: ImageSource | Image.Image) -> tuple[Image.Image, np.ndarray]:
+        """Decode, gate and preprocess; raises ImageDecodeError / CannotAssess."""
+        img = source if isinstance(source, Image.Image) else load_image(source)
+        self.check_image(img)
+        return img, preprocess_image(img, self.pp)
+
+    def _score(self, arrays: list[np.ndarray], *, tta: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        if not tta:
+            out = self.run(np.stack(arrays))
+            return _sigmoid(out["logit"].astype(np.float64) / self.temperature), out
+        probs, firsts = [], []
+        for arr in arrays:
+            out = self.run(np.stack(dihedral_views(arr)))
+            probs.append(_sigmoid(out["logit"].astype(np.float64) / self.temperature).mean())
+            firsts.append({k: v[:1] for k, v in out.items()})  # the identity view, for gate and heatmap
+        return np.asarray(probs), {k: np.concatenate([f[k] for f in firsts]) for k in firsts[0]}
+
+    def predict(self, source: ImageSource | Image.Image, *, tta: bool = False, heatmap: bool = False,
+                name: str | None = None) -> dict[str, Any]:
+        """One image (path, bytes or PIL image) -> result dict; never raises for a bad image."""
+        path = name or (str(source) if isinstance(source, (str, Path)) else "<upload>")
+        try:
+            img, arr = self.prepare(source)
+        except (ImageDecodeError, CannotAssess) as exc:
+            return self._result(path, None, str(exc))
+        probs, out = self._score([arr], tta=tta)
+        reason = self._ood_reason(out["features"][:1])[0] if self.ood is not None else None
+        if reason:
+            return self._result(path, None, reason)
+        extra = {}
+        if heatmap:
+            extra["heatmap"] = gradcam(out["fmap"][0], out["cam_weights"][0])
+            extra["image"] = img
+        return self._result(path, float(probs[0]), extra=extra)
+
+    def _ood_reason(self, features: np.ndarray) -> list[str | None]:
+        d = self.ood_distance(features)
+        return [
+            None if di <= self.ood["threshold"] else
+            f"image does not look like a dermoscopic lesion photo (feature distance {di:.1f} > "
+            f"{self.ood['threshold']:.1f}); this model only judges dermoscopy images"
+            for di in d
+        ]
+
+    def predict_paths(self, paths: Sequence[str], *, batch_size: int = 16, tta: bool = False,
+                      progress: bool = False, workers: int = 2) -> list[dict[str, Any]]:
+        from tqdm import tqdm
+
+        def load(p: str):
+            try:
+                return self.prepare(p)[1], None
+            except (ImageDecodeError, CannotAssess) as exc:
+                return None, str(exc)
+
+        results: list[dict[str, Any]] = []
+        with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(paths), disable=not progress, desc="predict") as bar:
+            for start in range(0, len(paths), batch_size):
+                chunk = [str(p) for p in paths[start : start + batch_size]]
+                loaded = list(pool.map(load, chunk))
+                ok = [i for i, (a, _) in enumerate(loaded) if a is not None]
+                probs, reasons = {}, {}
+                if ok:
+                    pr, out = self._score([loaded[i][0] for i in ok], tta=tta)
+                    rs = self._ood_reason(out["features"]) if self.ood is not None else [None] * len(ok)
+                    for j, i in enumerate(ok):
+                        probs[i], reasons[i] = float(pr[j]), rs[j]
+                for i, p in enumerate(chunk):
+                    if i in probs and not reasons[i]:
+                        results.append(self._result(p, probs[i]))
+                    else:
+                        results.append(self._result(p, None, reasons.get(i) or loaded[i][1]))
+                bar.update(len(chunk))
+        return results
+
+    @property
+    def disclaimer(self) -> str:
+        return self.bundle.metadata.get("disclaimer", DISCLAIMER)
+
+
+def gradcam(fmap: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Grad-CAM: ReLU of the gradient-weighted sum of feature-map channels, scaled to [0, 1]."""
+    cam = np.maximum(np.tensordot(weights, fmap, axes=(0, 0)), 0)
+    peak = cam.max()
+    return (cam / peak if peak > 0 else cam).astype(np.float32)
+
+
+def overlay_heatmap(img: Image.Image, cam: np.ndarray, *, opacity: float = 0.45) -> Image.Image:
+    """Blend a jet-coloured heatmap (resized to the image) over the image."""
+    heat = Image.fromarray((cam * 255).astype(np.uint8)).resize(img.size, Image.Resampling.BILINEAR)
+    v = np.asarray(heat, np.float32) / 255.0
+    rgb = np.stack([
+        np.clip(1.5 - np.abs(4 * v - 3), 0, 1),
+        np.clip(1.5 - np.abs(4 * v - 2), 0, 1),
+        np.clip(1.5 - np.abs(4 * v - 1), 0, 1),
+    ], axis=-1)
+    base = np.asarray(img.convert("RGB"), np.float32) / 255.0
+    alpha = opacity * (0.25 + 0.75 * v[..., None])  # weak attention stays mostly transparent
+    out = base * (1 - alpha) + rgb * alpha
+    return Image.fromarray((out * 255).clip(0, 255).astype(np.uint8))
+
+
+def iter_image_files(paths: Iterable[str | os.PathLike]) -> list[str]:
+    from melanoma_detector.data.io import is_image_file
+
+    files: list[str] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_dir():
+            files.extend(sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(f)))
+        else:
+            files.append(str(p))
+    return files

@@ -1,0 +1,136 @@
+"""Export a tiny trained run to a bundle and serve it torch-free."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from melanoma_detector.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    from conftest import TINY_BACKBONE, make_class_folder
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    make_class_folder(root / "train", 24, rng, "tr")
+    make_class_folder(root / "test", 10, rng, "te")
+    run = tmp_path_factory.mktemp("run") / "run"
+    assert main(["train", "--data", str(root), "--out", str(run), "--backbone", TINY_BACKBONE, "--no-pretrained",
+                 "--image-size", "64", "--epochs-frozen", "3", "--epochs-finetune", "1", "--batch-size", "8",
+                 "--cache-dir", str(tmp_path_factory.mktemp("cache")), "--no-progress"]) == 0
+    bundle = tmp_path_factory.mktemp("bundle") / "b"
+    assert main(["export", "--model", str(run), "--out", str(bundle), "--resamples", "50"]) == 0
+    return root, run, bundle
+
+
+def test_bundle_contents(tiny_bundle):
+    _, _, bundle = tiny_bundle
+    meta = json.loads((bundle / "metadata.json").read_text())
+    for key in ("backbone", "preprocessing", "class_names", "temperature", "thresholds", "risk_tiers",
+                "training", "metrics", "graph", "model_version", "input_gate", "licence"):
+        assert key in meta, key
+    assert meta["graph"]["opset"] >= 17
+    assert [t["level"] for t in meta["risk_tiers"]] == ["Low", "Moderate", "High"]
+    auc = meta["metrics"]["test"]["roc_auc"]
+    assert auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
+    assert "ood" in meta["input_gate"] and meta["input_gate"]["ood"]["threshold"] > 0
+    card = (bundle / "MODEL_CARD.md").read_text()
+    assert "never a diagnosis" in card and "Limitations" in card
+
+
+def test_predictor_never_imports_torch(tiny_bundle):
+    root, _, bundle = tiny_bundle
+    img = next((root / "test" / "malignant").iterdir())
+    code = (
+        "import sys\n"
+        "from melanoma_detector.inference import Predictor\n"
+        f"p = Predictor({str(bundle)!r})\n"
+        f"r = p.predict({str(img)!r}, tta=True, heatmap=True)\n"
+        "assert r['status'] in ('ok', 'cannot_assess'), r\n"
+        "bad = [m for m in sys.modules if m == 'torch' or m.startswith('torch.') or m.startswith('torchvision')]\n"
+        "assert not bad, bad[:5]\n"
+        "print('OK', r['status'])\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+
+
+def test_onnx_matches_torch_checkpoint(tiny_bundle):
+    from melanoma_detector.inference import Predictor
+    from melanoma_detector.models.torch_predictor import TorchPredictor
+
+    root, run, bundle = tiny_bundle
+    paths = sorted(str(p) for p in (root / "test").rglob("*.jpg"))
+    onnx_pred = Predictor(bundle)
+    torch_pred = TorchPredictor(run)
+    torch_pred.temperature = onnx_pred.temperature  # the bundle recalibrates on the same val split
+    a = [r["probability_malignant"] for r in onnx_pred.predict_paths(paths) if r["status"] == "ok"]
+    b = [r["probability_malignant"] for r, o in zip(torch_pred.predict_paths(paths), onnx_pred.predict_paths(paths))
+         if o["status"] == "ok"]
+    assert len(a) > 0
+    assert np.max(np.abs(np.array(a) - np.array(b))) <= 1e-4
+
+
+def test_tampered_graph_is_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    from melanoma_detector.inference import BundleError, Predictor
+
+    _, _, bundle = tiny_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with open(copy / "model.onnx", "ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(BundleError, match="sha256"):
+        Predictor(copy)
+
+
+def test_predict_cli_with_bundle_and_gate(tiny_bundle, tmp_path, capsys):
+    from PIL import Image
+
+    root, _, bundle = tiny_bundle
+    Image.new("RGB", (200, 150), (128, 128, 128)).save(tmp_path / "flat.png")
+    Image.new("RGB", (30, 30), (10, 200, 30)).save(tmp_path / "tiny.png")
+    out_csv = tmp_path / "out.csv"
+    rc = main(["predict", "--model", str(bundle), str(root / "test"), str(tmp_path / "flat.png"),
+               str(tmp_path / "tiny.png"), "--csv", str(out_csv), "--no-progress"])
+    assert rc == 0
+    import csv
+
+    rows = {r["path"]: r for r in csv.DictReader(out_csv.open())}
+    assert set(next(iter(rows.values()))) >= {"path", "probability_malignant", "predicted_label", "risk_level",
+                                              "recommendation", "status"}
+    assert rows[str(tmp_path / "flat.png")]["status"] == "cannot_assess"
+    assert "uniform" in rows[str(tmp_path / "flat.png")]["reason"]
+    assert "64" in rows[str(tmp_path / "tiny.png")]["reason"]
+
+
+def test_gradcam_matches_autograd(tiny_bundle):
+    import torch
+
+    from melanoma_detector.data.io import load_image
+    from melanoma_detector.inference import Predictor, gradcam
+    from melanoma_detector.models.checkpoint import load_checkpoint
+    from melanoma_detector.preprocess import preprocess_image
+
+    root, run, bundle = tiny_bundle
+    model, _ = load_checkpoint(run)
+    pred = Predictor(bundle)
+    for img_path in sorted((root / "test" / "malignant").iterdir())[:3]:
+        x = preprocess_image(load_image(img_path), pred.pp)
+        out = pred.run(x[None])
+        cam = gradcam(out["fmap"][0], out["cam_weights"][0])
+        xt = torch.from_numpy(x[None])
+        fmap = model.forward_features(xt)
+        fmap.retain_grad()
+        model.head(fmap.mean(dim=(2, 3))).sum().backward()
+        w = fmap.grad.mean(dim=(2, 3))[0]
+        ref = torch.relu((w[:, None, None] * fmap[0]).sum(0)).detach().numpy()
+        if ref.max() > 0:
+            ref = ref / ref.max()
+            assert np.corrcoef(cam.ravel(), ref.ravel())[0, 1] >= 0.99
