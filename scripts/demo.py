@@ -45,7 +45,18 @@ def melanoma(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
+def score_examples() -> None:
+    bundle = ROOT / "models" / "default" / "metadata.json"
+    if bundle.is_file():
+        print("== the shipped model on the sample images (torch-free predictor) ==", flush=True)
+        melanoma("predict", str(ROOT / "examples"), "--no-progress")
+    else:
+        print("no shipped model bundle yet (models/default): skipping the sample predictions")
+
+
 def main() -> int:
+    score_examples()
+    print("\n== a short real training run: train -> evaluate -> predict ==", flush=True)
     if RUN.exists():
         shutil.rmtree(RUN)
     data = RUN / "data"
