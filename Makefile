@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= train,lite-weights,serve,export,dev
+EXTRAS ?= train,lite-weights,serve,export,dev,app
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
 .PHONY: demo test test-slow install clean

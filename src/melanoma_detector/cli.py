@@ -138,25 +138,43 @@ def _make_predictor(model: str | None, *, tta: bool = False):
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="metrics, curves and per-image predictions on a labelled set")
+    p = sub.add_parser("evaluate", help="report (HTML + JSON) with confidence intervals on labelled test sets",
+                       description="Score one or more labelled test sets and write report.html (self-contained), "
+                                   "metrics.json, predictions.csv and the plots. 95% CIs by bootstrap, resampled "
+                                   "by lesion group when the data names groups. " + DISCLAIMER)
     p.add_argument("--model", help="bundle folder (default: the shipped model), checkpoint (.pt) or run folder")
-    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
-    p.add_argument("--data", required=True, help="class folders, a root with test/, or a CSV manifest")
-    p.add_argument("--out", help="output folder (default: evaluation/ next to the model)")
+    p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (bundles only)")
+    p.add_argument("--data", action="append", required=True, metavar="PATH",
+                   help="class folders, a root with test/ (else val/), or a CSV manifest; repeat for several sets")
+    p.add_argument("--out", help="output folder (default: ./evaluation)")
+    p.add_argument("--prevalence", type=float, metavar="P",
+                   help="also report PPV/NPV re-weighted to this melanoma prevalence (0 < P < 1, e.g. 0.02)")
+    p.add_argument("--compare", metavar="OTHER_MODEL",
+                   help="a second bundle or checkpoint scored on the same sets, side by side with DeLong's test")
+    p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> int:
-    from melanoma_detector.evaluation.evaluate import evaluate_model
+    from melanoma_detector.evaluation.evaluate import evaluate_model, load_eval_sets
+    from melanoma_detector.evaluation.report import format_summary
+    from melanoma_detector.inference.bundle import default_bundle_dir
 
+    if args.prevalence is not None and not 0 < args.prevalence < 1:
+        raise UserError(f"--prevalence {args.prevalence}: expected a fraction between 0 and 1 (e.g. 0.02)")
+    sets = load_eval_sets(args.data)  # bad data fails before any model is loaded
     predictor = _make_predictor(args.model, tta=args.tta)
-    out = args.out or "evaluation"
-    m = evaluate_model(predictor, args.data, out_dir=out, progress=not args.no_progress)
-    print(f"n={m['n']} ({m['n_pos']} malignant)  AUC {m['roc_auc']:.4f}  accuracy {m['accuracy']:.4f}  "
-          f"sensitivity {m['sensitivity']:.4f}  specificity {m['specificity']:.4f}  "
-          f"balanced accuracy {m['balanced_accuracy']:.4f}  F1 {m['f1']:.4f}  (threshold {m['threshold']:.3f})")
-    print(f"report written to {out}")
+    other = _make_predictor(args.compare, tta=args.tta) if args.compare else None
+    out = Path(args.out or "evaluation")
+    results = evaluate_model(
+        predictor, sets, out_dir=out, progress=not args.no_progress, compare=other,
+        prevalence=args.prevalence, n_resamples=args.resamples, seed=args.seed,
+        model_source=args.model or default_bundle_dir(), compare_source=args.compare, tta=args.tta,
+    )
+    print(format_summary(results))
+    print(f"report: {out / 'report.html'}  (metrics.json, predictions.csv and plots in {out})")
     print(DISCLAIMER)
     return 0
 

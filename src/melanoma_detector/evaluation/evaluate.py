@@ -1,17 +1,47 @@
-"""`melanoma evaluate`: score a labelled set with a model and write metrics, curves and
-per-image predictions."""
+"""`melanoma evaluate`: score one or more labelled test sets with a model (optionally a second
+one beside it) and write a report a clinical reader can check.
+
+Output folder:
+
+* ``report.html``: one self-contained page (plots embedded), see :mod:`report`;
+* ``metrics.json``: everything in the report as data. ``sets`` holds one entry per ``--data``
+  with every metric as ``{"value", "ci95": [low, high], "n_valid"}``; ``compare`` the
+  side-by-side results and DeLong's test. The top level also repeats the first set's point
+  metrics at the screening threshold (``n``, ``roc_auc``, ``sensitivity``, ...; the format of
+  earlier versions), for scripts that read those;
+* ``predictions.csv`` (every scored image, all sets), ``cannot_assess.csv`` (images the input gate
+  refused) and, with a second model, ``predictions_compare.csv``;
+* the plots as PNG files: in the output folder itself for a single set, else in one subfolder per
+  set.
+
+Images the input gate refuses (``status == "cannot_assess"``) are counted and listed, never
+scored: a screening tool answers "cannot assess" for them, so the metrics describe the images it
+does assess. Confidence intervals are 95 % percentile bootstrap intervals, resampling whole
+lesions when the data names lesion groups (several images of one lesion are not independent).
+"""
 
 from __future__ import annotations
 
 import csv
+import datetime as _dt
 import json
+import math
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
 from melanoma_detector.data.discovery import Sample, discover, require_both_classes
-from melanoma_detector.errors import DataError
+from melanoma_detector.errors import DataError, UserError
+
+__all__ = ["EvalSet", "evaluate_model", "evaluation_samples", "load_eval_sets", "model_info",
+           "model_thresholds"]
+
+GALLERY_SIZE = 8
+CANNOT_ASSESS_LISTED = 1000  # per set in metrics.json; cannot_assess.csv always has all
 
 
 def evaluation_samples(path: str | Path) -> list[Sample]:
@@ -34,44 +64,417 @@ def evaluation_samples(path: str | Path) -> list[Sample]:
     return chosen
 
 
+@dataclass
+class EvalSet:
+    """One test set: the samples :func:`evaluation_samples` picks from one data path."""
+
+    name: str
+    data: str
+    samples: list[Sample]
+    split: str | None = None
+
+    @property
+    def slug(self) -> str:
+        return _slug(self.name)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "set"
+
+
+def _set_name(path: Path) -> str:
+    if path.is_file():
+        return path.parent.name if path.stem.lower() in ("labels", "manifest") else path.stem
+    return path.resolve().name or "data"
+
+
+def load_eval_sets(paths: str | Path | Sequence[str | Path]) -> list[EvalSet]:
+    """Read every data path first (a bad path fails before any model is loaded or run)."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if not paths:
+        raise DataError("no evaluation data given (--data)")
+    sets: list[EvalSet] = []
+    used: set[str] = set()
+    for raw in paths:
+        samples = evaluation_samples(raw)
+        name = _set_name(Path(raw).expanduser())
+        base, k = name, 2
+        while _slug(name) in used:
+            name, k = f"{base}-{k}", k + 1
+        used.add(_slug(name))
+        splits = {s.split for s in samples}
+        sets.append(EvalSet(name, str(raw), samples, next(iter(splits)) if len(splits) == 1 else None))
+    return sets
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def model_thresholds(predictor) -> tuple[dict[str, float], str]:
+    """The model's stored operating thresholds (screening first) and a note on where they came
+    from. A bundle stores them; a checkpoint has them in ``ckpt["thresholds"]`` unless it
+    predates them, then 0.5 is used."""
+    found: Mapping[str, Any] | None = getattr(predictor, "thresholds", None)
+    source = "model bundle"
+    if not found and getattr(predictor, "ckpt", None) is not None:
+        found, source = predictor.ckpt.get("thresholds"), "checkpoint"
+    out: dict[str, float] = {}
+    for k, v in dict(found or {}).items():
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(f):
+            out[str(k)] = f
+    if not out:
+        thr = float(getattr(predictor, "threshold", 0.5) or 0.5)
+        return {"screening": thr}, f"the model stores no thresholds: {thr:g} used"
+    if "screening" not in out:
+        out = {"screening": float(getattr(predictor, "threshold", 0.5)), **out}
+    out = {"screening": out["screening"], **{k: v for k, v in out.items() if k != "screening"}}
+    return out, f"stored in the {source}"
+
+
+def model_info(predictor, source: str | Path | None = None, *, tta: bool = False) -> dict[str, Any]:
+    """What the report says about a model: kind, path, version, backbone, temperature,
+    thresholds."""
+    thresholds, note = model_thresholds(predictor)
+    info: dict[str, Any] = {
+        "path": str(source) if source is not None else None,
+        "kind": type(predictor).__name__,
+        "version": None, "backbone": None, "created": None,
+        "temperature": float(getattr(predictor, "temperature", 1.0) or 1.0),
+        "thresholds": thresholds, "thresholds_note": note, "tta": bool(tta),
+    }
+    bundle = getattr(predictor, "bundle", None)
+    ckpt = getattr(predictor, "ckpt", None)
+    if bundle is not None:
+        meta = getattr(bundle, "metadata", {}) or {}
+        info.update(kind="model bundle (ONNX, torch-free)", version=meta.get("model_version"),
+                    backbone=meta.get("backbone"), created=meta.get("created"),
+                    software=meta.get("software"),
+                    sha256=(meta.get("graph") or {}).get("sha256"))
+        if info["path"] is None and getattr(bundle, "root", None) is not None:
+            info["path"] = str(bundle.root)
+    elif ckpt is not None:
+        best = ckpt.get("best") or {}
+        info.update(kind="torch checkpoint", backbone=ckpt.get("backbone"),
+                    version=f"checkpoint (melanoma-detector {ckpt.get('package_version', '?')})",
+                    best_val_auc=best.get("val_auc"))
+    return info
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+@dataclass
+class Scored:
+    samples: list[Sample]  # assessed
+    y: np.ndarray
+    p: np.ndarray
+    refused: list[tuple[Sample, str]] = field(default_factory=list)
+
+
+def score_set(predictor, es: EvalSet, *, progress: bool = False) -> Scored:
+    rows = predictor.predict_paths([s.path for s in es.samples], progress=progress)
+    if len(rows) != len(es.samples):
+        raise RuntimeError("the predictor returned a different number of results than images")
+    refused = [(s, r.get("reason") or "cannot assess") for s, r in zip(es.samples, rows)
+               if r.get("status") != "ok"]
+    kept = [(s, r) for s, r in zip(es.samples, rows) if r.get("status") == "ok"]
+    if not kept:
+        raise DataError(f"cannot evaluate {es.data}: no image could be scored, first reason: "
+                        f"{refused[0][1] if refused else 'none given'}")
+    samples = [s for s, _ in kept]
+    require_both_classes(samples, f"assessable images of {es.data}")
+    y = np.array([s.label for s in samples], dtype=np.int64)
+    p = np.array([float(r["probability_malignant"]) for _, r in kept], dtype=np.float64)
+    return Scored(samples, y, p, refused)
+
+
+def _groups(samples: Sequence[Sample]) -> np.ndarray | None:
+    """Lesion group per sample when the data names groups (else None: plain bootstrap)."""
+    if not any(s.group for s in samples):
+        return None
+    return np.array([s.group_key for s in samples], dtype=object)
+
+
+def _uncalibrated(p: np.ndarray, temperature: float) -> np.ndarray:
+    """Probabilities at T = 1 recovered from temperature-scaled ones: sigmoid(logit(p) * T)."""
+    from scipy import special
+
+    from melanoma_detector.evaluation.metrics import prob_to_logit
+
+    return special.expit(prob_to_logit(p) * float(temperature))
+
+
+# ------------------------------------------------------------------------------ one set
+
+
+def _evaluate_set(predictor, info, es: EvalSet, set_dir: Path, out: Path, *, scored: Scored,
+                  n_resamples: int, seed: int, prevalence: float | None) -> dict[str, Any]:
+    from melanoma_detector.evaluation import metrics as M
+    from melanoma_detector.evaluation import plots as P
+    from melanoma_detector.evaluation.bootstrap import metrics_with_ci
+    from melanoma_detector.evaluation.figures import plot_error_gallery, select_errors
+    from melanoma_detector.evaluation.subgroups import subgroup_metrics, subgroup_values
+
+    y, p, samples = scored.y, scored.p, scored.samples
+    thresholds = info["thresholds"]
+    screening = thresholds["screening"]
+    groups = _groups(samples)
+    metrics = metrics_with_ci(y, p, thresholds, groups=groups, n_resamples=n_resamples, seed=seed,
+                              prevalence=prevalence)
+    confusion = {name: M.confusion_at_threshold(y, p, thr) for name, thr in thresholds.items()}
+
+    temperature = info["temperature"]
+    p_raw = _uncalibrated(p, temperature)
+    calibration = {
+        "temperature": temperature,
+        "ece_before": M.expected_calibration_error(y, p_raw, 15),
+        "ece_after": M.expected_calibration_error(y, p, 15),
+        "brier_before": M.brier_score(y, p_raw),
+        "brier_after": M.brier_score(y, p),
+        "note": ("'before' = probabilities at T = 1, recovered as sigmoid(logit(p) x T)"
+                 + ("; with TTA the model averages probabilities over views, so this is approximate"
+                    if info.get("tta") else "")),
+    }
+
+    def rel(path: Path) -> str:
+        return path.relative_to(out).as_posix()
+
+    set_dir.mkdir(parents=True, exist_ok=True)
+    plots: dict[str, dict[str, str]] = {}
+
+    def add(key: str, path: Path, title: str) -> None:
+        plots[key] = {"file": rel(path), "title": f"{es.name}: {title}"}
+
+    add("roc", P.plot_roc(y, p, set_dir / "roc.png", operating_points=thresholds,
+                          title=f"ROC curve: {es.name}"), "ROC curve with operating points")
+    add("pr", P.plot_pr(y, p, set_dir / "pr.png", title=f"Precision-recall: {es.name}"),
+        "precision-recall curve")
+    add("reliability", P.plot_reliability(
+        y, p_raw, set_dir / "reliability.png", p_after=p,
+        labels=("before (T = 1)", f"after temperature scaling (T = {temperature:.3g})"),
+        title=f"Reliability diagram: {es.name}"),
+        "reliability diagram before and after temperature scaling")
+    for name, thr in thresholds.items():
+        fname = "confusion.png" if name == "screening" else f"confusion_{_slug(name)}.png"
+        add(f"confusion_{name}", P.plot_confusion(
+            confusion[name], set_dir / fname, title=f"{name} threshold {thr:.3g}: {es.name}"),
+            f"confusion matrix at the {name} threshold ({thr:.3g})")
+    add("score_histograms", P.plot_score_histograms(
+        y, p, set_dir / "score_histograms.png", thresholds=thresholds,
+        title=f"Scores by true class: {es.name}"), "score histograms per class")
+    fn_idx, fp_idx = select_errors(y, p, screening, GALLERY_SIZE)
+    errors = {
+        "false_negatives": [{"path": samples[i].path, "probability": float(p[i])} for i in fn_idx],
+        "false_positives": [{"path": samples[i].path, "probability": float(p[i])} for i in fp_idx],
+    }
+    add("error_gallery", plot_error_gallery(
+        [(e["path"], e["probability"]) for e in errors["false_negatives"]],
+        [(e["path"], e["probability"]) for e in errors["false_positives"]],
+        set_dir / "error_gallery.png", threshold=screening,
+        title=f"Most confident errors ({es.name})"),
+        "gallery of the most confident false negatives and false positives at the screening threshold")
+
+    all_meta = [s.meta for s in samples] + [s.meta for s, _ in scored.refused]
+    values = subgroup_values(all_meta)
+    subgroups = subgroup_metrics(
+        y, p, {k: v[: len(samples)] for k, v in values.items()}, threshold=screening,
+        refused_values={k: v[len(samples):] for k, v in values.items()},
+        groups=groups, n_resamples=n_resamples, seed=seed,
+    ) if values else {}
+
+    n_mal = int(y.sum())
+    return {
+        "name": es.name,
+        "data": es.data,
+        "split": es.split,
+        "output_folder": rel(set_dir) if set_dir != out else ".",
+        "n_listed": len(es.samples),
+        "n": int(y.size),
+        "n_malignant": n_mal,
+        "n_benign": int(y.size - n_mal),
+        "n_groups": int(len(set(groups.tolist()))) if groups is not None else int(y.size),
+        "grouped_bootstrap": groups is not None,
+        "n_cannot_assess": len(scored.refused),
+        "n_cannot_assess_malignant": sum(1 for s, _ in scored.refused if s.label == 1),
+        "cannot_assess": [{"path": s.path, "label": CLASS_NAMES[s.label], "reason": r}
+                          for s, r in scored.refused[:CANNOT_ASSESS_LISTED]],
+        "thresholds": dict(thresholds),
+        "metrics": metrics,
+        "confusion": confusion,
+        "calibration": calibration,
+        "subgroups": subgroups,
+        "errors": errors,
+        "plots": plots,
+    }
+
+
+def _compare_set(es: EvalSet, a: Scored, b: Scored, info_a, info_b, set_dir: Path, out: Path, *,
+                 n_resamples: int, seed: int, prevalence: float | None) -> dict[str, Any]:
+    """Both models on the images both could assess, with paired resamples and DeLong's test."""
+    from melanoma_detector.evaluation import metrics as M
+    from melanoma_detector.evaluation.bootstrap import metrics_with_ci
+    from melanoma_detector.evaluation.figures import plot_roc_compare
+
+    pb = {s.path: v for s, v in zip(b.samples, b.p)}
+    keep = [i for i, s in enumerate(a.samples) if s.path in pb]
+    samples = [a.samples[i] for i in keep]
+    y = a.y[keep]
+    p1 = a.p[keep]
+    p2 = np.array([pb[s.path] for s in samples], dtype=np.float64)
+    res: dict[str, Any] = {
+        "name": es.name, "data": es.data, "n_common": int(y.size), "n_malignant": int(y.sum()),
+        "n_cannot_assess_model": len(a.refused), "n_cannot_assess_compare": len(b.refused),
+        "model": None, "compare": None, "delong": None, "plots": {},
+        "note": "both models on the images both could assess; paired bootstrap resamples",
+    }
+    if y.size == 0 or len(set(y.tolist())) < 2:
+        res["note"] = "the images both models could assess do not hold both classes: no comparison"
+        return res
+    groups = _groups(samples)
+    opts = dict(groups=groups, n_resamples=n_resamples, seed=seed, prevalence=prevalence)
+    res["model"] = metrics_with_ci(y, p1, info_a["thresholds"], **opts)
+    res["compare"] = metrics_with_ci(y, p2, info_b["thresholds"], **opts)
+    res["delong"] = M.delong_test(y, p1, p2)
+    path = plot_roc_compare(
+        y, {"A": p1, "B": p2}, set_dir / "roc_compare.png",
+        operating_points={"A": {"screening": info_a["thresholds"]["screening"]},
+                          "B": {"screening": info_b["thresholds"]["screening"]}},
+        title=f"ROC, A vs B on the same images: {es.name}")
+    res["plots"]["roc_compare"] = {
+        "file": path.relative_to(out).as_posix(),
+        "title": f"{es.name}: ROC curves of both models on the same images (compare)"}
+    return res
+
+
+# ------------------------------------------------------------------------------ outputs
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
+
+
+def _write_predictions(path: Path, items: list[tuple[EvalSet, Scored]], threshold: float) -> None:
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label", "probability_malignant", "predicted_label", "set", "group"])
+        for es, sc in items:
+            for s, prob in zip(sc.samples, sc.p):
+                w.writerow([s.path, CLASS_NAMES[s.label], f"{prob:.6f}",
+                            CLASS_NAMES[int(prob >= threshold)], es.name, s.group or ""])
+
+
 def evaluate_model(
     predictor,
-    data: str | Path,
+    data: str | Path | Sequence[str | Path] | Sequence[EvalSet],
     *,
     out_dir: str | Path,
     progress: bool = True,
+    compare=None,
+    prevalence: float | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    model_source: str | Path | None = None,
+    compare_source: str | Path | None = None,
+    tta: bool = False,
 ) -> dict[str, Any]:
-    """`predictor.predict_paths(paths)` -> metrics.json, predictions.csv, roc.png, pr.png,
-    confusion.png in `out_dir`."""
-    from melanoma_detector.evaluation.metrics import binary_metrics
-    from melanoma_detector.evaluation.plots import plot_confusion, plot_pr, plot_roc
+    """Score every set with ``predictor`` (and ``compare``, if given), write the report and
+    return the metrics.json content.
 
+    ``data``: one data path, several, or sets from :func:`load_eval_sets`. ``prevalence``: also
+    report PPV/NPV re-weighted to this melanoma prevalence. ``model_source``/``compare_source``
+    only name the models in the report.
+    """
+    from melanoma_detector.evaluation import metrics as M
+    from melanoma_detector.evaluation.report import write_report
+
+    if prevalence is not None and not 0.0 < float(prevalence) < 1.0:
+        raise UserError(f"--prevalence {prevalence}: expected a fraction between 0 and 1 (e.g. 0.02)")
+    if n_resamples < 1:
+        raise UserError(f"--resamples {n_resamples}: expected a positive integer")
+    if isinstance(data, (str, Path)) or (data and not isinstance(data[0], EvalSet)):
+        sets = load_eval_sets(data)  # type: ignore[arg-type]
+    else:
+        sets = list(data)  # type: ignore[arg-type]
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file, expected a folder")
     out.mkdir(parents=True, exist_ok=True)
-    samples = evaluation_samples(data)
-    rows = predictor.predict_paths([s.path for s in samples], progress=progress)
-    # Images the input gate refuses are reported, not scored: a screening tool answers
-    # "cannot assess" for them, so the metrics describe the images it does assess.
-    refused = [(s, r) for s, r in zip(samples, rows) if r["status"] != "ok"]
-    kept = [(s, r) for s, r in zip(samples, rows) if r["status"] == "ok"]
-    if not kept:
-        raise DataError(f"cannot evaluate: no image could be scored, first reason: {rows[0]['reason']}")
-    samples, rows = [s for s, _ in kept], [r for _, r in kept]
-    require_both_classes(samples, f"assessable images of {data}")
-    y = np.array([s.label for s in samples])
-    p = np.array([r["probability_malignant"] for r in rows], dtype=np.float64)
-    threshold = predictor.threshold
-    metrics = binary_metrics(y, p, threshold=threshold)
-    metrics["data"] = str(data)
-    metrics["n_cannot_assess"] = len(refused)
-    metrics["cannot_assess"] = [{"path": s.path, "reason": r["reason"]} for s, r in refused[:100]]
-    with (out / "predictions.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "probability_malignant", "predicted_label"])
-        for s, r in zip(samples, rows):
-            w.writerow([s.path, "malignant" if s.label else "benign", f"{r['probability_malignant']:.6f}", r["predicted_label"]])
-    plot_roc(y, p, out / "roc.png", operating_points={"screening": threshold})
-    plot_pr(y, p, out / "pr.png")
-    plot_confusion(metrics["confusion"], out / "confusion.png", title=f"threshold {threshold:.3f}")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    return metrics
+
+    info = model_info(predictor, model_source, tta=tta)
+    info_b = model_info(compare, compare_source, tta=tta) if compare is not None else None
+    results: dict[str, Any] = {
+        "disclaimer": DISCLAIMER,
+        "software": f"melanoma-detector {__version__}",
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": info,
+        "settings": {
+            "n_resamples": int(n_resamples), "seed": int(seed), "confidence": 0.95,
+            "interval": "percentile bootstrap; whole lesion groups resampled where the data names them",
+            "prevalence": None if prevalence is None else float(prevalence),
+            "tta": bool(tta), "ece_bins": 15, "partial_auc_min_tpr": 0.80,
+            "small_subgroup": 30,
+        },
+        "sets": [],
+    }
+    if info_b is not None:
+        results["compare"] = {"model": info_b, "sets": []}
+
+    scored_a: list[tuple[EvalSet, Scored]] = []
+    scored_b: list[tuple[EvalSet, Scored]] = []
+    for es in sets:
+        set_dir = out if len(sets) == 1 else out / es.slug
+        sa = score_set(predictor, es, progress=progress)
+        scored_a.append((es, sa))
+        results["sets"].append(_evaluate_set(
+            predictor, info, es, set_dir, out, scored=sa, n_resamples=n_resamples, seed=seed,
+            prevalence=prevalence))
+        if compare is not None:
+            sb = score_set(compare, es, progress=progress)
+            scored_b.append((es, sb))
+            results["compare"]["sets"].append(_compare_set(
+                es, sa, sb, info, info_b, set_dir, out, n_resamples=n_resamples, seed=seed,
+                prevalence=prevalence))
+
+    _write_predictions(out / "predictions.csv", scored_a, info["thresholds"]["screening"])
+    if compare is not None:
+        _write_predictions(out / "predictions_compare.csv", scored_b,
+                           info_b["thresholds"]["screening"])
+    refused = [(es, s, r) for es, sc in scored_a for s, r in sc.refused]
+    ca_path = out / "cannot_assess.csv"
+    if refused:
+        with ca_path.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["set", "path", "label", "reason"])
+            for es, s, r in refused:
+                w.writerow([es.name, s.path, CLASS_NAMES[s.label], r])
+    elif ca_path.exists():
+        ca_path.unlink()  # stale from an earlier run into the same folder
+
+    # the format of earlier versions: first set's point metrics at the screening threshold
+    es0, sc0 = scored_a[0]
+    legacy = M.binary_metrics(sc0.y, sc0.p, threshold=info["thresholds"]["screening"])
+    legacy.update(data=str(es0.data), n_cannot_assess=len(sc0.refused),
+                  cannot_assess=[{"path": s.path, "reason": r} for s, r in sc0.refused[:100]])
+    results = {**results, **{k: v for k, v in legacy.items() if k not in results}}
+    results["report"] = "report.html"
+    results = _clean(results)
+    (out / "metrics.json").write_text(json.dumps(results, indent=2, allow_nan=False))
+    write_report(results, out)
+    return results
