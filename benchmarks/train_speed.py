@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data" / "ham10000"
@@ -55,19 +54,20 @@ def plain_feature_pass(backbone, samples, pp) -> float:
 def head_epochs(num_features: int, *, n: int = 10_000, epochs: int = 25) -> float:
     from melanoma_detector.models.factory import SeedHead
     from melanoma_detector.training.engine import evaluate, train_one_epoch
-    from melanoma_detector.training.trainer import _adam
+    from melanoma_detector.training.trainer import TensorBatches, _adam, single_thread
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(n, num_features)).astype(np.float32))
     y = torch.from_numpy((rng.random(n) < 0.12).astype(np.float32))
     head = SeedHead(num_features)
     opt = _adam(head.l2_parameters(), list(head.parameters()), lr=1e-3, l2=1e-3)
-    tl = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True)
-    vl = DataLoader(TensorDataset(x[:1500], y[:1500]), batch_size=256)
+    tl = TensorBatches(x, y, batch_size=32, shuffle=True)
+    vl = TensorBatches(x[:1500], y[:1500], batch_size=1024, shuffle=False)
     t0 = time.perf_counter()
-    for _ in range(epochs):
-        train_one_epoch(head, tl, opt, device=torch.device("cpu"), class_w=(0.57, 4.2))
-        evaluate(head, vl, device=torch.device("cpu"))
+    with single_thread():  # as the trainer runs it
+        for _ in range(epochs):
+            train_one_epoch(head, tl, opt, device=torch.device("cpu"), class_w=(0.57, 4.2))
+            evaluate(head, vl, device=torch.device("cpu"))
     return time.perf_counter() - t0
 
 

@@ -283,6 +283,74 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="web app: Gradio page + REST API (/api/v1/predict), loopback by default")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; anything else exposes the app to the network)")
+    p.add_argument("--port", type=_non_negative_int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--model", help="bundle folder (default: $MELANOMA_MODEL, else the shipped models/default)")
+    p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link (off by default)")
+    p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default 20)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    """Serve the app with uvicorn. MELANOMA_AUTH=user:password turns on the login (page and REST API)."""
+    import threading
+    import time
+
+    if args.port > 65535:
+        raise UserError(f"--port {args.port}: expected 0-65535")
+    if args.max_upload_mb <= 0:
+        raise UserError(f"--max-upload-mb {args.max_upload_mb}: must be > 0")
+    try:
+        import uvicorn
+
+        from melanoma_detector.app import build_app
+        from melanoma_detector.app.security import auth_from_env, exposure_warnings
+    except ImportError as exc:
+        raise UserError(f"the web app needs the app extra: pip install -e '.[app]' ({exc})") from None
+
+    credentials = auth_from_env()  # raises a UserError that never shows the value
+    for line in exposure_warnings(args.host, share=args.share, login=credentials is not None):
+        print(line, file=sys.stderr)
+    app = build_app(args.model, max_upload_mb=args.max_upload_mb, auth=credentials or False)
+    version = app.state.predictor.bundle.version
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=5))
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving model {version} on http://{shown}:{args.port}/ (REST: /api/v1/predict, model card: /model-card)"
+          + ("; login required" if credentials else ""))
+    print(DISCLAIMER)
+    if not args.share:
+        server.run()
+        return 0
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise UserError("the server did not start; see the log above")
+            time.sleep(0.1)
+        try:
+            import secrets
+
+            from gradio.networking import setup_tunnel
+
+            url = setup_tunnel("127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host, server.config.port,
+                               secrets.token_urlsafe(32), None, None)
+        except Exception as exc:  # no internet, blocked binary download, ...
+            raise UserError(f"--share failed ({type(exc).__name__}: {exc}); the app is not shared") from None
+        print(f"public link (temporary): {url}")
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="melanoma",
@@ -296,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_data(sub)
     _add_export(sub)
+    _add_serve(sub)
     return parser
 
 

@@ -39,17 +39,30 @@ CALIBRATION_METRICS = ("brier", "ece")
 
 def resample_counts(n: int, groups: np.ndarray | None, n_resamples: int, seed: int,
                     block: int) -> Any:
-    """Yield ``(b, n)`` float arrays of draw counts, ``block`` resamples at a time, from the very
-    index sets :func:`metrics.bootstrap_ci` would draw with the same seed and groups."""
+    """Yield ``(b, n)`` float arrays of draw counts, ``block`` resamples at a time.
+
+    The draws are those of :func:`metrics.bootstrap_ci` with the same seed and groups (one
+    ``rng.integers`` call per resample, of n samples or of n_groups whole groups), so the
+    resamples are the same multisets of images; only their order, which no metric depends on,
+    is not kept.
+    """
     rng = np.random.default_rng(seed)
-    rows: list[np.ndarray] = []
-    for idx in M._resample_indices(rng, n, groups, n_resamples):
-        rows.append(np.bincount(idx, minlength=n))
-        if len(rows) == block:
-            yield np.asarray(rows, dtype=np.float64)
-            rows = []
-    if rows:
-        yield np.asarray(rows, dtype=np.float64)
+    inv = None
+    if groups is not None:
+        _, inv = np.unique(groups, return_inverse=True)
+        inv = inv.reshape(-1)
+        n_groups = int(inv.max()) + 1 if inv.size else 0
+    done = 0
+    while done < n_resamples:
+        b = min(block, n_resamples - done)
+        counts = np.empty((b, n), dtype=np.float64)
+        for r in range(b):
+            if inv is None:
+                counts[r] = np.bincount(rng.integers(0, n, size=n), minlength=n)
+            else:  # a sample is drawn as often as its group is
+                counts[r] = np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)[inv]
+        done += b
+        yield counts
 
 
 def _div(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -238,7 +238,9 @@ def _evaluate_set(predictor, info, es: EvalSet, set_dir: Path, out: Path, *, sco
         "brier_after": M.brier_score(y, p),
         "note": ("'before' = probabilities at T = 1, recovered as sigmoid(logit(p) x T)"
                  + ("; with TTA the model averages probabilities over views, so this is approximate"
-                    if info.get("tta") else "")),
+                    if info.get("tta") else "")
+                 + ("; this model applies no temperature (T = 1), so before and after coincide"
+                    if abs(temperature - 1.0) < 1e-9 else "")),
     }
 
     def rel(path: Path) -> str:

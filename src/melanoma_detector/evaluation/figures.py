@@ -64,9 +64,9 @@ def plot_error_gallery(
     rows_per = [max(1, math.ceil(len(items) / ncols)) for _, items, _ in sections]
     heights = [1.0 if items else 0.25 for _, items, _ in sections for _ in range(
         max(1, math.ceil(len(items) / ncols)))]
-    fig = _figure((2.3 * ncols, 0.6 + 2.75 * sum(heights)))
+    fig = _figure((2.3 * ncols, 0.6 + 2.3 * sum(heights)))
     fig.suptitle(f"{title} at threshold {threshold:.3g}", fontsize=12)
-    gs = fig.add_gridspec(sum(rows_per), ncols, hspace=0.55, wspace=0.08, height_ratios=heights)
+    gs = fig.add_gridspec(sum(rows_per), ncols, hspace=0.45, wspace=0.08, height_ratios=heights)
     row0 = 0
     for (label, items, colour), nrows in zip(sections, rows_per):
         if not items:

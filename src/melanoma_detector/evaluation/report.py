@@ -69,7 +69,8 @@ def _ci(m: Mapping[str, Any] | None, digits: int = 3) -> str:
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, num_from: int = 1,
-           row_classes: Sequence[str] | None = None, caption: str | None = None) -> str:
+           row_classes: Sequence[str] | None = None, caption: str | None = None,
+           text_cols: Sequence[int] = ()) -> str:
     out = ["<table>"]
     if caption:
         out.append(f"<caption class='note'>{_e(caption)}</caption>")
@@ -77,7 +78,8 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], *, num_from: in
     for i, row in enumerate(rows):
         cls = f" class='{row_classes[i]}'" if row_classes and row_classes[i] else ""
         cells = "".join(
-            f"<td class='num'>{_e(c)}</td>" if j >= num_from else f"<td>{_e(c)}</td>"
+            f"<td class='num'>{_e(c)}</td>" if j >= num_from and j not in text_cols
+            else f"<td>{_e(c)}</td>"
             for j, c in enumerate(row))
         out.append(f"<tr{cls}>{cells}</tr>")
     out.append("</table>")
@@ -89,6 +91,19 @@ def _img(out: Path, plot: Mapping[str, str]) -> str:
     title = _e(plot["title"])
     return (f"<figure><img src='data:image/png;base64,{data}' alt='{title}' title='{title}'>"
             f"<figcaption>{title} (<code>{_e(plot['file'])}</code>)</figcaption></figure>")
+
+
+def _label(key: str, prevalence: float | None = None) -> str:
+    """Readable name of a metrics.json key (``sensitivity@screening`` -> ``Sensitivity at the
+    screening threshold``)."""
+    headline = dict(HEADLINE)
+    if key in headline:
+        return headline[key]
+    name, _, thr = key.partition("@")
+    label = dict(AT_THRESHOLD).get(name, name)
+    if "prevalence" in name and prevalence is not None:
+        label += f" {prevalence:g}"
+    return f"{label} at the {thr} threshold" if thr else label
 
 
 def _model_rows(info: Mapping[str, Any]) -> list[list[Any]]:
@@ -145,7 +160,7 @@ def _subgroup_html(subgroups: Mapping[str, Sequence[Mapping[str, Any]]], small: 
             classes.append("small" if r["small"] else "")
         parts.append(_table([attr, "n", "malignant", "benign", "cannot assess", "AUC [95% CI]",
                              "sensitivity [95% CI]", "specificity [95% CI]", "note"],
-                            body, row_classes=classes))
+                            body, row_classes=classes, text_cols=(8,)))
     return "\n".join(parts)
 
 
@@ -167,7 +182,7 @@ def _compare_html(c: Mapping[str, Any] | None, out: Path, info_a, info_b, preval
     if not c:
         return ""
     parts = [f"<h3>Comparison with model B</h3><p class='note'>A = {_e(info_a.get('path'))}, "
-             f"B = {_e(info_b.get('path'))}. {_e(c.get('note', ''))}. Images both models could "
+             f"B = {_e(info_b.get('path'))}. {_e(c.get('note', '').capitalize())}. Images both models could "
              f"assess: {c['n_common']} ({c['n_malignant']} malignant); refused by A: "
              f"{c['n_cannot_assess_model']}, by B: {c['n_cannot_assess_compare']}.</p>"]
     if not c.get("model"):
@@ -182,7 +197,7 @@ def _compare_html(c: Mapping[str, Any] | None, out: Path, info_a, info_b, preval
     keys = [k for k in c["model"] if k in c["compare"]]
     keys += [k for k in c["model"] if k not in c["compare"]]
     keys += [k for k in c["compare"] if k not in c["model"]]
-    rows = [[k, _ci(c["model"].get(k)), _ci(c["compare"].get(k))] for k in keys]
+    rows = [[_label(k, prevalence), _ci(c["model"].get(k)), _ci(c["compare"].get(k))] for k in keys]
     parts.append("<h4>Side by side (same images, paired bootstrap)</h4>")
     parts.append(_table(["metric", "A [95% CI]", "B [95% CI]"], rows))
     parts.append("<div class='figs'>" + "".join(_img(out, pl) for pl in c["plots"].values()) + "</div>")

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from melanoma_detector import CLASS_NAMES, __version__
 from melanoma_detector.config import Config, save_config
@@ -76,9 +76,43 @@ def _adam(modules_l2: list[nn.Parameter], params: list[nn.Parameter], *, lr: flo
     decay = [p for p in params if id(p) in l2_ids and p.requires_grad]
     rest = [p for p in params if id(p) not in l2_ids and p.requires_grad]
     # Adam's coupled weight_decay adds wd * w to the gradient: Keras' l2(l2) penalty => wd = 2 * l2.
-    return torch.optim.Adam(
-        [{"params": decay, "weight_decay": 2 * l2}, {"params": rest, "weight_decay": 0.0}], lr=lr
-    )
+    groups = [{"params": decay, "weight_decay": 2 * l2}, {"params": rest, "weight_decay": 0.0}]
+    try:
+        # The fused kernel does Adam's few element-wise passes in one: on a CPU the per-tensor
+        # loop of the default implementation costs more than the head's forward and backward.
+        return torch.optim.Adam(groups, lr=lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(groups, lr=lr, foreach=True)
+
+
+class TensorBatches:
+    """Shuffled mini-batches straight from in-memory tensors: for the head phase, where a
+    DataLoader's per-item indexing and collation cost more than the head's own step."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle: bool, seed: int = 0):
+        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-len(self.x) // self.batch_size)
+
+    def __iter__(self):
+        idx = torch.randperm(len(self.x), generator=self.generator) if self.shuffle else torch.arange(len(self.x))
+        for i in range(0, len(idx), self.batch_size):
+            j = idx[i : i + self.batch_size]
+            yield self.x[j], self.y[j], j
+
+
+class single_thread:
+    """Run tiny-op phases on one thread: with 2+ threads, thread hand-off costs more than the
+    matmuls of a 1280x512 head, and much more when another process shares the cores."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
 
 
 class _CachedViews(Dataset):
@@ -248,11 +282,12 @@ def run_training(config: Config, out_dir: str | Path, *, progress: bool = True) 
                       flip_average=tc.flip_average, progress=progress, fingerprint=fp)
             f_train = pooled_features(model.backbone, train_s, pp, **kw)
             f_val = pooled_features(model.backbone, val_s, pp, **kw)
-            g = torch.Generator().manual_seed(tc.seed)
-            tl = DataLoader(TensorDataset(torch.from_numpy(f_train), torch.from_numpy(y_train)), batch_size=tc.batch_size, shuffle=True, generator=g)
-            vl = DataLoader(TensorDataset(torch.from_numpy(f_val), torch.from_numpy(y_val)), batch_size=256)
+            tl = TensorBatches(torch.from_numpy(f_train), torch.from_numpy(y_train), batch_size=tc.batch_size,
+                               shuffle=True, seed=tc.seed)
+            vl = TensorBatches(torch.from_numpy(f_val), torch.from_numpy(y_val), batch_size=1024, shuffle=False)
             opt = _adam(l2_params, list(model.head.parameters()), lr=tc.lr_frozen, l2=tc.l2)
-            run_phase("phase1", model.head, opt, tl, vl, tc.epochs_frozen, model.head.train)
+            with single_thread():
+                run_phase("phase1", model.head, opt, tl, vl, tc.epochs_frozen, model.head.train)
         else:
             tl = _image_loader(train_s, pp, tc.batch_size, config.data.num_workers, train=True, seed=tc.seed)
             vl = _image_loader(val_s, pp, tc.batch_size, config.data.num_workers, train=False)

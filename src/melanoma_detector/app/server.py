@@ -1,0 +1,289 @@
+"""`build_app()`: one FastAPI app holding the Gradio page ("/") and a small REST API.
+
+Routes:
+  POST /api/v1/predict   multipart field `file` (one image); optional query `tta=true`.
+  GET  /api/v1/health    liveness + model version.
+  GET  /model-card       the bundle's MODEL_CARD.md, rendered to HTML (`?format=md` for the markdown).
+  /                      the Gradio page (its own API under /gradio_api/, `api_name="predict"`).
+
+REST error contract (always JSON `{"error": "...", "disclaimer": "..."}`, never a 5xx for bad input):
+  400 not multipart / no `file` field / more than one file / empty file / malformed body / bad `tta`
+  401 login required (only when MELANOMA_AUTH or `auth=` is set; HTTP basic, same credentials as the page)
+  413 upload larger than `max_upload_mb`
+  422 the file is not a decodable image (random bytes, truncated or unsupported format)
+An image that decodes but that the model's input gate refuses (too small, nearly uniform, not
+dermoscopy-like) is a valid request: 200 with `status: "cannot_assess"` and the `reason`.
+
+Uses the torch-free `Predictor` only; the app never imports torch.
+"""
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request  # module level: FastAPI resolves route annotations against module globals
+
+from melanoma_detector import DISCLAIMER, __version__
+from melanoma_detector.app.security import auth_from_env, check_basic_auth
+from melanoma_detector.errors import UserError
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+MODEL_CARD_PATH = "/model-card"
+_ENVELOPE_BYTES = 64 * 1024  # multipart headers/boundaries allowed on top of the file itself
+_REPO_EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+
+__all__ = ["build_app", "auth_from_env", "resolve_predictor", "InferenceRunner", "API_PREFIX", "MODEL_CARD_PATH"]
+
+
+def resolve_predictor(predictor_or_bundle: Any = None):
+    """A Predictor as is; a Bundle, a bundle folder or None (the default bundle) -> Predictor."""
+    from melanoma_detector.inference.bundle import Bundle, default_bundle_dir
+    from melanoma_detector.inference.predictor import Predictor
+
+    if predictor_or_bundle is None:
+        predictor_or_bundle = default_bundle_dir()
+    if isinstance(predictor_or_bundle, (Predictor,)) or (
+        hasattr(predictor_or_bundle, "predict") and hasattr(predictor_or_bundle, "bundle")
+    ):
+        return predictor_or_bundle
+    if isinstance(predictor_or_bundle, (str, Path, Bundle)):
+        return Predictor(predictor_or_bundle)
+    raise TypeError(f"build_app: expected a Predictor, Bundle or bundle folder, got {type(predictor_or_bundle).__name__}")
+
+
+class InferenceRunner:
+    """Runs `Predictor.predict` for both the REST API and the Gradio page, at most `workers`
+    images at a time (each ONNX Runtime run already uses its own intra-op threads, so more
+    concurrent runs would only oversubscribe the CPU)."""
+
+    def __init__(self, predictor, workers: int = 2):
+        self.predictor = predictor
+        self._slots = threading.BoundedSemaphore(max(1, int(workers)))
+
+    def predict(self, source, **kwargs) -> dict[str, Any]:
+        with self._slots:
+            return self.predictor.predict(source, **kwargs)
+
+
+def public_result(result: dict[str, Any], *, model_version: str, tta: bool, threshold: float) -> dict[str, Any]:
+    """The REST payload: result fields + model version + disclaimer (no arrays, no images)."""
+    keys = ("probability_malignant", "predicted_label", "risk_level", "recommendation", "status", "reason")
+    out = {k: result.get(k) for k in keys}
+    out.update(model_version=model_version, screening_threshold=threshold, tta=tta, disclaimer=DISCLAIMER)
+    return out
+
+
+def _bool_param(text: str | None) -> bool | None:
+    if text is None or text == "":
+        return False
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    return None
+
+
+def _render_markdown(text: str) -> str | None:
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:  # pragma: no cover - markdown-it-py comes with gradio (via rich)
+        return None
+    # js-default: tables on, raw HTML in the markdown off (escaped), no network look-ups.
+    return MarkdownIt("js-default").render(text)
+
+
+def _model_card_html(body: str, version: str) -> str:
+    import html
+
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Model card - melanoma-detector {html.escape(version)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; padding: 0 1rem; line-height: 1.5; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: .25rem .5rem; }}
+.disclaimer {{ background: #fff4d6; border: 1px solid #f0a500; padding: .75rem 1rem; border-radius: 6px; }}
+code, pre {{ background: #f4f4f4; }}
+</style></head>
+<body><p class="disclaimer"><strong>{html.escape(DISCLAIMER)}</strong></p>
+{body}
+<p class="disclaimer">{html.escape(DISCLAIMER)}</p></body></html>"""
+
+
+def build_app(
+    predictor_or_bundle: Any = None,
+    *,
+    max_upload_mb: float = 20,
+    auth: tuple[str, str] | None | bool = None,
+    examples_dir: str | Path | None = None,
+    concurrency: int = 4,
+    inference_workers: int = 2,
+):
+    """Build the FastAPI app with the Gradio page mounted at "/".
+
+    predictor_or_bundle: a `Predictor`, a `Bundle`, a bundle folder, or None for the default
+        bundle ($MELANOMA_MODEL, else models/default).
+    max_upload_mb: largest accepted upload (REST: 413 above it; the page refuses it too).
+    auth: (user, password); None reads $MELANOMA_AUTH ("user:password"); False disables login.
+        When set, the page asks for a login and /api/v1/* needs HTTP basic auth.
+    examples_dir: sample images shown under the upload (default: the repository's examples/).
+    concurrency: Gradio queue workers (`default_concurrency_limit`).
+    inference_workers: model runs at once, shared by the page and the REST API.
+    """
+    import anyio
+    import gradio as gr
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
+    from starlette.requests import ClientDisconnect
+
+    from melanoma_detector.app.ui import build_blocks
+    from melanoma_detector.data.io import load_image
+    from melanoma_detector.errors import ImageDecodeError
+
+    if max_upload_mb <= 0:
+        raise UserError(f"max_upload_mb must be > 0, got {max_upload_mb}")
+    credentials = auth_from_env() if auth is None else (None if auth is False else auth)
+    if credentials is not None and (
+        not isinstance(credentials, tuple) or len(credentials) != 2 or not all(credentials)
+    ):
+        raise UserError("auth must be a (user, password) pair of non-empty strings")
+    predictor = resolve_predictor(predictor_or_bundle)
+    runner = InferenceRunner(predictor, workers=inference_workers)
+    version = predictor.bundle.version
+    threshold = float(predictor.thresholds["screening"])
+    max_bytes = int(max_upload_mb * 1024 * 1024)
+    examples = Path(examples_dir) if examples_dir is not None else _REPO_EXAMPLES
+
+    app = FastAPI(
+        title="melanoma-detector",
+        version=__version__,
+        description="Benign vs. malignant (melanoma) classification of dermoscopic images. " + DISCLAIMER,
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+    )
+    app.state.predictor = predictor
+    app.state.runner = runner
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": message, "disclaimer": DISCLAIMER}, status_code=status, headers=headers)
+
+    def unauthorized(request: Request) -> JSONResponse | None:
+        if credentials is None or check_basic_auth(request.headers.get("authorization"), credentials):
+            return None
+        return error(401, "login required (HTTP basic auth)", {"WWW-Authenticate": 'Basic realm="melanoma-detector"'})
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):  # never a stack trace to the client
+        log.exception("unhandled error on %s", request.url.path)
+        return error(500, "internal error; see the server log")
+
+    @app.get(f"{API_PREFIX}/health")
+    async def health(request: Request):
+        denied = unauthorized(request)
+        if denied:
+            return denied
+        return {"status": "ok", "model_version": version, "app_version": __version__, "disclaimer": DISCLAIMER}
+
+    @app.post(f"{API_PREFIX}/predict")
+    async def predict(request: Request):
+        """Multipart upload, field `file`: one JPEG/PNG/BMP/TIFF/WebP dermoscopic image.
+        Query `tta=true` averages over the 8 flips/rotations."""
+        denied = unauthorized(request)
+        if denied:
+            return denied
+        tta = _bool_param(request.query_params.get("tta"))
+        if tta is None:
+            return error(400, "query parameter tta must be true or false")
+        content_type = request.headers.get("content-type", "")
+        if not content_type.lower().startswith("multipart/form-data"):
+            return error(400, "send the image as multipart/form-data in the field 'file'")
+        limit_text = f"{max_upload_mb:g} MB"
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > max_bytes + _ENVELOPE_BYTES:
+            return error(413, f"upload too large (over {limit_text}); send a smaller image")
+        body = bytearray()
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes + _ENVELOPE_BYTES:
+                    return error(413, f"upload too large (over {limit_text}); send a smaller image")
+        except ClientDisconnect:
+            return error(400, "client disconnected during upload")
+
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return {"type": "http.disconnect"}
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        form_request = Request(request.scope, replay)
+        try:
+            form = await form_request.form(max_files=4, max_fields=16)
+        except Exception as exc:  # MultiPartException / HTTPException(400) from a malformed body
+            detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or type(exc).__name__
+            return error(400, f"malformed multipart body ({detail})")
+        try:
+            uploads = form.getlist("file")
+            if not uploads:
+                return error(400, "missing multipart field 'file' (one image file)")
+            if len(uploads) > 1:
+                return error(400, "send one image per request in the field 'file'")
+            upload = uploads[0]
+            if isinstance(upload, str) or not hasattr(upload, "read"):
+                return error(400, "field 'file' must be a file upload, not a text value")
+            data = await upload.read(max_bytes + 1)
+            filename = upload.filename or "<upload>"
+        finally:
+            await form.close()
+        if len(data) == 0:
+            return error(400, "empty file; send a JPEG, PNG, BMP, TIFF or WebP image")
+        if len(data) > max_bytes:
+            return error(413, f"upload too large (over {limit_text}); send a smaller image")
+        try:
+            image = await anyio.to_thread.run_sync(load_image, data)
+        except ImageDecodeError as exc:
+            message = str(exc).replace("<bytes>", filename, 1)
+            return error(422, message)
+        result = await anyio.to_thread.run_sync(lambda: runner.predict(image, tta=tta, name=filename))
+        return JSONResponse(public_result(result, model_version=version, tta=tta, threshold=threshold),
+                            headers={"Cache-Control": "no-store"})
+
+    @app.get(MODEL_CARD_PATH)
+    async def model_card(request: Request, format: str = "html"):
+        path = predictor.bundle.root / "MODEL_CARD.md"
+        if not path.is_file():
+            return error(404, f"this bundle ({version}) has no MODEL_CARD.md")
+        text = path.read_text(encoding="utf-8")
+        accept = request.headers.get("accept", "")
+        if format == "md" or ("text/markdown" in accept and "text/html" not in accept):
+            return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
+        rendered = _render_markdown(text)
+        if rendered is None:
+            return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
+        return HTMLResponse(_model_card_html(rendered, version))
+
+    demo = build_blocks(
+        runner,
+        examples_dir=examples if examples.is_dir() else None,
+        model_card_url="." + MODEL_CARD_PATH,  # relative: works behind a proxy prefix too
+        concurrency=concurrency,
+    )
+    gr.mount_gradio_app(
+        app,
+        demo,
+        path="/",
+        auth=credentials,
+        auth_message="Research software: log in to use the melanoma detector. " + DISCLAIMER,
+        allowed_paths=[str(examples)] if examples.is_dir() else None,
+        max_file_size=max_bytes,
+        ssr_mode=False,
+        show_error=True,
+    )
+    return app

@@ -1,0 +1,167 @@
+"""The Gradio page (Blocks): upload or pick a sample image, get calibrated probabilities, a colour-coded
+risk level, the recommendation and a Grad-CAM overlay whose opacity can be changed without
+re-running the model. The disclaimer and a link to the model card are always on the page.
+
+Gradio API: `api_name="predict"`, inputs (image, tta) -> (probabilities, risk HTML, recommendation
+markdown, heatmap overlay image). Everything is built inside `build_blocks()`.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+from melanoma_detector import DISCLAIMER
+
+DEFAULT_OPACITY = 0.45
+DISPLAY_MAX_SIDE = 768  # the overlay is re-rendered on this copy when the slider moves
+
+RISK_STYLES = {  # text colour, background, border
+    "Low": ("#1b5e20", "#e8f5e9", "#2e7d32"),
+    "Moderate": ("#7a4f00", "#fff4d6", "#f0a500"),
+    "High": ("#8b0000", "#fde7e9", "#d32f2f"),
+}
+_NEUTRAL = ("#37474f", "#eceff1", "#90a4ae")
+
+WHAT_TO_DO = (
+    "Upload the original, in-focus dermoscopic photo of a single lesion (JPEG, PNG, BMP, TIFF or WebP, "
+    "at least {min_side} px on each side), not a thumbnail, screenshot or ordinary photo. "
+    "Whatever this tool says, have any lesion that worries you examined by a clinician."
+)
+
+
+def risk_html(result: dict[str, Any], *, threshold: float, version: str, tta: bool) -> str:
+    """The coloured risk panel (green Low / amber Moderate / red High), or the Cannot-assess panel."""
+    if result.get("status") != "ok":
+        fg, bg, border = _NEUTRAL
+        reason = html.escape(result.get("reason") or "unknown reason")
+        return (
+            f'<div class="risk-panel" data-status="cannot_assess" style="color:{fg};background:{bg};'
+            f'border:2px solid {border};border-radius:8px;padding:12px 16px">'
+            f'<div style="font-size:1.4em;font-weight:700">Cannot assess this image</div>'
+            f"<div><strong>Reason:</strong> {reason}</div></div>"
+        )
+    level = result.get("risk_level") or "Low"
+    fg, bg, border = RISK_STYLES.get(level, _NEUTRAL)
+    p = float(result["probability_malignant"])
+    label = html.escape(str(result.get("predicted_label")))
+    return (
+        f'<div class="risk-panel" data-status="ok" data-level="{html.escape(level)}" style="color:{fg};'
+        f'background:{bg};border:2px solid {border};border-radius:8px;padding:12px 16px">'
+        f'<div style="font-size:1.6em;font-weight:700">Risk level: {html.escape(level)}</div>'
+        f"<div>Calibrated probability of melanoma: <strong>{p:.1%}</strong>; flagged <strong>{label}</strong> "
+        f"at the screening threshold {threshold:.1%}.</div>"
+        f'<div style="font-size:.85em;opacity:.8">Model {html.escape(version)}{" - test-time augmentation" if tta else ""}</div>'
+        "</div>"
+    )
+
+
+def recommendation_md(result: dict[str, Any], *, min_side: int) -> str:
+    if result.get("status") != "ok":
+        return f"**What to do:** {WHAT_TO_DO.format(min_side=min_side)}\n\n_{DISCLAIMER}_"
+    return f"**Recommendation:** {result.get('recommendation') or ''}\n\n_{DISCLAIMER}_"
+
+
+def probabilities(result: dict[str, Any]) -> dict[str, float] | None:
+    if result.get("status") != "ok":
+        return None
+    p = float(result["probability_malignant"])
+    return {"malignant": p, "benign": 1.0 - p}
+
+
+def _display_copy(img):
+    from PIL import Image
+
+    img = img.convert("RGB")
+    if max(img.size) > DISPLAY_MAX_SIDE:
+        img = img.copy()
+        img.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE), Image.Resampling.LANCZOS)
+    return img
+
+
+def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: str = "./model-card",
+                 concurrency: int = 4, max_queue: int = 64):
+    """The Gradio Blocks for `runner` (an InferenceRunner: `.predictor`, `.predict(...)`)."""
+    import gradio as gr
+
+    from melanoma_detector.inference.predictor import overlay_heatmap
+
+    predictor = runner.predictor
+    version = predictor.bundle.version
+    threshold = float(predictor.thresholds["screening"])
+    min_side = int(getattr(predictor, "min_side", 64))
+    empty = (None, "", "", None, None)
+
+    def analyse(image_path: str | None, tta: bool):
+        if not image_path:
+            raise gr.Error("Upload a dermoscopic image first (JPEG, PNG, BMP, TIFF or WebP).")
+        result = runner.predict(image_path, tta=bool(tta), heatmap=True, name=Path(image_path).name)
+        panel = risk_html(result, threshold=threshold, version=version, tta=bool(tta))
+        text = recommendation_md(result, min_side=min_side)
+        if result.get("status") != "ok" or "heatmap" not in result:
+            return probabilities(result), panel, text, None, None
+        display = _display_copy(result["image"])
+        cam = result["heatmap"]
+        overlay = overlay_heatmap(display, cam, opacity=DEFAULT_OPACITY)
+        return probabilities(result), panel, text, overlay, {"image": display, "cam": cam}
+
+    def analyse_if_image(image_path: str | None, tta: bool):
+        return analyse(image_path, tta) if image_path else empty
+
+    def rerender(state: dict | None, opacity: float):
+        if not state:
+            return gr.skip()
+        return overlay_heatmap(state["image"], state["cam"], opacity=float(opacity))
+
+    banner = (
+        '<div style="background:#fff4d6;border:1px solid #f0a500;border-radius:6px;padding:8px 12px">'
+        f"<strong>{html.escape(DISCLAIMER)}</strong> "
+        f'<a href="{html.escape(model_card_url)}" target="_blank" rel="noopener">Model card</a> '
+        f"(model {html.escape(version)}): what it was trained on, how well it does, and its limits.</div>"
+    )
+    with gr.Blocks(title="Melanoma detector (research software)", analytics_enabled=False) as demo:
+        gr.Markdown("# Melanoma detector\nBenign vs. malignant (melanoma) from a dermoscopic image.")
+        gr.HTML(banner, elem_id="disclaimer")
+        with gr.Row():
+            with gr.Column(scale=1):
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                                 label="Dermoscopic image", elem_id="upload", height=360)
+                tta = gr.Checkbox(value=False, label="Test-time augmentation (average of 8 flips/rotations; slower)",
+                                  elem_id="tta")
+                button = gr.Button("Assess", variant="primary", elem_id="assess")
+                if examples_dir is not None:
+                    files = sorted(str(p) for p in Path(examples_dir).glob("*.jpg"))
+                    if files:
+                        gr.Examples(examples=[[f] for f in files], inputs=[image], examples_per_page=12,
+                                    label="Sample images (HAM10000 test split, CC BY-NC-SA 4.0): click one",
+                                    cache_examples=False)
+            with gr.Column(scale=1):
+                risk = gr.HTML(elem_id="risk-level")
+                probs = gr.Label(num_top_classes=2, label="Calibrated probability", show_heading=False,
+                                 elem_id="probabilities")
+                recommendation = gr.Markdown(elem_id="recommendation")
+                overlay = gr.Image(type="pil", interactive=False, label="Grad-CAM: where the model looked",
+                                   elem_id="heatmap", height=360, format="png")
+                opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Heatmap opacity",
+                                    elem_id="opacity")
+        state = gr.State(None)
+        gr.HTML(
+            f'<p style="font-size:.9em">{html.escape(DISCLAIMER)} '
+            f'<a href="{html.escape(model_card_url)}" target="_blank" rel="noopener">Model card</a>.</p>',
+            elem_id="footer-disclaimer",
+        )
+
+        outputs = [probs, risk, recommendation, overlay, state]
+        button.click(analyse, inputs=[image, tta], outputs=outputs, api_name="predict").then(
+            rerender, inputs=[state, opacity], outputs=overlay, api_visibility="private", show_progress="hidden"
+        )
+        for event in (image.change, tta.change):
+            event(analyse_if_image, inputs=[image, tta], outputs=outputs, api_visibility="private",
+                  trigger_mode="always_last").then(
+                rerender, inputs=[state, opacity], outputs=overlay, api_visibility="private", show_progress="hidden"
+            )
+        opacity.change(rerender, inputs=[state, opacity], outputs=overlay, api_visibility="private",
+                       show_progress="hidden", trigger_mode="always_last")
+    demo.queue(default_concurrency_limit=max(1, int(concurrency)), max_size=max_queue)
+    return demo
