@@ -15,24 +15,28 @@ from melanoma_detector import DISCLAIMER, __version__
 from melanoma_detector.errors import UserError
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """One-line errors: the message and where to read more, not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+def _int_at_least(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_int = _int_at_least(1, "a positive integer")
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _add_train(sub) -> None:
@@ -289,7 +293,8 @@ def _add_serve(sub) -> None:
                    help="address to bind (default 127.0.0.1; anything else exposes the app to the network)")
     p.add_argument("--port", type=_non_negative_int, default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--model", help="bundle folder (default: $MELANOMA_MODEL, else the shipped models/default)")
-    p.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link (off by default)")
+    p.add_argument("--share", action="store_true",
+                   help="also publish a temporary public gradio.live link (off by default)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default 20)")
     p.set_defaults(func=cmd_serve)
 
@@ -352,13 +357,13 @@ def cmd_serve(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="melanoma",
         description="Benign vs. malignant (melanoma) classification of dermoscopic images. " + DISCLAIMER,
     )
     parser.add_argument("--version", action="version", version=f"melanoma-detector {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     _add_train(sub)
     _add_evaluate(sub)
     _add_predict(sub)

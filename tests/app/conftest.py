@@ -17,7 +17,8 @@ import pytest
 # pytest imports every folder's conftest.py as the top-level module `conftest`, and the one imported
 # last replaces the others in sys.modules; test files elsewhere do `from conftest import ...` (the
 # root helpers), so this module re-exports them (fixtures excluded: those stay registered once).
-_spec = importlib.util.spec_from_file_location("_melanoma_tests_root_conftest", Path(__file__).parents[1] / "conftest.py")
+_ROOT_CONFTEST = Path(__file__).parents[1] / "conftest.py"
+_spec = importlib.util.spec_from_file_location("_melanoma_tests_root_conftest", _ROOT_CONFTEST)
 _root = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_root)
 for _name, _value in vars(_root).items():

@@ -51,7 +51,8 @@ def resolve_predictor(predictor_or_bundle: Any = None):
         return predictor_or_bundle
     if isinstance(predictor_or_bundle, (str, Path, Bundle)):
         return Predictor(predictor_or_bundle)
-    raise TypeError(f"build_app: expected a Predictor, Bundle or bundle folder, got {type(predictor_or_bundle).__name__}")
+    kind = type(predictor_or_bundle).__name__
+    raise TypeError(f"build_app: expected a Predictor, Bundle or bundle folder, got {kind}")
 
 
 class InferenceRunner:

@@ -52,7 +52,8 @@ def risk_html(result: dict[str, Any], *, threshold: float, version: str, tta: bo
         f'<div style="font-size:1.6em;font-weight:700">Risk level: {html.escape(level)}</div>'
         f"<div>Calibrated probability of melanoma: <strong>{p:.1%}</strong>; flagged <strong>{label}</strong> "
         f"at the screening threshold {threshold:.1%}.</div>"
-        f'<div style="font-size:.85em;opacity:.8">Model {html.escape(version)}{" - test-time augmentation" if tta else ""}</div>'
+        f'<div style="font-size:.85em;opacity:.8">Model {html.escape(version)}'
+        f'{" - test-time augmentation" if tta else ""}</div>'
         "</div>"
     )
 
@@ -120,7 +121,10 @@ def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: st
         f'<a href="{html.escape(model_card_url)}" target="_blank" rel="noopener">Model card</a> '
         f"(model {html.escape(version)}): what it was trained on, how well it does, and its limits.</div>"
     )
-    with gr.Blocks(title="Melanoma detector (research software)", analytics_enabled=False) as demo:
+    # delete_cache: uploaded images and rendered overlays are removed from Gradio's temp folder 30 min
+    # after creation (checked every 15 min) and when the server stops; sample images are kept.
+    with gr.Blocks(title="Melanoma detector (research software)", analytics_enabled=False,
+                   delete_cache=(900, 1800)) as demo:
         gr.Markdown("# Melanoma detector\nBenign vs. malignant (melanoma) from a dermoscopic image.")
         gr.HTML(banner, elem_id="disclaimer")
         with gr.Row():
