@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= train,lite-weights,serve,export,dev,app
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: demo test test-slow install clean
+.PHONY: demo demo-train test test-slow install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test-slow: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py
+
+demo-train: $(STAMP)
+	$(PY) scripts/demo.py --train
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

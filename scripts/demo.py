@@ -1,4 +1,5 @@
-"""`make demo`: a short, real train -> evaluate -> predict run.
+"""`make demo`: the shipped model on the sample images, then the web app on http://127.0.0.1:7860.
+`make demo-train` (or `python scripts/demo.py --train`): a short, real train -> evaluate -> predict run.
 
 Uses a small sample of the real dermoscopic images in ../shared/data when present (symlinked into
 demo-run/data in the seed's train/test layout), otherwise a generated folder. The backbone is
@@ -54,9 +55,8 @@ def score_examples() -> None:
         print("no shipped model bundle yet (models/default): skipping the sample predictions")
 
 
-def main() -> int:
-    score_examples()
-    print("\n== a short real training run: train -> evaluate -> predict ==", flush=True)
+def train_demo() -> None:
+    print("== a short real training run: train -> evaluate -> predict ==", flush=True)
     if RUN.exists():
         shutil.rmtree(RUN)
     data = RUN / "data"
@@ -68,10 +68,25 @@ def main() -> int:
         "--image-size", "192", "--epochs-frozen", "15", "--epochs-finetune", "2", "--cache-views", "1",
         "--cache-dir", str(RUN / "cache"), "--batch-size", "32",
     )
-    melanoma("evaluate", "--model", str(RUN / "run"), "--data", str(data), "--out", str(RUN / "evaluation"))
+    melanoma("evaluate", "--model", str(RUN / "run"), "--data", str(data), "--out", str(RUN / "evaluation"),
+             "--resamples", "200")
     samples = sorted((data / "test" / "malignant").iterdir())[:2] + sorted((data / "test" / "benign").iterdir())[:2]
     melanoma("predict", "--model", str(RUN / "run"), *map(str, samples))
-    print(f"\ndemo finished: run folder {RUN / 'run'}, evaluation {RUN / 'evaluation'}")
+    print(f"\ndemo finished: run folder {RUN / 'run'}, evaluation report {RUN / 'evaluation' / 'report.html'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    has_bundle = (ROOT / "models" / "default" / "metadata.json").is_file()
+    if "--train" in args or not has_bundle:
+        train_demo()
+        return 0
+    score_examples()
+    print("\n== the web app: open http://127.0.0.1:7860 (Ctrl-C stops it) ==", flush=True)
+    try:
+        melanoma("serve", "--host", "127.0.0.1", "--port", "7860")
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

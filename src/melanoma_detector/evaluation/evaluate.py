@@ -44,12 +44,17 @@ GALLERY_SIZE = 8
 CANNOT_ASSESS_LISTED = 1000  # per set in metrics.json; cannot_assess.csv always has all
 
 
-def evaluation_samples(path: str | Path) -> list[Sample]:
+def evaluation_samples(path: str | Path, *, split_file: str | Path | None = None) -> list[Sample]:
     """A folder of class subfolders, a root whose test/ holds them, or a manifest.
 
-    With split folders or a split column, the test split is used (val when there is no test).
+    With split folders, a split column or a `split_file` (a training run's split.csv, matched by
+    key), the test split is used (val when there is no test).
     """
     src = discover(path)
+    if split_file is not None:
+        from melanoma_detector.data.splits import apply_split_file
+
+        apply_split_file(src.samples, split_file)
     splits = {s.split for s in src.samples}
     if splits == {None}:
         chosen = src.samples
@@ -88,7 +93,7 @@ def _set_name(path: Path) -> str:
     return path.resolve().name or "data"
 
 
-def load_eval_sets(paths: str | Path | Sequence[str | Path]) -> list[EvalSet]:
+def load_eval_sets(paths: str | Path | Sequence[str | Path], *, split_file: str | Path | None = None) -> list[EvalSet]:
     """Read every data path first (a bad path fails before any model is loaded or run)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -97,7 +102,7 @@ def load_eval_sets(paths: str | Path | Sequence[str | Path]) -> list[EvalSet]:
     sets: list[EvalSet] = []
     used: set[str] = set()
     for raw in paths:
-        samples = evaluation_samples(raw)
+        samples = evaluation_samples(raw, split_file=split_file)
         name = _set_name(Path(raw).expanduser())
         base, k = name, 2
         while _slug(name) in used:

@@ -1,0 +1,12 @@
+from melanoma_detector.data.discovery import discover_all
+from melanoma_detector.data.splits import assign_splits, save_split
+from melanoma_detector.evaluation.evaluate import evaluation_samples
+
+
+def test_split_file_selects_the_test_split(grouped_manifest, tmp_path):
+    samples = assign_splits(discover_all([str(grouped_manifest)]), val_fraction=0.2, test_fraction=0.2, seed=1)
+    save_split(samples, tmp_path / "split.csv")
+    chosen = evaluation_samples(grouped_manifest, split_file=tmp_path / "split.csv")
+    expected = sorted(s.key for s in samples if s.split == "test")
+    assert sorted(s.key for s in chosen) == expected
+    assert len(evaluation_samples(grouped_manifest)) == len(samples)  # no split file: every image
