@@ -60,6 +60,8 @@ def _add_train(sub) -> None:
     p.add_argument("--unfreeze-fraction", type=float)
     p.add_argument("--phase2-mode", choices=["auto", "plain", "cached"])
     p.add_argument("--cache-views", type=_positive_int)
+    p.add_argument("--cache-dihedral", action="store_true", default=None,
+                   help="cached phase 2: also flip/rotate the cached feature maps at random")
     p.add_argument("--cache-dir")
     p.add_argument("--split-file", help="a saved split.csv to reuse instead of splitting")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
@@ -96,6 +98,7 @@ def cmd_train(args) -> int:
         "train.unfreeze_fraction": args.unfreeze_fraction,
         "train.phase2_mode": args.phase2_mode,
         "train.cache_views": args.cache_views,
+        "train.cache_dihedral": args.cache_dihedral,
         "train.cache_dir": args.cache_dir,
         "train.device": args.device,
         "train.threads": args.threads,

@@ -59,6 +59,7 @@ class TrainConfig:
     flip_average: bool = False  # average cached features over a horizontal flip
     phase2_mode: str = "auto"  # auto | plain | cached ("auto": cached on CPU, plain on GPU)
     cache_views: int = 4  # augmented views per image for the cached phase 2
+    cache_dihedral: bool = False  # random flips/90-degree rotations of cached feature maps
     cache_dir: str | None = None  # default: <out>/../.cache or ~/.cache/melanoma-detector
     device: str = "auto"
     threads: int | None = None

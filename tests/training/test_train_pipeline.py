@@ -34,6 +34,7 @@ def test_train_writes_a_complete_run_folder(seed_layout, tmp_path, phase2_mode):
         "--no-pretrained", "--image-size", "64", "--epochs-frozen", "1", "--epochs-finetune", "1",
         "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--no-progress",
         "--phase2-mode", phase2_mode, "--cache-views", "2",
+        *(["--cache-dihedral"] if phase2_mode == "cached" else []),
     ])
     assert rc == 0
     for name in ("config.yaml", "split.csv", "metrics.csv", "curves.png", "checkpoint.pt", "metrics.json"):

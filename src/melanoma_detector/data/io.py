@@ -22,7 +22,8 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB (16-bit rescaled, alpha composited on black)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16/32-bit greyscale: convert("RGB") would clip to 255, so rescale to 8 bits first.
         arr = np.asarray(img, dtype=np.float64)
@@ -62,7 +63,7 @@ def load_image(source: ImageSource) -> Image.Image:
             with Image.open(fp) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img) or img
-                return _to_rgb(img)
+                return to_rgb(img)
     except ImageDecodeError:
         raise
     except PermissionError:

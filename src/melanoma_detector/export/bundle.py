@@ -51,8 +51,7 @@ DATA_CREDITS = [
         "licence": "ISIC Archive terms; cite the challenge",
     },
 ]
-OOD_COMPONENTS = 32
-OOD_QUANTILE = 0.995
+OOD_QUANTILE = 0.99
 
 
 def _read_split(path: Path) -> list[dict[str, str]]:
@@ -60,7 +59,7 @@ def _read_split(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _run_graph(predictor, paths: list[str], batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def _run_graph(predictor, paths: list[str], batch_size: int = 32, feature: str = "gate_features") -> tuple[np.ndarray, np.ndarray]:
     from tqdm import tqdm
 
     from melanoma_detector.data.io import load_image
@@ -71,38 +70,43 @@ def _run_graph(predictor, paths: list[str], batch_size: int = 32) -> tuple[np.nd
         batch = np.stack([preprocess_image(load_image(p), predictor.pp) for p in paths[start : start + batch_size]])
         out = predictor.run(batch)
         logits.append(out["logit"])
-        feats.append(out["features"])
+        feats.append(out[feature])
     return np.concatenate(logits).astype(np.float64), np.concatenate(feats).astype(np.float64)
 
 
-def fit_ood(features: np.ndarray, *, k: int = OOD_COMPONENTS, quantile: float = OOD_QUANTILE) -> dict[str, Any]:
-    """Gaussian model of in-distribution pooled features: top-k principal subspace (Mahalanobis)
-    plus residual energy. Half the features fit it; the threshold is a high quantile of the
-    other half's distances, so it is not set on the points it was fitted to."""
+def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ledoit-Wolf shrunk covariance (Ledoit & Wolf 2004): (1 - a) S + a mu I."""
+    n, p = x.shape
+    xc = x - x.mean(axis=0)
+    s = xc.T @ xc / n
+    mu = np.trace(s) / p
+    delta = ((s - mu * np.eye(p)) ** 2).sum() / p
+    beta = sum((((row[:, None] * row[None, :]) - s) ** 2).sum() for row in xc) / (p * n * n)
+    shrink = float(min(beta, delta) / delta) if delta > 0 else 1.0
+    return (1 - shrink) * s + shrink * mu * np.eye(p), shrink
+
+
+def fit_ood(features: np.ndarray, *, quantile: float = OOD_QUANTILE) -> dict[str, Any]:
+    """Gaussian model of in-distribution gate features (Ledoit-Wolf covariance). Half the
+    validation images fit it; the threshold is a high quantile of the other half's Mahalanobis
+    distances, so it is not set on the points it was fitted to."""
     rng = np.random.default_rng(0)
     idx = rng.permutation(len(features))
     fit, held = features[idx[: len(idx) // 2]], features[idx[len(idx) // 2 :]]
+    cov, shrink = ledoit_wolf(fit)
     mean = fit.mean(axis=0)
-    z = fit - mean
-    _, s, vt = np.linalg.svd(z, full_matrices=False)
-    k = min(k, len(s) - 1)
-    eig = (s[:k] ** 2) / max(len(fit) - 1, 1)
-    comps = vt[:k]
-    resid = (z**2).sum(axis=1) - ((z @ comps.T) ** 2).sum(axis=1)
-    resid_var = float(max(resid.mean(), 1e-12))
-    stats = {"mean": mean, "components": comps, "eigenvalues": eig, "residual_variance": resid_var}
-    zh = held - mean
-    proj = zh @ comps.T
-    d = np.sqrt((proj**2 / eig).sum(axis=1) + np.maximum((zh**2).sum(axis=1) - (proj**2).sum(axis=1), 0) / resid_var)
-    threshold = float(np.quantile(d, quantile))
+    precision = np.linalg.inv(cov)
+    z = held - mean
+    d = np.sqrt(np.einsum("ij,jk,ik->i", z, precision, z))
     return {
-        "method": f"Mahalanobis distance in the top-{k} principal subspace of validation features + residual",
-        "mean": [round(float(v), 6) for v in mean],
-        "components": [[round(float(v), 6) for v in row] for row in comps],
-        "eigenvalues": [float(v) for v in eig],
-        "residual_variance": resid_var,
-        "threshold": threshold,
-        "threshold_rule": f"{quantile:.3f} quantile of held-out validation distances",
+        "method": "Mahalanobis distance of the per-channel mean/std of the frozen backbone part's output "
+                  f"(graph output gate_features, {features.shape[1]} values; Ledoit-Wolf covariance, shrinkage {shrink:.3f})",
+        "feature": "gate_features",
+        "mean": [float(v) for v in mean],
+        "precision": [[float(v) for v in row] for row in precision],
+        "threshold": float(np.quantile(d, quantile)),
+        "threshold_rule": f"{quantile:.3f} quantile of distances of held-out validation images (half of val)",
+        "n_fit": int(len(fit)),
     }
 
 
@@ -158,7 +162,8 @@ def export_bundle(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pp = ckpt["preprocessing"]
-    sha = export_onnx(model, out / "model.onnx", input_size=int(pp["input_size"]))
+    sha = export_onnx(model, out / "model.onnx", input_size=int(pp["input_size"]),
+                      gate_fraction=float(ckpt["config"]["train"].get("unfreeze_fraction", 0.3)))
     thresholds = dict(ckpt.get("thresholds") or {"screening": 0.5, "high_specificity": 0.5})
     meta: dict[str, Any] = {
         "format_version": BUNDLE_FORMAT_VERSION,
@@ -214,8 +219,7 @@ def export_bundle(
                 groups = [r.get("group") or r["key"] for r in test]
                 meta["metrics"]["test"] = metrics_with_ci(y_test, p_test, groups, thresholds, n_resamples=n_resamples)
                 ood = meta["input_gate"]["ood"]
-                predictor.ood = {k: np.asarray(v, np.float64) if isinstance(v, list) else v for k, v in ood.items()
-                                 if k in ("mean", "components", "eigenvalues", "residual_variance", "threshold")}
+                predictor.set_ood(ood)
                 meta["metrics"]["test"]["ood_refused_fraction"] = float(
                     (predictor.ood_distance(t_feats) > ood["threshold"]).mean()
                 )

@@ -5,6 +5,10 @@ Outputs of the graph (batch dimension dynamic):
   features  (B, C)      pooled backbone features, for the out-of-distribution gate
   fmap      (B, C, H, W) the last convolutional feature map, for Grad-CAM
   cam_weights (B, C)    d logit / d fmap averaged over space: Grad-CAM's channel weights
+  gate_features (B, 2K) per-channel mean and std of the frozen (ImageNet) part's output, for the
+                        out-of-distribution gate: generic image statistics that fine-tuning
+                        leaves untouched separate non-dermoscopy images far better than the
+                        task-tuned pooled features do (docs/benchmarks.md, input gate)
 
 The head is a small MLP on the pooled feature map, so the gradient of the logit with respect to
 the feature map has a closed form (ReLU masks times weight matrices); computing it inside the
@@ -19,18 +23,26 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from melanoma_detector.models.factory import MelanomaNet
+from melanoma_detector.models.factory import MelanomaNet, split_backbone
 
-OUTPUT_NAMES = ["logit", "features", "fmap", "cam_weights"]
+OUTPUT_NAMES = ["logit", "features", "fmap", "cam_weights", "gate_features"]
 
 
 class ExportWrapper(nn.Module):
-    def __init__(self, model: MelanomaNet):
+    def __init__(self, model: MelanomaNet, *, gate_fraction: float = 0.3):
         super().__init__()
         self.model = model.eval()
+        parts = split_backbone(model.backbone, gate_fraction)
+        self.bottom, self.top = parts if parts is not None else (None, None)
 
     def forward(self, x: torch.Tensor):
-        fmap = self.model.forward_features(x)
+        if self.bottom is not None:
+            mid = self.bottom(x)
+            gate = torch.cat([mid.mean(dim=(2, 3)), mid.std(dim=(2, 3))], dim=1)
+            fmap = self.top(mid)
+        else:
+            fmap = self.model.forward_features(x)
+            gate = torch.cat([fmap.mean(dim=(2, 3)), fmap.std(dim=(2, 3))], dim=1)
         pooled = fmap.mean(dim=(2, 3))
         head = self.model.head
         # Head in eval mode: BatchNorm is affine, dropout is identity.
@@ -47,13 +59,14 @@ class ExportWrapper(nn.Module):
         g_pooled = (g1 @ head.fc1.weight) * scale  # (B, C)
         hw = fmap.shape[2] * fmap.shape[3]
         cam_weights = g_pooled / hw  # mean over space of d logit / d fmap
-        return logit, pooled, fmap, cam_weights
+        return logit, pooled, fmap, cam_weights, gate
 
 
-def export_onnx(model: MelanomaNet, path: str | Path, *, input_size: int, opset: int = 17) -> str:
+def export_onnx(model: MelanomaNet, path: str | Path, *, input_size: int, opset: int = 17,
+                gate_fraction: float = 0.3) -> str:
     """Write the fp32 graph to `path`; returns its sha256."""
     path = Path(path)
-    wrapper = ExportWrapper(model.cpu().float().eval())
+    wrapper = ExportWrapper(model.cpu().float().eval(), gate_fraction=gate_fraction)
     dummy = torch.randn(2, 3, input_size, input_size)
     with torch.no_grad():
         torch.onnx.export(

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 
 from melanoma_detector import DISCLAIMER
-from melanoma_detector.data.io import ImageSource, load_image
+from melanoma_detector.data.io import ImageSource, load_image, to_rgb
 from melanoma_detector.errors import ImageDecodeError
 from melanoma_detector.inference.bundle import Bundle, load_bundle
 from melanoma_detector.preprocess import preprocess_image
@@ -63,16 +63,17 @@ class Predictor:
         gate = meta.get("input_gate", {})
         self.min_side = int(gate.get("min_side", 64))
         self.min_std = float(gate.get("min_std", 4.0))
-        ood = gate.get("ood")
         self.ood = None
-        if ood:
-            self.ood = {
-                "mean": np.asarray(ood["mean"], np.float64),
-                "components": np.asarray(ood["components"], np.float64),
-                "eigenvalues": np.asarray(ood["eigenvalues"], np.float64),
-                "residual_variance": float(ood["residual_variance"]),
-                "threshold": float(ood["threshold"]),
-            }
+        if gate.get("ood"):
+            self.set_ood(gate["ood"])
+
+    def set_ood(self, ood: dict[str, Any]) -> None:
+        self.ood = {
+            "feature": ood.get("feature", "gate_features"),
+            "mean": np.asarray(ood["mean"], np.float64),
+            "precision": np.asarray(ood["precision"], np.float64),
+            "threshold": float(ood["threshold"]),
+        }
 
     # ---- pieces ---------------------------------------------------------------------------
     def check_image(self, img: Image.Image) -> None:
@@ -89,14 +90,9 @@ class Predictor:
             )
 
     def ood_distance(self, features: np.ndarray) -> np.ndarray:
-        """Mahalanobis distance in the top principal subspace of validation features, plus the
-        normalised residual outside it (feature vectors of non-dermoscopy images live there)."""
-        o = self.ood
-        z = features.astype(np.float64) - o["mean"]
-        proj = z @ o["components"].T
-        inside = (proj**2 / o["eigenvalues"]).sum(axis=1)
-        residual = (z**2).sum(axis=1) - (proj**2).sum(axis=1)
-        return np.sqrt(inside + np.maximum(residual, 0) / o["residual_variance"])
+        """Mahalanobis distance of gate features to the validation distribution in the bundle."""
+        z = features.astype(np.float64) - self.ood["mean"]
+        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, self.ood["precision"], z), 0))
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.session.run(None, {"image": batch.astype(np.float32, copy=False)})
@@ -126,7 +122,7 @@ class Predictor:
     # ---- public API ------------------------------------------------------------------------
     def prepare(self, source: ImageSource | Image.Image) -> tuple[Image.Image, np.ndarray]:
         """Decode, gate and preprocess; raises ImageDecodeError / CannotAssess."""
-        img = source if isinstance(source, Image.Image) else load_image(source)
+        img = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
         self.check_image(img)
         return img, preprocess_image(img, self.pp)
 
@@ -150,7 +146,7 @@ class Predictor:
         except (ImageDecodeError, CannotAssess) as exc:
             return self._result(path, None, str(exc))
         probs, out = self._score([arr], tta=tta)
-        reason = self._ood_reason(out["features"][:1])[0] if self.ood is not None else None
+        reason = self._ood_reason(out[self.ood["feature"]][:1])[0] if self.ood is not None else None
         if reason:
             return self._result(path, None, reason)
         extra = {}
@@ -187,7 +183,7 @@ class Predictor:
                 probs, reasons = {}, {}
                 if ok:
                     pr, out = self._score([loaded[i][0] for i in ok], tta=tta)
-                    rs = self._ood_reason(out["features"]) if self.ood is not None else [None] * len(ok)
+                    rs = self._ood_reason(out[self.ood["feature"]]) if self.ood is not None else [None] * len(ok)
                     for j, i in enumerate(ok):
                         probs[i], reasons[i] = float(pr[j]), rs[j]
                 for i, p in enumerate(chunk):

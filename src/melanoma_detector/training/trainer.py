@@ -116,16 +116,28 @@ class single_thread:
 
 
 class _CachedViews(Dataset):
-    """Items from the phase-2 cache: view `epoch % K` of each image."""
+    """Items from the phase-2 cache: view `epoch % K` of each image.
 
-    def __init__(self, cache: np.ndarray, labels: np.ndarray):
+    With `dihedral`, each item's feature map is also flipped / rotated by a random multiple of 90
+    degrees. Convolutions commute with these up to their kernels' own orientation, so this is a
+    cheap stand-in for fresh image-level flips/rotations between the K stored views.
+    """
+
+    def __init__(self, cache: np.ndarray, labels: np.ndarray, *, dihedral: bool = False, seed: int = 0):
         self.cache, self.labels, self.view = cache, labels, 0
+        self.dihedral = dihedral
+        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return self.cache.shape[1]
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(np.asarray(self.cache[self.view, i], dtype=np.float32)), torch.tensor(self.labels[i]), i
+        fmap = np.asarray(self.cache[self.view, i], dtype=np.float32)
+        if self.dihedral:
+            k, flip = self.rng.integers(4), self.rng.integers(2)
+            fmap = np.rot90(fmap, k, axes=(1, 2))
+            fmap = np.ascontiguousarray(fmap[:, :, ::-1] if flip else fmap)
+        return torch.from_numpy(fmap), torch.tensor(self.labels[i]), i
 
 
 class _TopAndHead(nn.Module):
@@ -316,7 +328,7 @@ def run_training(config: Config, out_dir: str | Path, *, progress: bool = True) 
                       workers=config.data.num_workers, progress=progress, fingerprint=fp)
             c_train = bottom_feature_cache(bottom, train_s, pp, views=tc.cache_views, train=True, **kw)
             c_val = bottom_feature_cache(bottom, val_s, pp, views=1, train=False, **kw)
-            ds = _CachedViews(c_train, y_train)
+            ds = _CachedViews(c_train, y_train, dihedral=tc.cache_dihedral, seed=tc.seed)
             g = torch.Generator().manual_seed(tc.seed + 1)
             tl = DataLoader(ds, batch_size=tc.batch_size, shuffle=True, generator=g)
             vl = DataLoader(_CachedViews(c_val, y_val), batch_size=64)
