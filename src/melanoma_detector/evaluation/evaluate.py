@@ -150,6 +150,7 @@ def model_info(predictor, source: str | Path | None = None, *, tta: bool = False
         "kind": type(predictor).__name__,
         "version": None, "backbone": None, "created": None,
         "temperature": float(getattr(predictor, "temperature", 1.0) or 1.0),
+        "logit_bias": float(getattr(predictor, "logit_bias", 0.0) or 0.0),
         "thresholds": thresholds, "thresholds_note": note, "tta": bool(tta),
     }
     bundle = getattr(predictor, "bundle", None)
@@ -205,13 +206,14 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray | None:
     return np.array([s.group_key for s in samples], dtype=object)
 
 
-def _uncalibrated(p: np.ndarray, temperature: float) -> np.ndarray:
-    """Probabilities at T = 1 recovered from temperature-scaled ones: sigmoid(logit(p) * T)."""
+def _uncalibrated(p: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
+    """Raw model probabilities recovered from calibrated ones p = sigmoid(logit / T + b):
+    sigmoid((logit(p) - b) * T)."""
     from scipy import special
 
     from melanoma_detector.evaluation.metrics import prob_to_logit
 
-    return special.expit(prob_to_logit(p) * float(temperature))
+    return special.expit((prob_to_logit(p) - float(bias)) * float(temperature))
 
 
 # ------------------------------------------------------------------------------ one set
@@ -234,7 +236,7 @@ def _evaluate_set(predictor, info, es: EvalSet, set_dir: Path, out: Path, *, sco
     confusion = {name: M.confusion_at_threshold(y, p, thr) for name, thr in thresholds.items()}
 
     temperature = info["temperature"]
-    p_raw = _uncalibrated(p, temperature)
+    p_raw = _uncalibrated(p, temperature, info.get("logit_bias", 0.0))
     calibration = {
         "temperature": temperature,
         "ece_before": M.expected_calibration_error(y, p_raw, 15),

@@ -25,6 +25,7 @@ from scipy import optimize, special, stats
 
 __all__ = [
     "BootstrapCI",
+    "apply_calibration",
     "apply_temperature",
     "average_precision",
     "binary_metrics",
@@ -34,6 +35,7 @@ __all__ = [
     "delong_test",
     "expected_calibration_error",
     "fit_temperature",
+    "fit_temperature_bias",
     "partial_auc_above_tpr",
     "pr_curve_points",
     "prevalence_adjusted_ppv_npv",
@@ -403,6 +405,42 @@ def fit_temperature(
     if lo <= 1.0 <= hi and _nll(z, yf, 1.0) < _nll(z, yf, t):
         return 1.0
     return t
+
+
+def fit_temperature_bias(logits: ArrayLike, y: ArrayLike) -> tuple[float, float]:
+    """(T, b) minimising the NLL of ``sigmoid(logits / T + b)``: temperature scaling with a bias.
+
+    The bias matters for models trained with class weights: weighting malignant cases by
+    w1/w0 shifts every logit by about log(w1/w0), a shift that a temperature alone cannot undo
+    (it leaves probabilities inflated and the calibration error high). Never a worse fit than
+    temperature alone.
+    """
+    yy = _labels(y)
+    z = _scores(logits, name="logits")
+    if yy.size < 2 or yy.min() == yy.max():
+        return 1.0, 0.0
+    yf = yy.astype(np.float64)
+
+    # In (a, c) = (1 / T, b) the NLL of sigmoid(a z + c) is convex: a 1-D logistic regression.
+    def nll(params):
+        zz = params[0] * z + params[1]
+        return float(np.mean(np.logaddexp(0.0, zz) - yf * zz))
+
+    def grad(params):
+        r = special.expit(params[0] * z + params[1]) - yf
+        return np.array([np.mean(r * z), np.mean(r)])
+
+    res = optimize.minimize(nll, x0=[1.0, 0.0], jac=grad, method="BFGS", options={"gtol": 1e-9})
+    a, c = float(res.x[0]), float(res.x[1])
+    if not (res.success or nll(res.x) < nll([1.0, 0.0])) or a <= 1e-2:
+        return fit_temperature(z, yy), 0.0  # degenerate (uninformative) scores: temperature only
+    return min(1.0 / a, 100.0), c
+
+
+def apply_calibration(logits: ArrayLike, temperature: float, bias: float = 0.0) -> np.ndarray:
+    """Calibrated probabilities ``sigmoid(logits / T + b)``."""
+    z = _scores(logits, name="logits") / float(temperature) + float(bias)
+    return special.expit(z)
 
 
 def apply_temperature(

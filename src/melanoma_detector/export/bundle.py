@@ -146,8 +146,8 @@ def export_bundle(
     version: str | None = None,
 ) -> dict[str, Any]:
     from melanoma_detector.evaluation.metrics import (
-        apply_temperature,
-        fit_temperature,
+        apply_calibration,
+        fit_temperature_bias,
         threshold_for_sensitivity,
         threshold_for_specificity,
     )
@@ -176,6 +176,7 @@ def export_bundle(
         "preprocessing": pp,
         "class_names": list(ckpt.get("class_names", CLASS_NAMES)),
         "temperature": float(ckpt.get("temperature", 1.0)),
+        "logit_bias": float(ckpt.get("logit_bias", 0.0)),
         "thresholds": thresholds,
         "input_gate": {"min_side": 64, "min_std": 4.0},
         "training": {
@@ -201,21 +202,22 @@ def export_bundle(
             predictor = Predictor(out, verify=True)
             v_logits, v_feats = _run_graph(predictor, [r["path"] for r in val])
             y_val = np.array([int(r["label"]) for r in val])
-            temperature = float(fit_temperature(v_logits, y_val))
-            p_val = apply_temperature(v_logits, temperature)
+            temperature, logit_bias = fit_temperature_bias(v_logits, y_val)
+            p_val = apply_calibration(v_logits, temperature, logit_bias)
             thresholds = {
                 "screening": float(threshold_for_sensitivity(y_val, p_val, 0.95)),
                 "high_specificity": float(threshold_for_specificity(y_val, p_val, 0.90)),
             }
-            meta.update(temperature=temperature, thresholds=thresholds)
-            meta["calibration"] = {"method": "temperature scaling on the validation split", "n": int(len(val))}
+            meta.update(temperature=temperature, logit_bias=logit_bias, thresholds=thresholds)
+            meta["calibration"] = {"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), "
+                                             "fitted on the validation split (NLL)", "n": int(len(val))}
             meta["input_gate"]["ood"] = fit_ood(v_feats)
             groups_val = [r.get("group") or r["key"] for r in val]
             meta["metrics"]["val"] = metrics_with_ci(y_val, p_val, groups_val, thresholds, n_resamples=n_resamples)
             if test:
                 t_logits, t_feats = _run_graph(predictor, [r["path"] for r in test])
                 y_test = np.array([int(r["label"]) for r in test])
-                p_test = apply_temperature(t_logits, temperature)
+                p_test = apply_calibration(t_logits, temperature, logit_bias)
                 groups = [r.get("group") or r["key"] for r in test]
                 meta["metrics"]["test"] = metrics_with_ci(y_test, p_test, groups, thresholds, n_resamples=n_resamples)
                 ood = meta["input_gate"]["ood"]

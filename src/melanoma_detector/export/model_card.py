@@ -78,7 +78,8 @@ ISIC 2017 train -> train, ISIC 2017 val -> val. **{meta['licence']}.** Anything 
 model inherits the non-commercial terms of HAM10000.
 
 ## Calibration and operating points (set on the validation split)
-- Temperature scaling: T = {meta['temperature']:.3f}.
+- Temperature scaling with a bias: p = sigmoid(logit / T + b), T = {meta['temperature']:.3f},
+  b = {meta.get('logit_bias', 0.0):.3f} (the bias undoes the prior shift of class-weighted training).
 - Screening threshold (>= 95% sensitivity on validation): p >= {th['screening']:.4f}.
 - High-specificity threshold (>= 90% specificity on validation): p >= {th['high_specificity']:.4f}.
 - Risk levels: **Low** below the screening threshold, **Moderate** between the two, **High** above

@@ -56,6 +56,10 @@ class Bundle:
         return float(self.metadata.get("temperature", 1.0))
 
     @property
+    def logit_bias(self) -> float:
+        return float(self.metadata.get("logit_bias", 0.0))
+
+    @property
     def thresholds(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.metadata["thresholds"].items()}
 

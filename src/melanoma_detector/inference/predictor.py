@@ -57,6 +57,7 @@ class Predictor:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.pp = self.bundle.preprocessing
         self.temperature = self.bundle.temperature
+        self.logit_bias = self.bundle.logit_bias
         self.thresholds = self.bundle.thresholds
         self.threshold = self.thresholds["screening"]
         self.tiers = sorted(meta.get("risk_tiers", []), key=lambda t: t["min_probability"])
@@ -119,6 +120,10 @@ class Predictor:
             "risk_level": level, "recommendation": text, "status": "ok", "reason": "", **(extra or {}),
         }
 
+    def calibrate(self, logits: np.ndarray) -> np.ndarray:
+        """The bundle's calibration: sigmoid(logit / T + b), fitted on validation."""
+        return _sigmoid(logits.astype(np.float64) / self.temperature + self.logit_bias)
+
     # ---- public API ------------------------------------------------------------------------
     def prepare(self, source: ImageSource | Image.Image) -> tuple[Image.Image, np.ndarray]:
         """Decode, gate and preprocess; raises ImageDecodeError / CannotAssess."""
@@ -129,11 +134,11 @@ class Predictor:
     def _score(self, arrays: list[np.ndarray], *, tta: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if not tta:
             out = self.run(np.stack(arrays))
-            return _sigmoid(out["logit"].astype(np.float64) / self.temperature), out
+            return self.calibrate(out["logit"]), out
         probs, firsts = [], []
         for arr in arrays:
             out = self.run(np.stack(dihedral_views(arr)))
-            probs.append(_sigmoid(out["logit"].astype(np.float64) / self.temperature).mean())
+            probs.append(self.calibrate(out["logit"]).mean())
             firsts.append({k: v[:1] for k, v in out.items()})  # the identity view, for gate and heatmap
         return np.asarray(probs), {k: np.concatenate([f[k] for f in firsts]) for k in firsts[0]}
 

@@ -25,6 +25,7 @@ class TorchPredictor:
         self.model.to(self.device).eval()
         self.pp = checkpoint_preprocessing(self.ckpt)
         self.temperature = float(self.ckpt.get("temperature", 1.0))
+        self.logit_bias = float(self.ckpt.get("logit_bias", 0.0))
         self.threshold = float((self.ckpt.get("thresholds") or {}).get("screening", 0.5))
 
     def _load(self, path: str):
@@ -50,7 +51,7 @@ class TorchPredictor:
                 if ok:
                     lg = self.logits(np.stack([loaded[i][0] for i in ok]))
                     for i, v in zip(ok, lg):
-                        probs[i] = float(1 / (1 + np.exp(-v / self.temperature)))
+                        probs[i] = float(1 / (1 + np.exp(-(v / self.temperature + self.logit_bias))))
                 for i, p in enumerate(chunk):
                     if i in probs:
                         results.append({

@@ -151,6 +151,19 @@ def pooled_features(
     return feats
 
 
+class ViewStack:
+    """(views, N, C, H, W) over one float16 memmap per view, so caches of K and K+2 views share
+    their first K views."""
+
+    def __init__(self, views: list[np.ndarray]):
+        self.views = views
+        self.shape = (len(views), *views[0].shape)
+
+    def __getitem__(self, index):
+        v, rest = (index[0], index[1:]) if isinstance(index, tuple) else (index, ())
+        return self.views[v][rest] if rest else self.views[v]
+
+
 def bottom_feature_cache(
     bottom: nn.Module,
     samples: Sequence[Sample],
@@ -165,44 +178,46 @@ def bottom_feature_cache(
     workers: int = 0,
     progress: bool = True,
     fingerprint: str | None = None,
-) -> np.ndarray:
-    """float16 memmap (views, N, C, H, W) of the frozen bottom's output for `views` augmented
-    views (train) or one deterministic view (eval)."""
+) -> ViewStack:
+    """float16 memmaps of the frozen bottom's output: `views` augmented views (train) or one
+    deterministic view (eval), one file per view."""
     views = views if train else 1
-    key = cache_key(
-        samples, kind="bottom", fp=fingerprint or module_fingerprint(bottom), pp=pp.to_dict(), train=train,
-        views=views, seed=seed,
-    )
+    fp = fingerprint or module_fingerprint(bottom)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    path, meta_path = cache_dir / f"bottom-{key}.f16", cache_dir / f"bottom-{key}.json"
-    if path.is_file() and meta_path.is_file():
-        shape = tuple(json.loads(meta_path.read_text())["shape"])
-        log.info("phase-2 cache hit: %s %s", path, shape)
-        return np.memmap(path, dtype=np.float16, mode="r", shape=shape)
-    bottom = bottom.to(device).to(memory_format=torch.channels_last).eval()
-    with torch.inference_mode():
-        probe = bottom(torch.zeros(1, 3, pp.input_size, pp.input_size, device=device))
-    shape = (views, len(samples), *probe.shape[1:])
-    tmp = cache_dir / f".bottom-{key}.{os.getpid()}.f16"
-    out = np.memmap(tmp, dtype=np.float16, mode="w+", shape=shape)
-    t0 = time.perf_counter()
+    out = []
     for v in range(views):
-        random.seed(seed * 1000 + v)
-        torch.manual_seed(seed * 1000 + v)
+        view_seed = seed * 1000 + v
+        key = cache_key(samples, kind="bottom-view", fp=fp, pp=pp.to_dict(), train=train, seed=view_seed)
+        path, meta_path = cache_dir / f"bottom-{key}.f16", cache_dir / f"bottom-{key}.json"
+        if path.is_file() and meta_path.is_file():
+            shape = tuple(json.loads(meta_path.read_text())["shape"])
+            log.info("phase-2 cache hit (view %d): %s", v + 1, path)
+            out.append(np.memmap(path, dtype=np.float16, mode="r", shape=shape))
+            continue
+        bottom = bottom.to(device).to(memory_format=torch.channels_last).eval()
+        with torch.inference_mode():
+            probe = bottom(torch.zeros(1, 3, pp.input_size, pp.input_size, device=device))
+        shape = (len(samples), *probe.shape[1:])
+        tmp = cache_dir / f".bottom-{key}.{os.getpid()}.f16"
+        mm = np.memmap(tmp, dtype=np.float16, mode="w+", shape=shape)
+        t0 = time.perf_counter()
+        random.seed(view_seed)
+        torch.manual_seed(view_seed)
         _run(
             bottom,
-            _loader(samples, build_transforms(pp, train=train), batch_size, workers, seed=seed * 1000 + v),
+            _loader(samples, build_transforms(pp, train=train), batch_size, workers, seed=view_seed),
             device=device,
             flip_average=False,
             pool=False,
             progress=progress,
             desc=f"phase-2 cache view {v + 1}/{views}",
-            out=out[v],
+            out=mm,
         )
-    out.flush()
-    del out
-    os.replace(tmp, path)
-    meta_path.write_text(json.dumps({"shape": list(shape)}))
-    log.info("phase-2 cache: %s views x %d images in %.1fs", views, len(samples), time.perf_counter() - t0)
-    return np.memmap(path, dtype=np.float16, mode="r", shape=shape)
+        mm.flush()
+        del mm
+        os.replace(tmp, path)
+        meta_path.write_text(json.dumps({"shape": list(shape)}))
+        log.info("phase-2 cache view %d: %d images in %.1fs", v + 1, len(samples), time.perf_counter() - t0)
+        out.append(np.memmap(path, dtype=np.float16, mode="r", shape=shape))
+    return ViewStack(out)

@@ -352,16 +352,16 @@ def run_training(config: Config, out_dir: str | Path, *, progress: bool = True) 
     model.load_state_dict(best["state"])
     model.eval()
     from melanoma_detector.evaluation.metrics import (
-        apply_temperature,
+        apply_calibration,
         binary_metrics,
-        fit_temperature,
+        fit_temperature_bias,
         threshold_for_sensitivity,
         threshold_for_specificity,
     )
 
     val_logits, val_y = predict_logits(model, _image_loader(val_s, pp, 64, config.data.num_workers, train=False), device=device, progress=progress, desc="final val")
-    temperature = float(fit_temperature(val_logits, val_y))
-    p_val = apply_temperature(val_logits, temperature)
+    temperature, logit_bias = fit_temperature_bias(val_logits, val_y)
+    p_val = apply_calibration(val_logits, temperature, logit_bias)
     thresholds = {
         "screening": float(threshold_for_sensitivity(val_y, p_val, 0.95)),
         "high_specificity": float(threshold_for_specificity(val_y, p_val, 0.90)),
@@ -369,17 +369,18 @@ def run_training(config: Config, out_dir: str | Path, *, progress: bool = True) 
     metrics = {"val": binary_metrics(val_y, p_val, threshold=thresholds["screening"])}
     if splits["test"] and len({s.label for s in splits["test"]}) == 2:
         tl_, ty = predict_logits(model, _image_loader(splits["test"], pp, 64, config.data.num_workers, train=False), device=device, progress=progress, desc="final test")
-        metrics["test"] = binary_metrics(ty, apply_temperature(tl_, temperature), threshold=thresholds["screening"])
+        metrics["test"] = binary_metrics(ty, apply_calibration(tl_, temperature, logit_bias), threshold=thresholds["screening"])
     ckpt = {
         **base_ckpt(),
         "model_state": best["state"],
         "best": {"phase": best["phase"], "epoch": best["epoch"], "val_auc": best["auc"] if best["auc"] > -1 else None},
         "temperature": temperature,
+        "logit_bias": logit_bias,
         "thresholds": thresholds,
         "metrics": metrics,
     }
     save_checkpoint(ckpt, out_dir / "checkpoint.pt")
-    (out_dir / "metrics.json").write_text(json.dumps({"best": ckpt["best"], "temperature": temperature, "thresholds": thresholds, **metrics}, indent=2))
+    (out_dir / "metrics.json").write_text(json.dumps({"best": ckpt["best"], "temperature": temperature, "logit_bias": logit_bias, "thresholds": thresholds, **metrics}, indent=2))
     runlog.plot()
     summary = {"out_dir": str(out_dir), "best": ckpt["best"], "metrics": metrics, "thresholds": thresholds, "temperature": temperature}
     return summary
