@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backbones", nargs="+", default=["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--parts", nargs="+", default=["features", "head", "phase2"], choices=["features", "head", "phase2"])
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from melanoma_detector.models.factory import create_model, default_preprocessing
@@ -130,15 +131,19 @@ def main(argv=None) -> int:
         size = SIZES.get(name, 224)
         model = create_model(name, pretrained=True, allow_random_init=True)
         pp = default_preprocessing(model.backbone, image_size=size, resize_mode="crop")
-        naive = plain_feature_pass(model.backbone, samples, pp)
-        fast = {}
-        for workers in (0, 1):
-            t0 = time.perf_counter()
-            pooled_features(model.backbone, samples, pp, device=torch.device("cpu"), cache_dir=None,
-                            batch_size=32, workers=workers, progress=False)
-            fast[workers] = len(samples) / (time.perf_counter() - t0)
-        head_s = head_epochs(model.backbone.num_features)
-        p_plain, p_cached = phase2_steps(model, size, steps=args.steps)
+        nan = float("nan")
+        naive, fast, head_s, p_plain, p_cached = nan, {0: nan, 1: nan}, nan, nan, nan
+        if "features" in args.parts:
+            naive = plain_feature_pass(model.backbone, samples, pp)
+            for workers in (0, 1):
+                t0 = time.perf_counter()
+                pooled_features(model.backbone, samples, pp, device=torch.device("cpu"), cache_dir=None,
+                                batch_size=32, workers=workers, progress=False)
+                fast[workers] = len(samples) / (time.perf_counter() - t0)
+        if "head" in args.parts:
+            head_s = head_epochs(model.backbone.num_features)
+        if "phase2" in args.parts:
+            p_plain, p_cached = phase2_steps(model, size, steps=args.steps)
         rows.append((name, size, naive, fast[0], fast[1], head_s, p_plain, p_cached))
         print(f"  {name}: done", flush=True)
     print()
