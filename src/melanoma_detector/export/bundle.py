@@ -95,7 +95,9 @@ def fit_ood(features: np.ndarray, *, quantile: float = OOD_QUANTILE) -> dict[str
     fit, held = features[idx[: len(idx) // 2]], features[idx[len(idx) // 2 :]]
     cov, shrink = ledoit_wolf(fit)
     mean = fit.mean(axis=0)
-    precision = np.linalg.inv(cov)
+    # A small ridge keeps constant features (tiny or synthetic data) from making it singular.
+    scale = float(np.trace(cov)) / len(cov)
+    precision = np.linalg.inv(cov + (1e-6 * scale if scale > 0 else 1e-6) * np.eye(len(cov)))
     z = held - mean
     d = np.sqrt(np.einsum("ij,jk,ik->i", z, precision, z))
     return {
