@@ -40,10 +40,12 @@ def build_subset(dst: Path, n_train: int = 160, n_test: int = 60) -> str:
     return "generated images (../shared/data is absent)"
 
 
-def melanoma(*args: str) -> None:
+def melanoma(*args: str, ok_codes: tuple[int, ...] = (0,)) -> None:
     cmd = [sys.executable, "-m", "melanoma_detector", *args]
     print("$ melanoma " + " ".join(args), flush=True)
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode
+    if rc not in ok_codes:
+        raise SystemExit(f"demo: `melanoma {args[0]}` failed with exit code {rc}")
 
 
 def score_examples() -> None:
@@ -62,7 +64,9 @@ def train_demo() -> None:
     data = RUN / "data"
     what = build_subset(data)
     print(f"demo data: {what}")
-    melanoma("data", "check", str(data), "--out", str(RUN / "data-check"), "--no-progress")
+    # Exit code 1 = leakage found: ISIC 2017 has near-duplicates across train and val, which the
+    # check is meant to report; the demo goes on.
+    melanoma("data", "check", str(data), "--out", str(RUN / "data-check"), "--no-progress", ok_codes=(0, 1))
     melanoma(
         "train", "--data", str(data), "--out", str(RUN / "run"), "--backbone", "tf_efficientnet_lite0",
         "--image-size", "192", "--epochs-frozen", "15", "--epochs-finetune", "2", "--cache-views", "1",
