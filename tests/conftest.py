@@ -78,3 +78,23 @@ def shared_data_or_skip(name: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"real data not available: {path} is missing (read-only shared data set)")
     return path
+
+
+def train_tiny_bundle(tmp_path_factory, *, n_train: int, n_test: int, epochs_frozen: int, epochs_finetune: int,
+                      resamples: int) -> tuple[Path, Path, Path]:
+    """Generated seed-layout data -> `melanoma train` (tiny random-init backbone, 64 px) ->
+    `melanoma export`. Returns (data root, run folder, bundle folder)."""
+    from melanoma_detector.cli import main
+
+    root = tmp_path_factory.mktemp("tinydata")
+    rng = np.random.default_rng(0)
+    make_class_folder(root / "train", n_train, rng, "tr")
+    make_class_folder(root / "test", n_test, rng, "te")
+    run = tmp_path_factory.mktemp("tinyrun") / "run"
+    assert main(["train", "--data", str(root), "--out", str(run), "--backbone", TINY_BACKBONE, "--no-pretrained",
+                 "--image-size", "64", "--epochs-frozen", str(epochs_frozen), "--epochs-finetune",
+                 str(epochs_finetune), "--batch-size", "8", "--cache-dir", str(tmp_path_factory.mktemp("cache")),
+                 "--no-progress"]) == 0
+    bundle = tmp_path_factory.mktemp("tinybundle") / "b"
+    assert main(["export", "--model", str(run), "--out", str(bundle), "--resamples", str(resamples)]) == 0
+    return root, run, bundle

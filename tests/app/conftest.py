@@ -135,3 +135,31 @@ def live_server(app_predictor):
     app = build_app(app_predictor, max_upload_mb=20, auth=False)
     with serve(app) as url:
         yield url
+
+
+def wait_for_health(proc, url: str, log: Path, *, auth=None, timeout: float = 120.0):
+    """Poll GET {url}/api/v1/health until the subprocess server answers; fail with its log
+    if it dies or stays silent past `timeout`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/api/v1/health", auth=auth, timeout=5)
+        except httpx.TransportError:
+            assert time.monotonic() < deadline, f"server at {url} did not answer within {timeout:.0f} s"
+            time.sleep(0.5)
+
+
+def stop_process(proc) -> None:
+    """SIGINT (a clean uvicorn shutdown), then kill if it lingers."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)

@@ -279,10 +279,8 @@ def test_serve_cli_end_to_end(app_bundle, tmp_path):
     """`melanoma serve` in a subprocess on a free loopback port, with a login from MELANOMA_AUTH:
     it answers, never prints the secret, and stops on SIGINT."""
     import os
-    import signal
-    import time
 
-    from conftest import free_port
+    from conftest import free_port, stop_process, wait_for_health
 
     port = free_port()
     env = dict(os.environ, MELANOMA_AUTH="carol:Tr0ub4dor&3", PYTHONUNBUFFERED="1")
@@ -292,24 +290,11 @@ def test_serve_cli_end_to_end(app_bundle, tmp_path):
                                  "--model", str(app_bundle)], stdout=fh, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                r = httpx.get(f"{url}/api/v1/health", auth=("carol", "Tr0ub4dor&3"), timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "melanoma serve did not answer within 120 s"
-                time.sleep(0.5)
+        r = wait_for_health(proc, url, log, auth=("carol", "Tr0ub4dor&3"))
         assert r.status_code == 200 and r.json()["status"] == "ok"
         assert httpx.get(f"{url}/api/v1/health", timeout=5).status_code == 401
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
     text = log.read_text()
     assert "Tr0ub4dor" not in text
     assert "login required" in text and "not a diagnosis" in text
@@ -319,10 +304,8 @@ def test_serve_cli_end_to_end(app_bundle, tmp_path):
 def test_spaces_app_py_serves_on_loopback_without_space_id(app_bundle, tmp_path):
     """The root app.py (Hugging Face Spaces entry point) binds 127.0.0.1 unless SPACE_ID is set."""
     import os
-    import signal
-    import time
 
-    from conftest import REPO, free_port
+    from conftest import REPO, free_port, stop_process, wait_for_health
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("SPACE_ID", "MELANOMA_AUTH")}
@@ -333,21 +316,8 @@ def test_spaces_app_py_serves_on_loopback_without_space_id(app_bundle, tmp_path)
         proc = subprocess.Popen([sys.executable, str(REPO / "app.py")], cwd=tmp_path, stdout=fh,
                                 stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                r = httpx.get(f"http://127.0.0.1:{port}/api/v1/health", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "app.py did not answer within 120 s"
-                time.sleep(0.5)
+        r = wait_for_health(proc, f"http://127.0.0.1:{port}", log)
         assert r.status_code == 200
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
     assert f"http://127.0.0.1:{port}/" in log.read_text()

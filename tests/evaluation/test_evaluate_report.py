@@ -334,17 +334,9 @@ def test_duplicate_set_names_are_made_unique(datasets):
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tinydata")
-    rng = np.random.default_rng(0)
-    make_class_folder(root / "train", 14, rng, "tr")
-    make_class_folder(root / "test", 6, rng, "te")
-    run = tmp_path_factory.mktemp("tinyrun") / "run"
-    assert main(["train", "--data", str(root), "--out", str(run), "--backbone", TINY_BACKBONE, "--no-pretrained",
-                 "--image-size", "64", "--epochs-frozen", "2", "--epochs-finetune", "0", "--batch-size", "8",
-                 "--cache-dir", str(tmp_path_factory.mktemp("cache")), "--no-progress"]) == 0
-    bundle = tmp_path_factory.mktemp("tinybundle") / "b"
-    assert main(["export", "--model", str(run), "--out", str(bundle), "--resamples", "20"]) == 0
-    return root, run, bundle
+    from conftest import train_tiny_bundle
+
+    return train_tiny_bundle(tmp_path_factory, n_train=14, n_test=6, epochs_frozen=2, epochs_finetune=0, resamples=20)
 
 
 def test_cli_bundle_vs_checkpoint_on_two_sets(tiny_models, datasets, tmp_path, capsys):

@@ -12,19 +12,9 @@ from melanoma_detector.cli import main
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory):
-    from conftest import TINY_BACKBONE, make_class_folder
+    from conftest import train_tiny_bundle
 
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    make_class_folder(root / "train", 24, rng, "tr")
-    make_class_folder(root / "test", 10, rng, "te")
-    run = tmp_path_factory.mktemp("run") / "run"
-    assert main(["train", "--data", str(root), "--out", str(run), "--backbone", TINY_BACKBONE, "--no-pretrained",
-                 "--image-size", "64", "--epochs-frozen", "3", "--epochs-finetune", "1", "--batch-size", "8",
-                 "--cache-dir", str(tmp_path_factory.mktemp("cache")), "--no-progress"]) == 0
-    bundle = tmp_path_factory.mktemp("bundle") / "b"
-    assert main(["export", "--model", str(run), "--out", str(bundle), "--resamples", "50"]) == 0
-    return root, run, bundle
+    return train_tiny_bundle(tmp_path_factory, n_train=24, n_test=10, epochs_frozen=3, epochs_finetune=1, resamples=50)
 
 
 def test_bundle_contents(tiny_bundle):

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from melanoma_detector.evaluation import metrics as M
-from melanoma_detector.evaluation.plots import _MARKERS, _figure, _fmt, _legend, _note, _save
+from melanoma_detector.evaluation.plots import _MARKERS, _figure, _fmt, _note, _save, finish_roc, roc_point
 
 __all__ = ["plot_error_gallery", "plot_roc_compare", "select_errors"]
 
@@ -119,17 +119,7 @@ def plot_roc_compare(
         for j, (op, thr) in enumerate(((operating_points or {}).get(name) or {}).items()):
             if thr is None or not math.isfinite(float(thr)):
                 continue
-            cm = M.confusion_at_threshold(y, p, float(thr))
-            x_pt = cm["fp"] / max(cm["fp"] + cm["tn"], 1)
-            y_pt = cm["tp"] / max(cm["tp"] + cm["fn"], 1)
+            x_pt, y_pt = roc_point(y, p, float(thr))
             ax.plot([x_pt], [y_pt], ls="none", marker=_MARKERS[j % len(_MARKERS)], ms=8,
                     color=colour, markeredgecolor="k", label=f"{name} {op} (t={float(thr):.3g})")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("False positive rate (1 − specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(title)
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-    _legend(ax, loc="lower right", fontsize=7)
-    return _save(fig, path)
+    return finish_roc(fig, ax, path, title=title, fontsize=7)

@@ -72,6 +72,25 @@ def _as_arrays(y, p) -> tuple[np.ndarray, np.ndarray]:
     return y, p
 
 
+def roc_point(y: np.ndarray, p: np.ndarray, threshold: float) -> tuple[float, float]:
+    """(false positive rate, true positive rate) of the rule p >= threshold."""
+    cm = M.confusion_at_threshold(y, p, threshold)
+    return cm["fp"] / max(cm["fp"] + cm["tn"], 1), cm["tp"] / max(cm["tp"] + cm["fn"], 1)
+
+
+def finish_roc(fig, ax, path: str | Path, *, title: str, fontsize: int = 8) -> Path:
+    """Square unit axes, labels, grid and legend of a ROC plot; saves it."""
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.set_xlabel("False positive rate (1 − specificity)")
+    ax.set_ylabel("True positive rate (sensitivity)")
+    ax.set_title(title)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    _legend(ax, loc="lower right", fontsize=fontsize)
+    return _save(fig, path)
+
+
 def plot_roc(
     y: Any,
     p: Any,
@@ -104,21 +123,11 @@ def plot_roc(
         for i, (name, thr) in enumerate((operating_points or {}).items()):
             if thr is None or not math.isfinite(float(thr)):
                 continue
-            cm = M.confusion_at_threshold(y, p, float(thr))
-            x_pt = cm["fp"] / max(cm["fp"] + cm["tn"], 1)
-            y_pt = cm["tp"] / max(cm["tp"] + cm["fn"], 1)
+            x_pt, y_pt = roc_point(y, p, float(thr))
             ax.plot([x_pt], [y_pt], ls="none", marker=_MARKERS[i % len(_MARKERS)], ms=8,
                     color=f"C{(i + 1) % 10}", markeredgecolor="k",
                     label=f"{name}: t={float(thr):.3g} (sens {y_pt:.2f}, spec {1 - x_pt:.2f})")
-    ax.set_xlim(-0.01, 1.01)
-    ax.set_ylim(-0.01, 1.01)
-    ax.set_xlabel("False positive rate (1 − specificity)")
-    ax.set_ylabel("True positive rate (sensitivity)")
-    ax.set_title(title)
-    ax.set_aspect("equal")
-    ax.grid(alpha=0.3)
-    _legend(ax, loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return finish_roc(fig, ax, path, title=title, fontsize=8)
 
 
 def plot_pr(y: Any, p: Any, path: str | Path, *, title: str = "Precision-recall curve") -> Path:
