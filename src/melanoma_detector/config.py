@@ -62,9 +62,17 @@ class TrainConfig:
     cache_dihedral: bool = False  # random flips/90-degree rotations of cached feature maps
     cache_dir: str | None = None  # default: <out>/../.cache or ~/.cache/melanoma-detector
     device: str = "auto"
+    amp: str = "auto"  # auto | bf16 | fp16 | off ("auto": bf16 (else fp16) on CUDA, off on CPU)
+    compile: bool = False  # torch.compile the trained module (GPU; minutes of compile time)
     threads: int | None = None
     max_steps_per_epoch: int | None = None  # for smoke runs
     seed: int = 42
+
+    def __post_init__(self):
+        for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
+                               ("device", ("auto", "cpu", "cuda", "mps"))):
+            if getattr(self, name) not in accepted:
+                raise UserError(f"config train.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
@@ -17,16 +18,49 @@ log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
-    def __init__(self, samples: Sequence[Sample], transform: Callable):
+    """(image tensor, label, index) per sample.
+
+    With `seed`, the random augmentation of item i in epoch e draws from its own seed
+    (seed, e, i), so a run's inputs do not depend on the number of DataLoader workers, on how
+    items are split across distributed ranks, or on where a resumed run picked up. A sampler
+    passes epoch e as index `e * len(self) + i` (see `training.sampling.EpochSampler`).
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform: Callable, *, seed: int | None = None):
         self.samples = list(samples)
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, index: int):
+        epoch, i = divmod(index, len(self.samples))
         s = self.samples[i]
-        return self.transform(load_image(s.path)), torch.tensor(float(s.label)), i
+        img = load_image(s.path)
+        if self.seed is None:
+            x = self.transform(img)
+        else:
+            with seeded_rng(self.seed, epoch, i):
+                x = self.transform(img)
+        return x, torch.tensor(float(s.label)), i
+
+
+class seeded_rng:
+    """Seed Python's and torch's global RNGs (the ones torchvision transforms draw from) for one
+    item, then restore them so dropout and shuffling are left untouched."""
+
+    def __init__(self, *key: int):
+        self.seed = hash(key) & 0x7FFF_FFFF_FFFF_FFFF
+
+    def __enter__(self):
+        self.py_state, self.torch_state = random.getstate(), torch.get_rng_state()
+        random.seed(self.seed)
+        torch.manual_seed(self.seed)
+
+    def __exit__(self, *exc):
+        random.setstate(self.py_state)
+        torch.set_rng_state(self.torch_state)
 
 
 def validate_images(

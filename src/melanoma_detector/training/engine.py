@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from melanoma_detector.evaluation.metrics import binary_metrics
+from melanoma_detector.training.distributed import DistInfo, all_sum, gather_concat
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,11 +44,26 @@ def class_weights(labels: Iterable[int]) -> tuple[float, float]:
 
 
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: tuple[float, float] | None) -> torch.Tensor:
-    loss = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    """Keras' class_weight semantics: mean over the batch of weight * loss (not divided by the
+    weights' sum). With equal per-rank batches, the mean over ranks that DDP's gradient
+    averaging takes is then exactly the mean over the global batch."""
+    loss = nn.functional.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
     if weights is not None:
         w = torch.where(targets > 0.5, weights[1], weights[0]).to(loss.dtype)
-        return (loss * w).sum() / w.sum()
+        return (loss * w).mean()
     return loss.mean()
+
+
+def amp_dtype_for(name: str, device: torch.device) -> torch.dtype | None:
+    """auto: bfloat16 on GPUs that support it (no loss scaling needed), float16 on older
+    GPUs, full precision on CPU and MPS."""
+    if name == "off" or device.type not in ("cuda", "cpu"):
+        return None
+    if name == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def _batches(loader, max_steps: int | None):
@@ -68,49 +84,70 @@ def train_one_epoch(
     max_steps: int | None = None,
     progress: bool = False,
     desc: str = "train",
+    amp_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    dist: DistInfo = DistInfo(),
 ) -> dict[str, float]:
-    """One pass over `loader` ((inputs, targets, ...) batches); returns {"loss", "auc", "n"}."""
+    """One pass over `loader` ((inputs, targets, ...) batches); returns {"loss", "auc", "n"}.
+
+    Under DDP, `model` is the DistributedDataParallel wrapper and loss / AUC cover all ranks."""
     from tqdm import tqdm
 
     (set_train_mode or model.train)()
     total, count = 0.0, 0
     all_logits, all_targets = [], []
     total_steps = len(loader) if max_steps is None else min(len(loader), max_steps)
+    has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
     bar = tqdm(_batches(loader, max_steps), total=total_steps, desc=desc, disable=not progress, leave=False)
     for batch in bar:
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        if x.shape[0] < 2 and any(isinstance(m, nn.BatchNorm1d) for m in model.modules()):
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if x.shape[0] < 2 and has_bn1d and not dist.enabled:
             continue  # BatchNorm cannot train on a batch of one (the seed's Keras would also fail)
-        logits = model(x)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            logits = model(x)
         loss = weighted_bce(logits, y, class_w)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if not math.isfinite(loss.item()):
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
             raise FloatingPointError("training loss is not finite; lower the learning rate")
-        total += loss.item() * x.shape[0]
+        total += loss_value * x.shape[0]
         count += x.shape[0]
         all_logits.append(logits.detach().float().cpu())
         all_targets.append(y.detach().float().cpu())
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-    out = {"loss": total / max(count, 1), "n": count}
-    if all_logits:
-        y_np = torch.cat(all_targets).numpy()
-        p_np = torch.sigmoid(torch.cat(all_logits)).numpy()
-        out["auc"] = binary_metrics(y_np, p_np)["roc_auc"]
+    total, count = all_sum([total, float(count)], dist)
+    out = {"loss": total / max(count, 1), "n": int(count)}
+    if dist.enabled or all_logits:
+        y_np = gather_concat(torch.cat(all_targets).numpy() if all_targets else np.zeros(0, np.float32), dist)
+        z_np = gather_concat(torch.cat(all_logits).numpy() if all_logits else np.zeros(0, np.float32), dist)
+        if len(y_np):
+            out["auc"] = binary_metrics(y_np, 1 / (1 + np.exp(-z_np)))["roc_auc"]
     return out
 
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, loader, *, device: torch.device, progress: bool = False, desc: str = "predict"
+    model: nn.Module, loader, *, device: torch.device, progress: bool = False, desc: str = "predict",
+    amp_dtype: torch.dtype | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     from tqdm import tqdm
 
     model.eval()
     logits, targets = [], []
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        logits.append(model(batch[0].to(device)).float().cpu())
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            out = model(batch[0].to(device, non_blocking=True))
+        logits.append(out.float().cpu())
         targets.append(batch[1].float())
     if not logits:
         return np.zeros(0, np.float32), np.zeros(0, np.float32)
@@ -125,9 +162,15 @@ def evaluate(
     class_w: tuple[float, float] | None = None,
     progress: bool = False,
     desc: str = "val",
+    amp_dtype: torch.dtype | None = None,
+    dist: DistInfo = DistInfo(),
 ) -> dict[str, float]:
-    """{"loss", "auc", "accuracy"} of `model` on `loader`, plus the raw logits and targets."""
-    logits, targets = predict_logits(model, loader, device=device, progress=progress, desc=desc)
+    """{"loss", "auc", "accuracy"} of `model` on `loader`, plus the raw logits and targets.
+
+    Under torchrun each rank passes its own slice of the validation set; the metrics are computed
+    once over the whole set gathered in order, never averaged per rank."""
+    logits, targets = predict_logits(model, loader, device=device, progress=progress, desc=desc, amp_dtype=amp_dtype)
+    logits, targets = gather_concat(logits, dist), gather_concat(targets, dist)
     loss = weighted_bce(torch.from_numpy(logits), torch.from_numpy(targets), class_w).item()
     m = binary_metrics(targets, 1 / (1 + np.exp(-logits)))
     return {"loss": loss, "auc": m["roc_auc"], "accuracy": m["accuracy"], "logits": logits, "targets": targets}

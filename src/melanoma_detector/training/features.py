@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import time
 from pathlib import Path
 from typing import Sequence
@@ -24,12 +23,13 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from melanoma_detector.data.dataset import ImageDataset
 from melanoma_detector.data.discovery import Sample
 from melanoma_detector.data.transforms import build_transforms
 from melanoma_detector.preprocess import Preprocessing
+from melanoma_detector.training.distributed import DistInfo, barrier, broadcast_object, gather_concat, shard_range
 
 log = logging.getLogger(__name__)
 
@@ -55,37 +55,30 @@ def cache_key(samples: Sequence[Sample], **parts) -> str:
     return h.hexdigest()[:20]
 
 
-def _loader(samples, transform, batch_size, workers, *, seed: int | None = None):
-    g = None
-    if seed is not None:
-        g = torch.Generator()
-        g.manual_seed(seed)
+def _loader(samples, transform, batch_size, workers, *, rows: tuple[int, int], seed: int | None = None, device=None):
+    # A seed makes each image's augmentation a function of (seed, image index) alone, so a view
+    # is the same whichever rank or worker computes it; hence the Subset over global indices.
     return DataLoader(
-        ImageDataset(samples, transform),
+        Subset(ImageDataset(samples, transform, seed=seed), range(*rows)),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
-        worker_init_fn=_seed_worker if workers else None,
-        generator=g,
+        pin_memory=device is not None and device.type == "cuda",
         persistent_workers=False,
     )
 
 
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
 @torch.inference_mode()
-def _run(module: nn.Module, loader, *, device, flip_average: bool, pool: bool, progress: bool, desc: str, out=None):
+def _run(module: nn.Module, loader, *, device, flip_average: bool, pool: bool, progress: bool, desc: str,
+         out=None, offset: int = 0, amp_dtype=None):
     from tqdm import tqdm
 
     module.eval()
-    chunks, offset = [], 0
+    chunks = []
     for x, _, _ in tqdm(loader, desc=desc, disable=not progress, leave=False):
-        x = x.to(device).contiguous(memory_format=torch.channels_last)
-        f = module(x)
+        x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            f = module(x)
         if flip_average:
             f = (f + module(torch.flip(x, dims=(3,))).flip(dims=(3,))) / 2
         if pool:
@@ -111,8 +104,12 @@ def pooled_features(
     flip_average: bool = False,
     progress: bool = True,
     fingerprint: str | None = None,
+    dist: DistInfo = DistInfo(),
+    amp_dtype: torch.dtype | None = None,
 ) -> np.ndarray:
-    """Global-average-pooled `backbone.forward_features` of every sample (eval transform)."""
+    """Global-average-pooled `backbone.forward_features` of every sample (eval transform).
+
+    Under torchrun each rank computes a contiguous slice and the slices are gathered."""
 
     class Pooled(nn.Module):
         def __init__(self, b):
@@ -128,22 +125,25 @@ def pooled_features(
             samples, kind="pooled", fp=fingerprint or module_fingerprint(backbone), pp=pp.to_dict(), flip=flip_average
         )
         path = Path(cache_dir) / f"pooled-{key}.npy"
-        if path.is_file():
+        if broadcast_object(path.is_file(), dist):
             log.info("feature cache hit: %s", path)
             return np.load(path)
     backbone = backbone.to(device).to(memory_format=torch.channels_last)
     t0 = time.perf_counter()
+    start, end = shard_range(len(samples), dist)
     feats = _run(
         Pooled(backbone),
-        _loader(samples, build_transforms(pp, train=False), batch_size, workers),
+        _loader(samples, build_transforms(pp, train=False), batch_size, workers, rows=(start, end), device=device),
         device=device,
         flip_average=flip_average,
         pool=True,
         progress=progress,
         desc="features",
+        amp_dtype=amp_dtype,
     )
+    feats = gather_concat(feats.reshape(end - start, -1), dist)
     log.info("pooled features: %d images in %.1fs", len(samples), time.perf_counter() - t0)
-    if key is not None:
+    if key is not None and dist.is_main:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         tmp = Path(cache_dir) / f".pooled-{key}.{os.getpid()}.npy"
         np.save(tmp, feats)
@@ -178,9 +178,13 @@ def bottom_feature_cache(
     workers: int = 0,
     progress: bool = True,
     fingerprint: str | None = None,
+    dist: DistInfo = DistInfo(),
 ) -> ViewStack:
     """float16 memmaps of the frozen bottom's output: `views` augmented views (train) or one
-    deterministic view (eval), one file per view."""
+    deterministic view (eval), one file per view.
+
+    Under torchrun each rank fills its own rows of the same file, so `cache_dir` must be on a
+    file system all ranks share."""
     views = views if train else 1
     fp = fingerprint or module_fingerprint(bottom)
     cache_dir = Path(cache_dir)
@@ -190,7 +194,7 @@ def bottom_feature_cache(
         view_seed = seed * 1000 + v
         key = cache_key(samples, kind="bottom-view", fp=fp, pp=pp.to_dict(), train=train, seed=view_seed)
         path, meta_path = cache_dir / f"bottom-{key}.f16", cache_dir / f"bottom-{key}.json"
-        if path.is_file() and meta_path.is_file():
+        if broadcast_object(path.is_file() and meta_path.is_file(), dist):
             shape = tuple(json.loads(meta_path.read_text())["shape"])
             log.info("phase-2 cache hit (view %d): %s", v + 1, path)
             out.append(np.memmap(path, dtype=np.float16, mode="r", shape=shape))
@@ -199,25 +203,31 @@ def bottom_feature_cache(
         with torch.inference_mode():
             probe = bottom(torch.zeros(1, 3, pp.input_size, pp.input_size, device=device))
         shape = (len(samples), *probe.shape[1:])
-        tmp = cache_dir / f".bottom-{key}.{os.getpid()}.f16"
-        mm = np.memmap(tmp, dtype=np.float16, mode="w+", shape=shape)
+        tmp = cache_dir / f".bottom-{key}.{broadcast_object(os.getpid(), dist)}.f16"
+        if dist.is_main:
+            np.memmap(tmp, dtype=np.float16, mode="w+", shape=shape).flush()
+        barrier(dist)
+        mm = np.memmap(tmp, dtype=np.float16, mode="r+", shape=shape)
+        start, end = shard_range(len(samples), dist)
         t0 = time.perf_counter()
-        random.seed(view_seed)
-        torch.manual_seed(view_seed)
         _run(
             bottom,
-            _loader(samples, build_transforms(pp, train=train), batch_size, workers, seed=view_seed),
+            _loader(samples, build_transforms(pp, train=train), batch_size, workers, rows=(start, end),
+                    seed=view_seed if train else None, device=device),
             device=device,
             flip_average=False,
             pool=False,
             progress=progress,
             desc=f"phase-2 cache view {v + 1}/{views}",
-            out=mm,
+            out=mm[start:end],
         )
         mm.flush()
         del mm
-        os.replace(tmp, path)
-        meta_path.write_text(json.dumps({"shape": list(shape)}))
+        barrier(dist)
+        if dist.is_main:
+            os.replace(tmp, path)
+            meta_path.write_text(json.dumps({"shape": list(shape)}))
+        barrier(dist)
         log.info("phase-2 cache view %d: %d images in %.1fs", v + 1, len(samples), time.perf_counter() - t0)
         out.append(np.memmap(path, dtype=np.float16, mode="r", shape=shape))
     return ViewStack(out)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import logging
+import random
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from melanoma_detector import CLASS_NAMES, __version__
-from melanoma_detector.config import Config, save_config
+from melanoma_detector.config import Config, load_config, save_config
 from melanoma_detector.data.dataset import ImageDataset, validate_images
 from melanoma_detector.data.discovery import Sample, discover_all, require_both_classes
 from melanoma_detector.data.splits import apply_split_file, assign_splits, save_split, split_counts
@@ -26,7 +28,6 @@ from melanoma_detector.data.transforms import build_transforms
 from melanoma_detector.errors import UserError
 from melanoma_detector.models.checkpoint import FORMAT_VERSION, save_checkpoint
 from melanoma_detector.models.factory import (
-    MelanomaNet,
     check_backbone_name,
     create_model,
     default_preprocessing,
@@ -34,14 +35,25 @@ from melanoma_detector.models.factory import (
     split_backbone,
     train_mode,
 )
+from melanoma_detector.training.distributed import (
+    DistInfo,
+    barrier,
+    broadcast_module,
+    broadcast_object,
+    init_distributed,
+    shard_range,
+    shutdown,
+    sync_batchnorm,
+)
 from melanoma_detector.training.engine import (
+    amp_dtype_for,
     class_weights,
     evaluate,
     predict_logits,
-    resolve_device,
     seed_everything,
     train_one_epoch,
 )
+from melanoma_detector.training.sampling import EpochSampler, TensorBatches, set_epoch
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +82,12 @@ class PlateauMonitor:
             self.lr_bad_epochs = 0
         return False, self.bad_epochs >= self.patience
 
+    def state_dict(self) -> dict[str, float]:
+        return {"best": self.best, "bad_epochs": self.bad_epochs, "lr_bad_epochs": self.lr_bad_epochs}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best, self.bad_epochs, self.lr_bad_epochs = state["best"], state["bad_epochs"], state["lr_bad_epochs"]
+
 
 def _adam(modules_l2: list[nn.Parameter], params: list[nn.Parameter], *, lr: float, l2: float):
     l2_ids = {id(p) for p in modules_l2}
@@ -83,24 +101,6 @@ def _adam(modules_l2: list[nn.Parameter], params: list[nn.Parameter], *, lr: flo
         return torch.optim.Adam(groups, lr=lr, fused=True)
     except (RuntimeError, TypeError):
         return torch.optim.Adam(groups, lr=lr, foreach=True)
-
-
-class TensorBatches:
-    """Shuffled mini-batches straight from in-memory tensors: for the head phase, where a
-    DataLoader's per-item indexing and collation cost more than the head's own step."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, shuffle: bool, seed: int = 0):
-        self.x, self.y, self.batch_size, self.shuffle = x, y, batch_size, shuffle
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return -(-len(self.x) // self.batch_size)
-
-    def __iter__(self):
-        idx = torch.randperm(len(self.x), generator=self.generator) if self.shuffle else torch.arange(len(self.x))
-        for i in range(0, len(idx), self.batch_size):
-            j = idx[i : i + self.batch_size]
-            yield self.x[j], self.y[j], j
 
 
 class single_thread:
@@ -121,27 +121,29 @@ class single_thread:
 
 
 class _CachedViews(Dataset):
-    """Items from the phase-2 cache: view `epoch % K` of each image.
+    """Items from the phase-2 cache: view `epoch % K` of each image (index `epoch * n + i`, as
+    `EpochSampler` yields it).
 
-    With `dihedral`, each item's feature map is also flipped / rotated by a random multiple of 90
-    degrees. Convolutions commute with these up to their kernels' own orientation, so this is a
-    cheap stand-in for fresh image-level flips/rotations between the K stored views.
+    With `dihedral`, each item's feature map is also flipped / rotated by a multiple of 90
+    degrees drawn from (seed, epoch, i). Convolutions commute with these up to their kernels'
+    own orientation, so this is a cheap stand-in for fresh image-level flips/rotations between
+    the K stored views.
     """
 
-    def __init__(self, cache: np.ndarray, labels: np.ndarray, *, dihedral: bool = False, seed: int = 0):
-        self.cache, self.labels, self.view = cache, labels, 0
-        self.dihedral = dihedral
-        self.rng = np.random.default_rng(seed)
+    def __init__(self, cache, labels: np.ndarray, *, dihedral: bool = False, seed: int = 0):
+        self.cache, self.labels = cache, labels
+        self.dihedral, self.seed = dihedral, seed
 
     def __len__(self) -> int:
         return self.cache.shape[1]
 
-    def __getitem__(self, i: int):
-        fmap = np.asarray(self.cache[self.view, i], dtype=np.float32)
+    def __getitem__(self, index: int):
+        epoch, i = divmod(index, len(self))
+        fmap = np.asarray(self.cache[epoch % self.cache.shape[0], i], dtype=np.float32)
         if self.dihedral:
-            k, flip = self.rng.integers(4), self.rng.integers(2)
+            k, flip = np.random.default_rng((self.seed, epoch, i)).integers(0, 4, size=2)
             fmap = np.rot90(fmap, k, axes=(1, 2))
-            fmap = np.ascontiguousarray(fmap[:, :, ::-1] if flip else fmap)
+            fmap = np.ascontiguousarray(fmap[:, :, ::-1] if flip % 2 else fmap)
         return torch.from_numpy(fmap), torch.tensor(self.labels[i]), i
 
 
@@ -159,21 +161,24 @@ class RunLogger:
 
     FIELDS = ["phase", "epoch", "global_epoch", "train_loss", "train_auc", "val_loss", "val_auc", "lr", "seconds"]
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, rows: list[dict[str, Any]] | None = None, *, enabled: bool = True):
         self.out_dir = out_dir
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = list(rows or [])
+        self.enabled = enabled
 
     def add(self, row: dict[str, Any]) -> None:
         row = {k: row.get(k) for k in self.FIELDS}
         row["global_epoch"] = len(self.rows) + 1
         self.rows.append(row)
+        if not self.enabled:
+            return
         with (self.out_dir / "metrics.csv").open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=self.FIELDS)
             w.writeheader()
             w.writerows(self.rows)
 
     def plot(self) -> None:
-        if self.rows:
+        if self.rows and self.enabled:
             from melanoma_detector.evaluation.plots import plot_training_curves
 
             plot_training_curves(
@@ -185,7 +190,7 @@ def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.4f}"
 
 
-def prepare_samples(config: Config, out_dir: Path, *, progress: bool) -> dict[str, list[Sample]]:
+def prepare_samples(config: Config, out_dir: Path, *, progress: bool, write: bool = True) -> dict[str, list[Sample]]:
     sources = discover_all(config.data.paths)
     samples = [s for src in sources for s in src.samples]
     if config.data.split_file:
@@ -198,49 +203,180 @@ def prepare_samples(config: Config, out_dir: Path, *, progress: bool) -> dict[st
     samples, bad = validate_images(
         samples, skip_bad=config.data.skip_bad_images, non_images=non_images, progress=progress
     )
-    save_split(samples, out_dir / "split.csv")
     by_split = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
     require_both_classes(by_split["train"], "training split")
     require_both_classes(by_split["val"], "validation split")
-    (out_dir / "data_summary.json").write_text(
-        json.dumps({"counts": split_counts(samples), "skipped_bad_images": len(bad), "bad_images": bad[:100]}, indent=2)
-    )
+    if write:
+        save_split(samples, out_dir / "split.csv")
+        (out_dir / "data_summary.json").write_text(
+            json.dumps({"counts": split_counts(samples), "skipped_bad_images": len(bad), "bad_images": bad[:100]}, indent=2)
+        )
     return by_split
 
 
-def run_training(config: Config, out_dir: str | Path, *, progress: bool = True) -> dict[str, Any]:
-    """Train per `config`, writing config, split, metrics, curves and checkpoint to `out_dir`."""
+# ---- crash-safe runs --------------------------------------------------------------------------
+
+RESUME_FILE = "resume.pt"
+_STAGES = ("phase1", "phase2", "final", "done")
+
+
+def _rng_state() -> dict[str, Any]:
+    # Plain types and tensors only, so the file loads with torch.load(weights_only=True).
+    np_state = np.random.get_state()
+    state = {
+        "python": json.dumps(random.getstate()),
+        "numpy": json.dumps([np_state[0], np_state[1].tolist(), *np_state[2:]]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    py = json.loads(state["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, key, *rest = json.loads(state["numpy"])
+    np.random.set_state((name, np.array(key, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_resume_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / RESUME_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir}: no {RESUME_FILE}, so nothing to resume (expected a run folder written by `melanoma train`)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - an unreadable file is the user's to know about
+        raise UserError(f"{path}: unreadable resume state ({str(exc).splitlines()[0][:200]})") from None
+
+
+class _Run:
+    """Where a run stands: the stage, completed epochs of that stage and everything needed to
+    continue from there. Rank 0 writes it atomically after every epoch, so `kill -9` at any
+    moment loses at most the epoch in progress."""
+
+    def __init__(self, out_dir: Path, dist: DistInfo, previous: dict[str, Any] | None):
+        self.out_dir, self.dist = out_dir, dist
+        self.prev = previous or {"stage": "phase1", "epoch": 0}
+
+    def stage_done(self, stage: str) -> bool:
+        return _STAGES.index(self.prev["stage"]) > _STAGES.index(stage)
+
+    def resumes(self, stage: str) -> bool:
+        return self.prev["stage"] == stage and self.prev["epoch"] > 0
+
+    def save(self, **state: Any) -> None:
+        rng = [None] * self.dist.world_size
+        if self.dist.enabled:
+            import torch.distributed as tdist
+
+            tdist.all_gather_object(rng, _rng_state())
+        else:
+            rng = [_rng_state()]
+        if self.dist.is_main:
+            save_checkpoint({"format_version": FORMAT_VERSION, "world_size": self.dist.world_size, "rng": rng, **state},
+                            self.out_dir / RESUME_FILE)
+
+
+def _resolve_paths(config: Config) -> Config:
+    """Absolute data paths in the saved config, so `--resume` works from any folder."""
+    data = dataclasses.replace(
+        config.data,
+        paths=tuple(str(Path(p).resolve()) for p in config.data.paths),
+        split_file=str(Path(config.data.split_file).resolve()) if config.data.split_file else None,
+    )
+    return dataclasses.replace(config, data=data)
+
+
+def run_training(config: Config | None, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
+                 runtime: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train per `config`, writing config, split, metrics, curves and checkpoint to `out_dir`.
+
+    `resume=True` continues the run in `out_dir` from its saved config, split and resume state;
+    `runtime` may override options that do not change the result's meaning (device, threads,
+    workers). Under torchrun, every rank calls this; only rank 0 writes files."""
     out_dir = Path(out_dir)
-    if (out_dir / "checkpoint.pt").exists():
-        raise UserError(f"{out_dir} already holds a trained checkpoint; choose another --out (runs are never overwritten)")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tc, mc = config.train, config.model
+    previous = None
+    if resume:
+        if not (out_dir / "config.yaml").is_file():
+            raise UserError(f"{out_dir}: not a run folder (no config.yaml); --resume takes the --out folder of an earlier `melanoma train`")
+        if (out_dir / RESUME_FILE).is_file():
+            previous = read_resume_state(out_dir)
+            if previous["stage"] == "done":
+                raise UserError(f"{out_dir}: this run already finished; nothing to resume")
+        else:
+            log.info("%s: no epoch had finished; starting the run again from its saved config", out_dir)
+        config = load_config(out_dir / "config.yaml", runtime or {})
+        if (out_dir / "split.csv").is_file():
+            config = dataclasses.replace(config, data=dataclasses.replace(config.data, split_file=str(out_dir / "split.csv")))
+    elif (out_dir / "checkpoint.pt").exists() or (out_dir / RESUME_FILE).exists():
+        raise UserError(f"{out_dir} already holds a trained checkpoint; choose another --out (runs are never "
+                        f"overwritten) or continue it with `melanoma train --resume {out_dir}`")
+    if config is None:
+        raise UserError("run_training needs a config unless resume=True")
+    tc = config.train
     if tc.threads:
         torch.set_num_threads(tc.threads)
+    dist, device = init_distributed(tc.device)
+    try:
+        return _train(config, out_dir, dist=dist, device=device, progress=progress and dist.is_main, previous=previous)
+    finally:
+        shutdown(dist)
+
+
+def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool,
+           previous: dict[str, Any] | None) -> dict[str, Any]:
+    tc, mc = config.train, config.model
+    main = dist.is_main
     seed_everything(tc.seed)
-    save_config(config, out_dir / "config.yaml")
-    device = resolve_device(tc.device)
+    if previous is None:
+        config = _resolve_paths(config)
+        if main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, out_dir / "config.yaml")
     check_backbone_name(mc.backbone)
-    splits = prepare_samples(config, out_dir, progress=progress)
+    splits = prepare_samples(config, out_dir, progress=progress, write=main and previous is None)
     train_s, val_s = splits["train"], splits["val"]
-    log.info("data: train %d, val %d, test %d images; device %s", len(train_s), len(val_s), len(splits["test"]), device)
+    if main:
+        log.info("data: train %d, val %d, test %d images; device %s; %d process(es)",
+                 len(train_s), len(val_s), len(splits["test"]), device, dist.world_size)
 
     model = create_model(
-        mc.backbone, pretrained=mc.pretrained, weights=mc.weights, allow_random_init=mc.allow_random_init,
-        hidden=mc.hidden, dropout=mc.dropout,
+        mc.backbone, pretrained=mc.pretrained and previous is None, weights=mc.weights if previous is None else None,
+        allow_random_init=mc.allow_random_init or previous is not None, hidden=mc.hidden, dropout=mc.dropout,
     )
     pp = default_preprocessing(model.backbone, image_size=mc.image_size, resize_mode=mc.resize_mode)
+    broadcast_module(model, dist)  # every rank starts from rank 0's weights, random-init ones included
+    seed_everything(tc.seed + dist.rank)  # then distinct dropout masks per rank; data order is seeded apart
+    run = _Run(out_dir, dist, previous)
+    if previous is not None:
+        model.load_state_dict(previous["model_state"])
+        log.info("resuming %s after %s epoch %d", out_dir, previous["stage"], previous["epoch"])
+    if dist.enabled:
+        model = sync_batchnorm(model, device)
     model.to(device)
+    amp_dtype = amp_dtype_for(tc.amp, device)
+    channels_last = device.type == "cuda"
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     cw = class_weights(s.label for s in train_s) if tc.class_weights else None
     y_train = np.array([s.label for s in train_s], np.float32)
+    v0, v1 = shard_range(len(val_s), dist)
     y_val = np.array([s.label for s in val_s], np.float32)
     cache_dir = Path(tc.cache_dir) if tc.cache_dir else None
     if cache_dir is None:
         from melanoma_detector.training.features import default_cache_dir
 
         cache_dir = default_cache_dir()
-    runlog = RunLogger(out_dir)
-    best = {"auc": -float("inf"), "state": copy.deepcopy(model.state_dict()), "phase": None, "epoch": 0}
+    runlog = RunLogger(out_dir, previous["history"] if previous else None, enabled=main)
+    if previous is not None:
+        best = dict(previous["best"])
+    else:
+        best = {"auc": -float("inf"), "state": copy.deepcopy(model.state_dict()), "phase": None, "epoch": 0}
+    loader_kw = dict(workers=config.data.num_workers, device=device, dist=dist)
 
     def base_ckpt() -> dict[str, Any]:
         return {
@@ -253,70 +389,104 @@ def run_training(config: Config, out_dir: str | Path, *, progress: bool = True) 
             "history": runlog.rows,
         }
 
-    def run_phase(phase, module, optimizer, train_loader, val_loader, epochs, set_mode, before_epoch=None):
+    def wrap(module: nn.Module) -> nn.Module:
+        if tc.compile:
+            module = torch.compile(module)
+        if dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+        return module
+
+    def run_phase(phase, module, optimizer, train_loader, val_loader, epochs, set_mode):
         monitor = PlateauMonitor(
             optimizer, patience=tc.early_stopping_patience, lr_patience=tc.reduce_lr_patience,
             factor=tc.reduce_lr_factor, min_lr=tc.min_lr,
         )
-        for epoch in range(1, epochs + 1):
-            if before_epoch:
-                before_epoch(epoch)
+        first = 1
+        if run.resumes(phase):
+            optimizer.load_state_dict(previous["optimizer_state"])
+            monitor.load_state_dict(previous["monitor"])
+            _set_rng_state(previous["rng"][dist.rank] if previous.get("world_size") == dist.world_size else previous["rng"][0])
+            first = previous["epoch"] + 1
+            if previous.get("stopped"):
+                first = epochs + 1
+        scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        trained = wrap(module)
+        phase_offset = 1000 * _STAGES.index(phase)  # fresh augmentation seeds per phase
+        for epoch in range(first, epochs + 1):
+            set_epoch(train_loader, phase_offset + epoch)
             t0 = time.perf_counter()
             tr = train_one_epoch(
-                module, train_loader, optimizer, device=device, class_w=cw, set_train_mode=set_mode,
+                trained, train_loader, optimizer, device=device, class_w=cw, set_train_mode=set_mode,
                 max_steps=tc.max_steps_per_epoch, progress=progress, desc=f"{phase} {epoch}/{epochs}",
+                amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, dist=dist,
             )
-            va = evaluate(module, val_loader, device=device, class_w=cw)
+            va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
             lr = optimizer.param_groups[0]["lr"]
             improved, stop = monitor.step(va["auc"])
+            seconds = time.perf_counter() - t0
             runlog.add({
                 "phase": phase, "epoch": epoch, "train_loss": tr["loss"], "train_auc": tr.get("auc"),
-                "val_loss": va["loss"], "val_auc": va["auc"], "lr": lr, "seconds": time.perf_counter() - t0,
+                "val_loss": va["loss"], "val_auc": va["auc"], "lr": lr, "seconds": seconds,
             })
-            print(
-                f"{phase} epoch {epoch}/{epochs}: loss {tr['loss']:.4f} val_loss {va['loss']:.4f} "
-                f"val_auc {_fmt(va['auc'])}{' *' if improved else ''} ({time.perf_counter() - t0:.1f}s)",
-                flush=True,
-            )
+            if main:
+                print(
+                    f"{phase} epoch {epoch}/{epochs}: loss {tr['loss']:.4f} val_loss {va['loss']:.4f} "
+                    f"val_auc {_fmt(va['auc'])}{' *' if improved else ''} ({seconds:.1f}s)",
+                    flush=True,
+                )
             if improved and (va["auc"] or -1) > best["auc"]:
                 best.update(auc=va["auc"], state=copy.deepcopy(model.state_dict()), phase=phase, epoch=epoch)
-                save_checkpoint({**base_ckpt(), "model_state": best["state"], "best": {"phase": phase, "epoch": epoch, "val_auc": va["auc"]}}, out_dir / "checkpoint.pt")
-            if stop:
+                if main:
+                    save_checkpoint({**base_ckpt(), "model_state": best["state"],
+                                     "best": {"phase": phase, "epoch": epoch, "val_auc": va["auc"]}}, out_dir / "checkpoint.pt")
+            if stop and main:
                 print(f"{phase}: early stopping after {epoch} epochs (no val AUC gain in {tc.early_stopping_patience})", flush=True)
+            run.save(stage=phase, epoch=epoch, stopped=stop, model_state=model.state_dict(),
+                     optimizer_state=optimizer.state_dict(), monitor=monitor.state_dict(), best=best, history=runlog.rows)
+            if stop:
                 break
         return monitor.best
+
+    def finish_stage(stage: str) -> None:
+        """Record that `stage` is over (with the weights the next stage starts from)."""
+        nxt = _STAGES[_STAGES.index(stage) + 1]
+        run.prev = {"stage": nxt, "epoch": 0}
+        run.save(stage=nxt, epoch=0, model_state=model.state_dict(), best=best, history=runlog.rows)
 
     # ---- phase 1: frozen backbone, train the head --------------------------------------------
     for p in model.backbone.parameters():
         p.requires_grad = False
-    if tc.epochs_frozen > 0:
+    if tc.epochs_frozen > 0 and not run.stage_done("phase1"):
         l2_params = model.head.l2_parameters()
+        opt = _adam(l2_params, list(model.head.parameters()), lr=tc.lr_frozen, l2=tc.l2)
         if tc.feature_cache:
             from melanoma_detector.training.features import module_fingerprint, pooled_features
 
             fp = module_fingerprint(model.backbone)
             kw = dict(device=device, cache_dir=cache_dir, batch_size=tc.batch_size, workers=config.data.num_workers,
-                      flip_average=tc.flip_average, progress=progress, fingerprint=fp)
+                      flip_average=tc.flip_average, progress=progress, fingerprint=fp, dist=dist, amp_dtype=amp_dtype)
             f_train = pooled_features(model.backbone, train_s, pp, **kw)
             f_val = pooled_features(model.backbone, val_s, pp, **kw)
-            tl = TensorBatches(torch.from_numpy(f_train), torch.from_numpy(y_train), batch_size=tc.batch_size,
-                               shuffle=True, seed=tc.seed)
-            vl = TensorBatches(torch.from_numpy(f_val), torch.from_numpy(y_val), batch_size=1024, shuffle=False)
-            opt = _adam(l2_params, list(model.head.parameters()), lr=tc.lr_frozen, l2=tc.l2)
+            tl = TensorBatches(torch.from_numpy(f_train).to(device), torch.from_numpy(y_train).to(device),
+                               batch_size=tc.batch_size, shuffle=True, seed=tc.seed, info=dist)
+            vl = TensorBatches(torch.from_numpy(f_val[v0:v1]).to(device), torch.from_numpy(y_val[v0:v1]).to(device),
+                               batch_size=1024, shuffle=False)
             with single_thread():
                 run_phase("phase1", model.head, opt, tl, vl, tc.epochs_frozen, model.head.train)
         else:
-            tl = _image_loader(train_s, pp, tc.batch_size, config.data.num_workers, train=True, seed=tc.seed)
-            vl = _image_loader(val_s, pp, tc.batch_size, config.data.num_workers, train=False)
-            opt = _adam(l2_params, list(model.head.parameters()), lr=tc.lr_frozen, l2=tc.l2)
+            tl = _image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed, **loader_kw)
+            vl = _image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
             run_phase("phase1", model, opt, tl, vl, tc.epochs_frozen, lambda: (model.train(), model.backbone.eval()))
         model.load_state_dict(best["state"])
+        finish_stage("phase1")
 
     # ---- phase 2: unfreeze the top of the backbone -------------------------------------------
     mode = tc.phase2_mode
     if mode == "auto":
         mode = "plain" if device.type == "cuda" else "cached"
-    if tc.epochs_finetune > 0:
+    if tc.epochs_finetune > 0 and not run.stage_done("phase2"):
         frozen = set_trainable_top(model, tc.unfreeze_fraction)
         trainable = [p for p in model.parameters() if p.requires_grad]
         opt = _adam(model.head.l2_parameters(), trainable, lr=tc.lr_finetune, l2=tc.l2)
@@ -330,32 +500,35 @@ def run_training(config: Config, out_dir: str | Path, *, progress: bool = True) 
             bottom, top = parts
             fp = module_fingerprint(bottom)
             kw = dict(device=device, cache_dir=cache_dir, seed=tc.seed, batch_size=tc.batch_size,
-                      workers=config.data.num_workers, progress=progress, fingerprint=fp)
+                      workers=config.data.num_workers, progress=progress, fingerprint=fp, dist=dist)
             c_train = bottom_feature_cache(bottom, train_s, pp, views=tc.cache_views, train=True, **kw)
             c_val = bottom_feature_cache(bottom, val_s, pp, views=1, train=False, **kw)
             ds = _CachedViews(c_train, y_train, dihedral=tc.cache_dihedral, seed=tc.seed)
-            g = torch.Generator().manual_seed(tc.seed + 1)
-            tl = DataLoader(ds, batch_size=tc.batch_size, shuffle=True, generator=g)
-            vl = DataLoader(_CachedViews(c_val, y_val), batch_size=64)
+            tl = DataLoader(ds, batch_size=tc.batch_size, sampler=EpochSampler(len(ds), dist, seed=tc.seed + 1))
+            vl = DataLoader(Subset(_CachedViews(c_val, y_val), range(v0, v1)), batch_size=64)
             module = _TopAndHead(top, model.head)
-
-            def set_mode():
-                train_mode(model, frozen)
-
-            def pick_view(epoch: int):
-                ds.view = (epoch - 1) % c_train.shape[0]
-
-            run_phase("phase2", module, opt, tl, vl, tc.epochs_finetune, set_mode, pick_view)
+            run_phase("phase2", module, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen))
         else:
-            tl = _image_loader(train_s, pp, tc.batch_size, config.data.num_workers, train=True, seed=tc.seed + 1)
-            vl = _image_loader(val_s, pp, tc.batch_size, config.data.num_workers, train=False)
+            tl = _image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed + 1, **loader_kw)
+            vl = _image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
             run_phase("phase2", model, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen))
         for p in model.parameters():
             p.requires_grad = True
+        finish_stage("phase2")
 
-    # ---- final: best weights, calibration and operating points on validation -----------------
+    # ---- final: best weights, calibration and operating points on validation (rank 0) -------
     model.load_state_dict(best["state"])
     model.eval()
+    summary = None
+    if main:
+        summary = _finalize(model, best, base_ckpt(), splits, pp, config, out_dir, device=device,
+                            amp_dtype=amp_dtype, progress=progress)
+        runlog.plot()
+    run.save(stage="done", epoch=0, best={k: v for k, v in best.items() if k != "state"}, history=runlog.rows)
+    return broadcast_object(summary, dist)
+
+
+def _finalize(model, best, base, splits, pp, config, out_dir, *, device, amp_dtype, progress) -> dict[str, Any]:
     from melanoma_detector.evaluation.metrics import (
         apply_calibration,
         binary_metrics,
@@ -364,7 +537,13 @@ def run_training(config: Config, out_dir: str | Path, *, progress: bool = True) 
         threshold_for_specificity,
     )
 
-    val_logits, val_y = predict_logits(model, _image_loader(val_s, pp, 64, config.data.num_workers, train=False), device=device, progress=progress, desc="final val")
+    workers = config.data.num_workers
+
+    def logits_of(samples, desc):
+        loader = _image_loader(samples, pp, 64, workers=workers, device=device, train=False)
+        return predict_logits(model, loader, device=device, progress=progress, desc=desc, amp_dtype=amp_dtype)
+
+    val_logits, val_y = logits_of(splits["val"], "final val")
     temperature, logit_bias = fit_temperature_bias(val_logits, val_y)
     p_val = apply_calibration(val_logits, temperature, logit_bias)
     thresholds = {
@@ -373,31 +552,33 @@ def run_training(config: Config, out_dir: str | Path, *, progress: bool = True) 
     }
     metrics = {"val": binary_metrics(val_y, p_val, threshold=thresholds["screening"])}
     if splits["test"] and len({s.label for s in splits["test"]}) == 2:
-        tl_, ty = predict_logits(model, _image_loader(splits["test"], pp, 64, config.data.num_workers, train=False), device=device, progress=progress, desc="final test")
+        tl_, ty = logits_of(splits["test"], "final test")
         metrics["test"] = binary_metrics(ty, apply_calibration(tl_, temperature, logit_bias), threshold=thresholds["screening"])
+    best_info = {"phase": best["phase"], "epoch": best["epoch"], "val_auc": best["auc"] if best["auc"] > -1 else None}
     ckpt = {
-        **base_ckpt(),
+        **base,
         "model_state": best["state"],
-        "best": {"phase": best["phase"], "epoch": best["epoch"], "val_auc": best["auc"] if best["auc"] > -1 else None},
+        "best": best_info,
         "temperature": temperature,
         "logit_bias": logit_bias,
         "thresholds": thresholds,
         "metrics": metrics,
     }
     save_checkpoint(ckpt, out_dir / "checkpoint.pt")
-    (out_dir / "metrics.json").write_text(json.dumps({"best": ckpt["best"], "temperature": temperature, "logit_bias": logit_bias, "thresholds": thresholds, **metrics}, indent=2))
-    runlog.plot()
-    summary = {"out_dir": str(out_dir), "best": ckpt["best"], "metrics": metrics, "thresholds": thresholds, "temperature": temperature}
-    return summary
+    (out_dir / "metrics.json").write_text(json.dumps({"best": best_info, "temperature": temperature, "logit_bias": logit_bias, "thresholds": thresholds, **metrics}, indent=2))
+    return {"out_dir": str(out_dir), "best": best_info, "metrics": metrics, "thresholds": thresholds, "temperature": temperature}
 
 
-def _image_loader(samples, pp, batch_size, workers, *, train: bool, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
+def _image_loader(samples, pp, batch_size, *, workers: int, device: torch.device, train: bool, seed: int = 0,
+                  dist: DistInfo = DistInfo()):
+    dataset = ImageDataset(samples, build_transforms(pp, train=train), seed=seed if train else None)
     return DataLoader(
-        ImageDataset(samples, build_transforms(pp, train=train)),
+        dataset,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=EpochSampler(len(dataset), dist, seed=seed) if train else None,
         num_workers=workers,
-        generator=g,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
         drop_last=False,
     )

@@ -1,0 +1,71 @@
+"""torchrun + DistributedDataParallel on CPU (gloo): two processes at batch b must train like one
+process at batch 2b with the same seed, compute validation AUC over the whole validation set,
+and leave the writing to rank 0."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_BACKBONE, make_class_folder
+from melanoma_detector.cli import main
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp-data")
+    rng = np.random.default_rng(11)
+    make_class_folder(root / "train", 16, rng, "tr")  # 32 images: whole global batches of 8
+    make_class_folder(root / "val", 7, rng, "va")  # 14 images: 7 per rank
+    make_class_folder(root / "test", 3, rng, "te")
+    return root
+
+
+def _args(data, out, cache, cfg, batch):
+    return ["train", "--data", str(data), "--out", str(out), "--config", str(cfg), "--backbone", TINY_BACKBONE,
+            "--no-pretrained", "--image-size", "64", "--epochs-frozen", "3", "--epochs-finetune", "1",
+            "--phase2-mode", "cached", "--cache-views", "2", "--batch-size", str(batch), "--cache-dir", str(cache),
+            "--no-progress", "--seed", "5", "--threads", "1", "--device", "cpu"]
+
+
+def _rows(run):
+    with (run / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(layout, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    # No dropout: its masks are per rank by design, everything else must agree.
+    cfg.write_text(yaml.safe_dump({"model": {"dropout": [0.0, 0.0]}, "train": {"early_stopping_patience": 50}}))
+    single = tmp_path / "single"
+    assert main(_args(layout, single, tmp_path / "cache1", cfg, batch=8)) == 0
+
+    ddp = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "melanoma_detector", *_args(layout, ddp, tmp_path / "cache2", cfg, batch=4)],
+        capture_output=True, text=True, env=env, timeout=400,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("phase1 epoch 1/3") == 1, "only rank 0 logs epochs"
+    assert out.count("best val AUC") == 1
+
+    got, want = _rows(ddp), _rows(single)
+    assert [(r["phase"], r["epoch"]) for r in got] == [(r["phase"], r["epoch"]) for r in want]
+    for g, w in zip(got, want):
+        if g["phase"] != "phase1":
+            continue  # phase 2's backbone BatchNorm keeps per-rank statistics on CPU (no CPU SyncBatchNorm)
+        for key in ("train_loss", "train_auc", "val_loss", "val_auc"):
+            assert float(g[key]) == pytest.approx(float(w[key]), rel=1e-4, abs=1e-5), (key, g, w)
+    assert got[-1]["phase"] == "phase2" and got[-1]["val_auc"] not in ("", None)
+    a = torch.load(ddp / "checkpoint.pt", map_location="cpu", weights_only=True)
+    b = torch.load(single / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert a["metrics"]["val"]["n"] == b["metrics"]["val"]["n"] == 14  # the whole validation set
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())

@@ -1,0 +1,115 @@
+"""Crash-safe training: kill -9 a training subprocess mid-run, `--resume` it, and check the run
+loses at most the epoch in progress and ends exactly where an uninterrupted run ends."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import TINY_BACKBONE, make_class_folder
+from melanoma_detector.cli import main
+
+EPOCHS = (3, 3)
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume-data")
+    rng = np.random.default_rng(5)
+    make_class_folder(root / "train", 24, rng, "tr")
+    make_class_folder(root / "val", 8, rng, "va")
+    make_class_folder(root / "test", 4, rng, "te")
+    return root
+
+
+def _config(tmp_path):
+    # Image-based phase 1 (no feature cache) so that every epoch takes long enough to be killed
+    # inside; patience high enough that no phase stops early.
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump({"train": {"feature_cache": False, "early_stopping_patience": 50,
+                                              "reduce_lr_patience": 1, "phase2_mode": "plain"}}))
+    return path
+
+
+def _train_args(data, out, cfg, cache):
+    return ["train", "--data", str(data), "--out", str(out), "--config", str(cfg), "--backbone", TINY_BACKBONE,
+            "--no-pretrained", "--image-size", "64", "--epochs-frozen", str(EPOCHS[0]), "--epochs-finetune",
+            str(EPOCHS[1]), "--batch-size", "8", "--cache-dir", str(cache), "--no-progress", "--seed", "7",
+            "--threads", "1"]
+
+
+def _rows(run):
+    with (run / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(layout, tmp_path):
+    cfg = _config(tmp_path)
+    reference = tmp_path / "reference"
+    assert main(_train_args(layout, reference, cfg, tmp_path / "cache-ref")) == 0
+    ref_rows = _rows(reference)
+    assert len(ref_rows) == sum(EPOCHS)
+
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "melanoma_detector", *_train_args(layout, run, cfg, tmp_path / "cache")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        # Kill once two epochs are recorded: the third is then in progress.
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run / "metrics.csv").is_file() and len(_rows(run)) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read().decode()
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = len(_rows(run))
+    assert 2 <= done_before < sum(EPOCHS)
+    state = torch.load(run / "resume.pt", map_location="cpu", weights_only=True)
+    assert state["stage"] in ("phase1", "phase2") and state["stage"] != "done"
+
+    assert main(["train", "--resume", str(run), "--no-progress", "--threads", "1"]) == 0
+    rows = _rows(run)
+    assert [(r["phase"], int(r["epoch"])) for r in rows] == [(r["phase"], int(r["epoch"])) for r in ref_rows]
+    assert [int(r["global_epoch"]) for r in rows] == list(range(1, sum(EPOCHS) + 1))
+    # Epochs finished before the kill are kept as they were; the resumed ones continue the same
+    # trajectory (same data order, augmentation, dropout and optimizer state).
+    for got, want in zip(rows, ref_rows):
+        for key in ("train_loss", "val_loss", "val_auc", "lr"):
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-5), (got, want, key)
+    a = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    b = torch.load(reference / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert a["best"] == b["best"]
+    for k, v in b["model_state"].items():
+        assert torch.allclose(a["model_state"][k].float(), v.float(), atol=1e-4), k
+    assert torch.load(run / "resume.pt", map_location="cpu", weights_only=True)["stage"] == "done"
+
+
+def test_resume_refuses_a_finished_run_and_changed_options(layout, tmp_path, capsys):
+    cfg = _config(tmp_path)
+    run = tmp_path / "run"
+    args = _train_args(layout, run, cfg, tmp_path / "cache")
+    args[args.index("--epochs-frozen") + 1] = "1"
+    args[args.index("--epochs-finetune") + 1] = "0"
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 2
+    assert "already finished" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--epochs-frozen", "5"]) == 2
+    assert "drop --epochs-frozen" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert main(["train", "--data", str(layout), "--out", str(run), "--no-progress"]) == 2
+    assert "--resume" in capsys.readouterr().err
