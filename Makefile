@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= train,lite-weights,serve,export,dev,app
+EXTRAS ?= train,lite-weights,serve,export,dev,app,batch
 STAMP := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
 .PHONY: demo demo-train test test-slow install clean

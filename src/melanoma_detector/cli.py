@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from melanoma_detector import DISCLAIMER, __version__
@@ -40,10 +42,15 @@ _non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model (the seed's two-phase recipe)")
-    p.add_argument("--data", action="append", required=True, metavar="ROOT_OR_MANIFEST",
+    p = sub.add_parser("train", help="train a model (the seed's two-phase recipe)",
+                       description="Train with the seed's two-phase recipe. Under torchrun "
+                                   "(`torchrun --nproc_per_node=N -m melanoma_detector train ...`) it trains with "
+                                   "DistributedDataParallel; --batch-size is per process.")
+    p.add_argument("--data", action="append", metavar="ROOT_OR_MANIFEST",
                    help="data folder or CSV manifest; repeat to combine several sets")
-    p.add_argument("--out", required=True, help="run folder (config, split, metrics, plots, checkpoint)")
+    p.add_argument("--out", help="run folder (config, split, metrics, plots, checkpoint)")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last finished epoch (uses the run's saved config)")
     p.add_argument("--config", help="YAML config; flags below override it")
     p.add_argument("--backbone", help="any timm model name (default: efficientnet_b3, the seed's)")
     p.add_argument("--weights", help="local backbone weights: state dict (.pth) or .safetensors")
@@ -65,6 +72,9 @@ def _add_train(sub) -> None:
     p.add_argument("--cache-dir")
     p.add_argument("--split-file", help="a saved split.csv to reuse instead of splitting")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision (default auto: bf16 on CUDA, off on CPU)")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the trained module")
     p.add_argument("--threads", type=_positive_int)
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader worker processes")
     p.add_argument("--seed", type=int)
@@ -75,10 +85,27 @@ def _add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+# Options that change how a run executes, not what it computes: the only ones --resume accepts.
+_RUNTIME_TRAIN_OPTIONS = {"device": "train.device", "threads": "train.threads", "workers": "data.num_workers"}
+
+
 def cmd_train(args) -> int:
     from melanoma_detector.config import load_config
     from melanoma_detector.training.trainer import run_training
 
+    if args.resume:
+        fixed = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                 if v not in (None, False) and k not in (*_RUNTIME_TRAIN_OPTIONS, "resume", "no_progress", "func",
+                                                         "command", "verbose")]
+        if fixed:
+            raise UserError(f"--resume continues a run with its saved config.yaml; drop {', '.join(sorted(fixed))} "
+                            f"(accepted with --resume: --device, --threads, --workers, --no-progress)")
+        runtime = {key: getattr(args, name) for name, key in _RUNTIME_TRAIN_OPTIONS.items()}
+        summary = run_training(None, args.resume, progress=not args.no_progress, resume=True, runtime=runtime)
+        _print_train_summary(summary)
+        return 0
+    if not args.data or not args.out:
+        raise UserError("train needs --data and --out (or --resume RUN_DIR to continue an interrupted run)")
     overrides = {
         "data.paths": args.data,
         "data.split_file": args.split_file,
@@ -101,6 +128,8 @@ def cmd_train(args) -> int:
         "train.cache_dihedral": args.cache_dihedral,
         "train.cache_dir": args.cache_dir,
         "train.device": args.device,
+        "train.amp": args.amp,
+        "train.compile": args.compile,
         "train.threads": args.threads,
         "train.seed": args.seed,
         "train.max_steps_per_epoch": args.max_steps_per_epoch,
@@ -109,12 +138,18 @@ def cmd_train(args) -> int:
     if not 0 <= config.train.unfreeze_fraction <= 1:
         raise UserError(f"--unfreeze-fraction {config.train.unfreeze_fraction}: accepted 0 to 1")
     summary = run_training(config, args.out, progress=not args.no_progress)
+    _print_train_summary(summary)
+    return 0
+
+
+def _print_train_summary(summary) -> None:
+    if summary is None or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks
+        return
     best = summary["best"]
     print(f"best val AUC {best['val_auc']} ({best['phase']} epoch {best['epoch']}); run folder: {summary['out_dir']}")
     for split, m in summary["metrics"].items():
         print(f"{split}: AUC {m['roc_auc']}, sensitivity {m['sensitivity']}, specificity {m['specificity']} "
               f"at screening threshold {summary['thresholds']['screening']:.3f}")
-    return 0
 
 
 def _is_bundle(path: Path) -> bool:
@@ -206,22 +241,69 @@ def _collect_images(paths: list[str]) -> list[str]:
 
 
 def _add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="probability of melanoma for images or folders")
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders (searched recursively)")
+    p = sub.add_parser("predict", help="probability of melanoma for images or folders",
+                       description="Score images. Small jobs print a table (and --csv/--json); large jobs "
+                                   "(--out) stream rows to a CSV or Parquet file with parallel decoding and --resume.")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="image files or folders (searched recursively)")
+    p.add_argument("--manifest", action="append", default=[], metavar="FILE",
+                   help="CSV with a path (or image/filepath) column, or a text file with one path per line; "
+                        "relative paths are resolved against its folder; repeatable")
     p.add_argument("--model", help="bundle folder (default: the shipped model), checkpoint (.pt) or run folder")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--csv", help="write results to this CSV file")
     p.add_argument("--json", nargs="?", const="-", help="write results as JSON (to a file, or stdout)")
+    p.add_argument("--out", metavar="FILE.csv|FILE.parquet",
+                   help="large jobs: stream results to this file (format by extension; Parquet needs the "
+                        "'batch' extra), flushed as it goes, with bounded memory; prints a summary, not a table")
+    p.add_argument("--resume", action="store_true",
+                   help="with --out: continue an existing output, skipping the images already in it")
+    p.add_argument("--workers", type=_non_negative_int, metavar="N",
+                   help="with --out: decode in N worker processes (default: min(2, CPUs); 0 = in this process)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N", help="images per model call (default 16)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_predict)
+
+
+def _predict_to_file(args) -> int:
+    from melanoma_detector.inference.batch import iter_inputs, open_output, predict_to_file
+
+    if args.csv or args.json:
+        raise UserError("--out writes the results file itself; use --out, or --csv/--json for small jobs, not both")
+    paths = iter_inputs(args.paths, args.manifest)  # missing inputs fail here, before the model loads
+    open_output(args.out, resume=args.resume)  # so does an output that exists without --resume
+    predictor = _make_predictor(args.model, tta=args.tta)
+    try:
+        s = predict_to_file(predictor, paths, args.out, workers=args.workers, batch_size=args.batch_size,
+                            tta=args.tta, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"the rows scored so far are saved ({args.out}); add --resume to the same command to continue",
+              file=sys.stderr)
+        raise
+    print(f"{s['processed']} images scored ({s['ok']} ok, {s['cannot_assess']} cannot assess) in "
+          f"{s['seconds']:.1f} s ({s['images_per_s']:.1f} images/s); {s['skipped']} skipped as already in "
+          f"the output or listed twice; results: {s['out']}")
+    print(DISCLAIMER)
+    return 1 if s["processed"] and not s["ok"] else 0
 
 
 def cmd_predict(args) -> int:
     import csv
 
+    if not args.paths and not args.manifest:
+        raise UserError("nothing to score: give image files or folders, or --manifest FILE")
+    if args.out:
+        return _predict_to_file(args)
+    if args.resume or args.workers is not None:
+        raise UserError("--resume and --workers apply to --out runs (streamed to a file); add --out FILE.csv")
     files = _collect_images(args.paths)
+    if args.manifest:
+        from melanoma_detector.inference.batch import iter_inputs
+
+        files.extend(iter_inputs((), args.manifest))
+    if not files:
+        raise UserError(f"{', '.join(args.manifest)}: the manifest lists no images")
     predictor = _make_predictor(args.model, tta=args.tta)
-    rows = predictor.predict_paths(files, progress=not args.no_progress and len(files) > 1)
+    rows = predictor.predict_paths(files, batch_size=args.batch_size, progress=not args.no_progress and len(files) > 1)
     columns = ["path", "probability_malignant", "predicted_label", "risk_level", "recommendation", "status", "reason"]
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
@@ -383,6 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
+    # The decoder refuses images over Pillow's pixel limit with a one-line reason of its own;
+    # Pillow's DecompressionBombWarning for them would only add two confusing lines to stderr.
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit")
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

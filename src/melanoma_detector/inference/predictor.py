@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -18,7 +19,7 @@ from melanoma_detector import DISCLAIMER
 from melanoma_detector.data.io import ImageSource, load_image, to_rgb
 from melanoma_detector.errors import ImageDecodeError
 from melanoma_detector.inference.bundle import Bundle, load_bundle
-from melanoma_detector.preprocess import preprocess_image
+from melanoma_detector.preprocess import Preprocessing, preprocess_image
 
 RESULT_COLUMNS = [
     "path", "probability_malignant", "predicted_label", "risk_level", "recommendation", "status", "reason",
@@ -40,6 +41,43 @@ def dihedral_views(x: np.ndarray) -> list[np.ndarray]:
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
+
+
+def gate_image(img: Image.Image, *, min_side: int, min_std: float) -> None:
+    """The input gate's cheap checks, before the model: raises CannotAssess with the reason."""
+    w, h = img.size
+    if min(w, h) < min_side:
+        raise CannotAssess(
+            f"image is {w}x{h} pixels; at least {min_side} px on each side is needed "
+            "(upload the original dermoscopic photo, not a thumbnail)"
+        )
+    small = np.asarray(img.convert("L").resize((64, 64)), dtype=np.float32)
+    if small.std() < min_std:
+        raise CannotAssess(
+            "image is nearly uniform (no visible lesion); upload a focused dermoscopic photo of the lesion"
+        )
+
+
+@dataclass(frozen=True)
+class ImagePrep:
+    """Everything before the model (decode, size/uniformity gate, preprocessing) as a small picklable
+    value, so worker processes can run it without the ONNX session or the bundle."""
+
+    pp: Preprocessing
+    min_side: int = 64
+    min_std: float = 4.0
+
+    def prepare(self, source: ImageSource | Image.Image) -> tuple[Image.Image, np.ndarray]:
+        img = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
+        gate_image(img, min_side=self.min_side, min_std=self.min_std)
+        return img, preprocess_image(img, self.pp)
+
+    def load(self, path: str) -> tuple[np.ndarray | None, str | None]:
+        """(array, None), or (None, reason) for an image that cannot be assessed; never raises for a bad file."""
+        try:
+            return self.prepare(path)[1], None
+        except (ImageDecodeError, CannotAssess) as exc:
+            return None, str(exc)
 
 
 class Predictor:
@@ -78,17 +116,11 @@ class Predictor:
 
     # ---- pieces ---------------------------------------------------------------------------
     def check_image(self, img: Image.Image) -> None:
-        w, h = img.size
-        if min(w, h) < self.min_side:
-            raise CannotAssess(
-                f"image is {w}x{h} pixels; at least {self.min_side} px on each side is needed "
-                "(upload the original dermoscopic photo, not a thumbnail)"
-            )
-        small = np.asarray(img.convert("L").resize((64, 64)), dtype=np.float32)
-        if small.std() < self.min_std:
-            raise CannotAssess(
-                "image is nearly uniform (no visible lesion); upload a focused dermoscopic photo of the lesion"
-            )
+        gate_image(img, min_side=self.min_side, min_std=self.min_std)
+
+    def image_prep(self) -> ImagePrep:
+        """The decode + gate + preprocess step on its own: picklable, no ONNX session, for worker processes."""
+        return ImagePrep(self.pp, self.min_side, self.min_std)
 
     def ood_distance(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of gate features to the validation distribution in the bundle."""
@@ -127,9 +159,7 @@ class Predictor:
     # ---- public API ------------------------------------------------------------------------
     def prepare(self, source: ImageSource | Image.Image) -> tuple[Image.Image, np.ndarray]:
         """Decode, gate and preprocess; raises ImageDecodeError / CannotAssess."""
-        img = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
-        self.check_image(img)
-        return img, preprocess_image(img, self.pp)
+        return self.image_prep().prepare(source)
 
     def _score(self, arrays: list[np.ndarray], *, tta: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         if not tta:
@@ -148,7 +178,11 @@ class Predictor:
         path = name or (str(source) if isinstance(source, (str, Path)) else "<upload>")
         try:
             img, arr = self.prepare(source)
-        except (ImageDecodeError, CannotAssess) as exc:
+        except ImageDecodeError as exc:
+            # Named as the caller knows it: "<bytes>" or a server's temporary upload path would mean
+            # nothing to the user (and the path reveals the server's folders).
+            return self._result(path, None, f"{path}: {exc.reason}")
+        except CannotAssess as exc:
             return self._result(path, None, str(exc))
         probs, out = self._score([arr], tta=tta)
         reason = self._ood_reason(out[self.ood["feature"]][:1])[0] if self.ood is not None else None
@@ -169,33 +203,38 @@ class Predictor:
             for di in d
         ]
 
+    def predict_prepared(self, paths: Sequence[str], arrays: Sequence[np.ndarray | None],
+                         reasons: Sequence[str | None] | None = None, *, tta: bool = False) -> list[dict[str, Any]]:
+        """Result dicts for images already decoded, gated and preprocessed (by `prepare` or `ImagePrep`),
+        scored as one batch. `arrays[i]` None means the image was refused before the model, for `reasons[i]`."""
+        reasons = list(reasons) if reasons is not None else [None] * len(paths)
+        ok = [i for i, a in enumerate(arrays) if a is not None]
+        probs, ood = {}, {}
+        if ok:
+            pr, out = self._score([arrays[i] for i in ok], tta=tta)
+            rs = self._ood_reason(out[self.ood["feature"]]) if self.ood is not None else [None] * len(ok)
+            for j, i in enumerate(ok):
+                probs[i], ood[i] = float(pr[j]), rs[j]
+        results = []
+        for i, p in enumerate(paths):
+            if i in probs and not ood[i]:
+                results.append(self._result(str(p), probs[i]))
+            else:
+                results.append(self._result(str(p), None, ood.get(i) or reasons[i] or "image could not be read"))
+        return results
+
     def predict_paths(self, paths: Sequence[str], *, batch_size: int = 16, tta: bool = False,
                       progress: bool = False, workers: int = 2) -> list[dict[str, Any]]:
+        """Score a list held in memory; `inference.batch.predict_to_file` streams large jobs to a file."""
         from tqdm import tqdm
 
-        def load(p: str):
-            try:
-                return self.prepare(p)[1], None
-            except (ImageDecodeError, CannotAssess) as exc:
-                return None, str(exc)
-
+        prep = self.image_prep()
         results: list[dict[str, Any]] = []
         with ThreadPoolExecutor(max(1, workers)) as pool, tqdm(total=len(paths), disable=not progress, desc="predict") as bar:
             for start in range(0, len(paths), batch_size):
                 chunk = [str(p) for p in paths[start : start + batch_size]]
-                loaded = list(pool.map(load, chunk))
-                ok = [i for i, (a, _) in enumerate(loaded) if a is not None]
-                probs, reasons = {}, {}
-                if ok:
-                    pr, out = self._score([loaded[i][0] for i in ok], tta=tta)
-                    rs = self._ood_reason(out[self.ood["feature"]]) if self.ood is not None else [None] * len(ok)
-                    for j, i in enumerate(ok):
-                        probs[i], reasons[i] = float(pr[j]), rs[j]
-                for i, p in enumerate(chunk):
-                    if i in probs and not reasons[i]:
-                        results.append(self._result(p, probs[i]))
-                    else:
-                        results.append(self._result(p, None, reasons.get(i) or loaded[i][1]))
+                loaded = list(pool.map(prep.load, chunk))
+                results.extend(self.predict_prepared(chunk, [a for a, _ in loaded], [r for _, r in loaded], tta=tta))
                 bar.update(len(chunk))
         return results
 
