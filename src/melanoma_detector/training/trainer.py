@@ -159,7 +159,8 @@ class _TopAndHead(nn.Module):
 class RunLogger:
     """Per-epoch metrics CSV (flushed every epoch) and loss/AUC curves."""
 
-    FIELDS = ["phase", "epoch", "global_epoch", "train_loss", "train_auc", "val_loss", "val_auc", "lr", "seconds"]
+    FIELDS = ["phase", "epoch", "global_epoch", "train_loss", "train_auc", "val_loss", "val_auc", "lr", "seconds",
+              "train_seconds", "train_images"]
 
     def __init__(self, out_dir: Path, rows: list[dict[str, Any]] | None = None, *, enabled: bool = True):
         self.out_dir = out_dir
@@ -422,6 +423,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
                 max_steps=tc.max_steps_per_epoch, progress=progress, desc=f"{phase} {epoch}/{epochs}",
                 amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, dist=dist,
             )
+            train_seconds = time.perf_counter() - t0
             va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
             lr = optimizer.param_groups[0]["lr"]
             improved, stop = monitor.step(va["auc"])
@@ -429,6 +431,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             runlog.add({
                 "phase": phase, "epoch": epoch, "train_loss": tr["loss"], "train_auc": tr.get("auc"),
                 "val_loss": va["loss"], "val_auc": va["auc"], "lr": lr, "seconds": seconds,
+                "train_seconds": train_seconds, "train_images": tr["n"],
             })
             if main:
                 print(
