@@ -51,10 +51,20 @@ def plain_feature_pass(backbone, samples, pp) -> float:
     return len(samples) / (time.perf_counter() - t0)
 
 
+class _Pooled(torch.nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.b = backbone
+
+    def forward(self, x):
+        return self.b.forward_features(x).mean(dim=(2, 3))
+
+
 def head_epochs(num_features: int, *, n: int = 10_000, epochs: int = 25) -> float:
     from melanoma_detector.models.factory import SeedHead
     from melanoma_detector.training.engine import evaluate, train_one_epoch
-    from melanoma_detector.training.trainer import TensorBatches, _adam, single_thread
+    from melanoma_detector.training.sampling import TensorBatches
+    from melanoma_detector.training.trainer import _adam, single_thread
 
     rng = np.random.default_rng(0)
     x = torch.from_numpy(rng.normal(size=(n, num_features)).astype(np.float32))
@@ -126,33 +136,45 @@ def main(argv=None) -> int:
     samples = sample_images(args.images)
     print(f"{len(samples)} images from {'HAM10000' if SHARED.is_dir() else 'a generated folder'}, "
           f"{args.threads} threads, torch {torch.__version__}", flush=True)
-    rows = []
+    rows, export_s = [], {}
     for name in args.backbones:
         size = SIZES.get(name, 224)
         model = create_model(name, pretrained=True, allow_random_init=True)
         pp = default_preprocessing(model.backbone, image_size=size, resize_mode="crop")
         nan = float("nan")
-        naive, fast, head_s, p_plain, p_cached = nan, {0: nan, 1: nan}, nan, nan, nan
+        naive, head_s, p_plain, p_cached = nan, nan, nan, nan
+        fast = {(e, w): nan for e in ("torch", "onnxruntime") for w in (0, 1)}
         if "features" in args.parts:
             naive = plain_feature_pass(model.backbone, samples, pp)
-            for workers in (0, 1):
+            # The one-off ONNX export (seconds) is timed apart: over a real data set it is amortised.
+            from melanoma_detector.training.features import onnx_engine
+
+            t0 = time.perf_counter()
+            onnx_engine(_Pooled(model.backbone), torch.zeros(2, 3, size, size))
+            export_s[name] = time.perf_counter() - t0
+            for engine, workers in fast:
                 t0 = time.perf_counter()
                 pooled_features(model.backbone, samples, pp, device=torch.device("cpu"), cache_dir=None,
-                                batch_size=32, workers=workers, progress=False)
-                fast[workers] = len(samples) / (time.perf_counter() - t0)
+                                batch_size=32, workers=workers, progress=False, engine=engine)
+                spent = time.perf_counter() - t0 - (export_s[name] if engine == "onnxruntime" else 0.0)
+                fast[engine, workers] = len(samples) / spent
         if "head" in args.parts:
             head_s = head_epochs(model.backbone.num_features)
         if "phase2" in args.parts:
             p_plain, p_cached = phase2_steps(model, size, steps=args.steps)
-        rows.append((name, size, naive, fast[0], fast[1], head_s, p_plain, p_cached))
+        rows.append((name, size, naive, *fast.values(), head_s, p_plain, p_cached))
         print(f"  {name}: done", flush=True)
     print()
-    print("| backbone | px | feature pass, naive loop (img/s) | feature pass, pipeline w=0 (img/s) | "
-          "pipeline w=1 (img/s) | 25 head epochs, 10k cached (s) | phase-2 step plain (img/s) | "
+    print("| backbone | px | feature pass (img/s): naive loop | torch w=0 | torch w=1 | ONNX Runtime w=0 | "
+          "ONNX Runtime w=1 | 25 head epochs, 10k cached (s) | phase-2 step plain (img/s) | "
           "phase-2 step cached (img/s) | cached / plain |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name, size, naive, f0, f1, hs, pp_, pc in rows:
-        print(f"| {name} | {size} | {naive:.1f} | {f0:.1f} | {f1:.1f} | {hs:.1f} | {pp_:.1f} | {pc:.1f} | {pc / pp_:.1f}x |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, size, naive, t0_, t1, o0, o1, hs, pp_, pc in rows:
+        print(f"| {name} | {size} | {naive:.1f} | {t0_:.1f} | {t1:.1f} | {o0:.1f} | {o1:.1f} | {hs:.1f} | "
+              f"{pp_:.1f} | {pc:.1f} | {pc / pp_:.1f}x |")
+    if export_s:
+        print("\nONNX export (once per run, not in the rates): "
+              + ", ".join(f"{k} {v:.1f} s" for k, v in export_s.items()))
     return 0
 
 

@@ -57,6 +57,7 @@ class TrainConfig:
     min_lr: float = 1e-7
     feature_cache: bool = True  # phase 1 on cached pooled features of the frozen backbone
     flip_average: bool = False  # average cached features over a horizontal flip
+    feature_engine: str = "auto"  # frozen-part passes: auto | torch | onnxruntime (auto: ORT on CPU if installed)
     phase2_mode: str = "auto"  # auto | plain | cached ("auto": cached on CPU, plain on GPU)
     cache_views: int = 4  # augmented views per image for the cached phase 2
     cache_dihedral: bool = False  # random flips/90-degree rotations of cached feature maps
@@ -70,7 +71,8 @@ class TrainConfig:
 
     def __post_init__(self):
         for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
-                               ("device", ("auto", "cpu", "cuda", "mps"))):
+                               ("device", ("auto", "cpu", "cuda", "mps")),
+                               ("feature_engine", ("auto", "torch", "onnxruntime"))):
             if getattr(self, name) not in accepted:
                 raise UserError(f"config train.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
 

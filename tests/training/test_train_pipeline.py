@@ -119,3 +119,31 @@ def test_backbone_split_composes_to_forward_features():
         np.testing.assert_allclose(top(bottom(x)).numpy(), model.forward_features(x).numpy(), atol=1e-5)
     n_top = sum(1 for _ in top)
     assert n_top >= 1 and sum(1 for _ in bottom) > n_top
+
+
+def test_onnx_runtime_feature_engine_matches_pytorch(seed_layout):
+    """The frozen-feature pass may run on ONNX Runtime (faster on CPU); its features must be the
+    PyTorch ones, pooled and as phase-2 feature maps."""
+    pytest.importorskip("onnxruntime")
+    from melanoma_detector.data.discovery import discover_all
+    from melanoma_detector.models.factory import create_model, default_preprocessing, split_backbone
+    from melanoma_detector.training.features import bottom_feature_cache, pooled_features
+
+    samples = [s for src in discover_all([str(seed_layout)]) for s in src.samples][:12]
+    model = create_model(TINY_BACKBONE, pretrained=False)
+    pp = default_preprocessing(model.backbone, image_size=64, resize_mode="crop")
+    kw = dict(device=torch.device("cpu"), cache_dir=None, progress=False, batch_size=5)
+    ref = pooled_features(model.backbone, samples, pp, engine="torch", **kw)
+    from melanoma_detector.training.features import onnx_engine
+
+    assert onnx_engine(model.backbone, torch.zeros(2, 3, 64, 64)) is not None, "the export must work, not fall back"
+    ort = pooled_features(model.backbone, samples, pp, engine="onnxruntime", **kw)
+    assert ref.shape == ort.shape and np.abs(ref - ort).max() < 1e-4
+    bottom, _ = split_backbone(model.backbone, 0.3)
+    kw = dict(views=1, train=False, device=torch.device("cpu"), seed=0, progress=False, batch_size=5)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+        m_ref = np.asarray(bottom_feature_cache(bottom, samples, pp, cache_dir=a, engine="torch", **kw)[0], np.float32)
+        m_ort = np.asarray(bottom_feature_cache(bottom, samples, pp, cache_dir=b, engine="onnxruntime", **kw)[0], np.float32)
+    assert m_ref.shape == m_ort.shape and np.abs(m_ref - m_ort).max() < 1e-2  # float16 storage

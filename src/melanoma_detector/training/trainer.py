@@ -37,7 +37,6 @@ from melanoma_detector.models.factory import (
 )
 from melanoma_detector.training.distributed import (
     DistInfo,
-    barrier,
     broadcast_module,
     broadcast_object,
     init_distributed,
@@ -469,7 +468,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
 
             fp = module_fingerprint(model.backbone)
             kw = dict(device=device, cache_dir=cache_dir, batch_size=tc.batch_size, workers=config.data.num_workers,
-                      flip_average=tc.flip_average, progress=progress, fingerprint=fp, dist=dist, amp_dtype=amp_dtype)
+                      flip_average=tc.flip_average, progress=progress, fingerprint=fp, dist=dist, amp_dtype=amp_dtype,
+                      engine=tc.feature_engine)
             f_train = pooled_features(model.backbone, train_s, pp, **kw)
             f_val = pooled_features(model.backbone, val_s, pp, **kw)
             tl = TensorBatches(torch.from_numpy(f_train).to(device), torch.from_numpy(y_train).to(device),
@@ -503,7 +503,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             bottom, top = parts
             fp = module_fingerprint(bottom)
             kw = dict(device=device, cache_dir=cache_dir, seed=tc.seed, batch_size=tc.batch_size,
-                      workers=config.data.num_workers, progress=progress, fingerprint=fp, dist=dist)
+                      workers=config.data.num_workers, progress=progress, fingerprint=fp, dist=dist,
+                      engine=tc.feature_engine)
             c_train = bottom_feature_cache(bottom, train_s, pp, views=tc.cache_views, train=True, **kw)
             c_val = bottom_feature_cache(bottom, val_s, pp, views=1, train=False, **kw)
             ds = _CachedViews(c_train, y_train, dihedral=tc.cache_dihedral, seed=tc.seed)
