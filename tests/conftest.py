@@ -98,3 +98,18 @@ def train_tiny_bundle(tmp_path_factory, *, n_train: int, n_test: int, epochs_fro
     bundle = tmp_path_factory.mktemp("tinybundle") / "b"
     assert main(["export", "--model", str(run), "--out", str(bundle), "--resamples", str(resamples)]) == 0
     return root, run, bundle
+
+
+@pytest.fixture(scope="session")
+def bad_corpus(tmp_path_factory) -> Path:
+    """The bad/odd input corpus of `tests/badinputs.py` as ROOT/benign/* beside one good image in
+    ROOT/malignant/, so `data check` and the training loader read it as a data folder too.
+    Returns ROOT; the corpus itself is ROOT / "benign"."""
+    from badinputs import example_image, make_corpus, restore_permissions
+
+    root = tmp_path_factory.mktemp("badinputs")
+    make_corpus(root / "benign")
+    (root / "malignant").mkdir()
+    example_image().save(root / "malignant" / "good.jpg", quality=92)
+    yield root
+    restore_permissions(root / "benign")

@@ -12,4 +12,10 @@ class DataError(UserError):
 
 
 class ImageDecodeError(DataError):
-    """A file that is not a decodable image."""
+    """A file that is not a decodable image. The message is "<name>: <reason>"; `name` and `reason`
+    are also kept apart so a caller can name the file its own way (an upload's original name)."""
+
+    def __init__(self, message: str, *, name: str | None = None, reason: str | None = None):
+        super().__init__(message)
+        self.name = name
+        self.reason = reason if reason is not None else message

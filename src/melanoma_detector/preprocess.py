@@ -20,6 +20,10 @@ INTERPOLATIONS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 RESIZE_MODES = ("crop", "squash")
+# "crop" keeps only the centre of the long side. A strip longer than this many times its width
+# (never a photo) is cut to that first: resizing a 1x60000 strip whole would make a 224x13M-pixel
+# intermediate image (9 GB, half a minute) just to keep 224x224 of it.
+MAX_ASPECT = 8
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,13 @@ def resize_and_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
     scaled = int(round(size / pp.crop_pct))
     resample = INTERPOLATIONS[pp.interpolation]
     w, h = img.size
+    if pp.resize_mode == "crop" and max(w, h) > MAX_ASPECT * min(w, h):
+        keep = MAX_ASPECT * min(w, h)
+        if w > h:
+            img = img.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
+        else:
+            img = img.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+        w, h = img.size
     if pp.resize_mode == "squash":
         new_w = new_h = scaled
     elif w <= h:

@@ -38,6 +38,32 @@ _REPO_EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 __all__ = ["build_app", "auth_from_env", "resolve_predictor", "InferenceRunner", "API_PREFIX", "MODEL_CARD_PATH"]
 
 
+def pin_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:
+    """Keep glibc returning large freed blocks to the OS; True when set (glibc only).
+
+    glibc raises its mmap threshold to the size of the largest block freed so far (up to 32 MB).
+    After a few uploads and decoded images, blocks of that size come from per-thread heaps that keep
+    the memory once freed, so the server's RSS kept growing under load (benchmarks/app_load.py,
+    docs/benchmarks.md). A fixed threshold (the same as MALLOC_MMAP_THRESHOLD_=131072) keeps
+    image-sized buffers in mmap, unmapped on free.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_mmap_threshold = -3  # from glibc's malloc.h
+    return bool(mallopt(m_mmap_threshold, int(threshold)))
+
+
+class _UploadTooLarge(Exception):
+    """Raised from the request stream once an upload passes the size limit."""
+
+
 def resolve_predictor(predictor_or_bundle: Any = None):
     """A Predictor as is; a Bundle, a bundle folder or None (the default bundle) -> Predictor."""
     from melanoma_detector.inference.bundle import Bundle, default_bundle_dir
@@ -67,6 +93,15 @@ class InferenceRunner:
     def predict(self, source, **kwargs) -> dict[str, Any]:
         with self._slots:
             return self.predictor.predict(source, **kwargs)
+
+    def predict_upload(self, data: bytes, *, name: str, **kwargs) -> dict[str, Any]:
+        """Decode uploaded bytes and predict, in one slot: a decoded image can take hundreds of MB,
+        so uploads must not all decode at once (raises ImageDecodeError for a bad file)."""
+        from melanoma_detector.data.io import load_image
+
+        with self._slots:
+            image = load_image(data, name=name)
+            return self.predictor.predict(image, name=name, **kwargs)
 
 
 def public_result(result: dict[str, Any], *, model_version: str, tta: bool, threshold: float) -> dict[str, Any]:
@@ -141,7 +176,6 @@ def build_app(
     from starlette.requests import ClientDisconnect
 
     from melanoma_detector.app.ui import build_blocks
-    from melanoma_detector.data.io import load_image
     from melanoma_detector.errors import ImageDecodeError
 
     if max_upload_mb <= 0:
@@ -152,6 +186,7 @@ def build_app(
     ):
         raise UserError("auth must be a (user, password) pair of non-empty strings")
     predictor = resolve_predictor(predictor_or_bundle)
+    pin_malloc_mmap_threshold()
     runner = InferenceRunner(predictor, workers=inference_workers)
     version = predictor.bundle.version
     threshold = float(predictor.thresholds["screening"])
@@ -203,30 +238,28 @@ def build_app(
         if not content_type.lower().startswith("multipart/form-data"):
             return error(400, "send the image as multipart/form-data in the field 'file'")
         limit_text = f"{max_upload_mb:g} MB"
+        too_large = error(413, f"upload too large (over {limit_text}); send a smaller image")
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > max_bytes + _ENVELOPE_BYTES:
-            return error(413, f"upload too large (over {limit_text}); send a smaller image")
-        body = bytearray()
+            return too_large
+        received = 0
+
+        async def limited_receive():
+            # The multipart parser reads the body straight from the socket (file parts spool to a
+            # temporary file past 1 MB) and stops at the limit, so an upload is never held whole in memory.
+            nonlocal received
+            message = await request.receive()
+            received += len(message.get("body", b""))
+            if received > max_bytes + _ENVELOPE_BYTES:
+                raise _UploadTooLarge
+            return message
+
         try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes + _ENVELOPE_BYTES:
-                    return error(413, f"upload too large (over {limit_text}); send a smaller image")
+            form = await Request(request.scope, limited_receive).form(max_files=4, max_fields=16)
+        except _UploadTooLarge:
+            return too_large
         except ClientDisconnect:
             return error(400, "client disconnected during upload")
-
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return {"type": "http.disconnect"}
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        form_request = Request(request.scope, replay)
-        try:
-            form = await form_request.form(max_files=4, max_fields=16)
         except Exception as exc:  # MultiPartException / HTTPException(400) from a malformed body
             detail = getattr(exc, "detail", None) or getattr(exc, "message", None) or type(exc).__name__
             return error(400, f"malformed multipart body ({detail})")
@@ -239,6 +272,8 @@ def build_app(
             upload = uploads[0]
             if isinstance(upload, str) or not hasattr(upload, "read"):
                 return error(400, "field 'file' must be a file upload, not a text value")
+            if upload.size is not None and upload.size > max_bytes:
+                return too_large
             data = await upload.read(max_bytes + 1)
             filename = upload.filename or "<upload>"
         finally:
@@ -246,13 +281,11 @@ def build_app(
         if len(data) == 0:
             return error(400, "empty file; send a JPEG, PNG, BMP, TIFF or WebP image")
         if len(data) > max_bytes:
-            return error(413, f"upload too large (over {limit_text}); send a smaller image")
+            return too_large
         try:
-            image = await anyio.to_thread.run_sync(load_image, data)
+            result = await anyio.to_thread.run_sync(lambda: runner.predict_upload(data, name=filename, tta=tta))
         except ImageDecodeError as exc:
-            message = str(exc).replace("<bytes>", filename, 1)
-            return error(422, message)
-        result = await anyio.to_thread.run_sync(lambda: runner.predict(image, tta=tta, name=filename))
+            return error(422, str(exc))
         return JSONResponse(public_result(result, model_version=version, tta=tta, threshold=threshold),
                             headers={"Cache-Control": "no-store"})
 

@@ -81,6 +81,27 @@ def _display_copy(img):
     return img
 
 
+def _pass_upload_path_unopened(image) -> None:
+    """gr.Image opens every upload with Pillow before the event handler runs, so an empty, corrupt
+    or bomb file became a raw traceback naming the server's temp folder. Hand the uploaded file's
+    path to the app's decoder unopened instead: it answers "Cannot assess" and a one-line reason.
+    (Patched on the instance: a gr.Image subclass would make Gradio write a .pyi stub into this
+    package at import time.)"""
+    import gradio as gr
+
+    original = image.preprocess
+
+    def preprocess(payload):
+        if payload is not None and payload.path and not (payload.url or "").startswith("data:"):
+            return str(payload.path)
+        try:  # a pasted (base64) image: only Gradio can turn it into a file
+            return original(payload)
+        except Exception:  # noqa: BLE001 - whatever Gradio's decoder raised, the user gets one line
+            raise gr.Error("could not read the pasted image; upload a JPEG, PNG, BMP, TIFF or WebP file") from None
+
+    image.preprocess = preprocess
+
+
 def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: str = "./model-card",
                  concurrency: int = 4, max_queue: int = 64):
     """The Gradio Blocks for `runner` (an InferenceRunner: `.predictor`, `.predict(...)`)."""
@@ -131,6 +152,7 @@ def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: st
             with gr.Column(scale=1):
                 image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
                                  label="Dermoscopic image", elem_id="upload", height=360)
+                _pass_upload_path_unopened(image)
                 tta = gr.Checkbox(value=False, label="Test-time augmentation (average of 8 flips/rotations; slower)",
                                   elem_id="tta")
                 button = gr.Button("Assess", variant="primary", elem_id="assess")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-import warnings
+import struct
 from pathlib import Path
 from typing import Union
 
@@ -14,6 +14,9 @@ from melanoma_detector.errors import ImageDecodeError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 ACCEPTED_FORMATS = "JPEG, PNG, BMP, TIFF or WebP"
+# Pillow's plugins for exactly those formats (MPO camera JPEGs open through "JPEG"). Without the
+# list, Image.open tries all ~40 of Pillow's readers (EPS, PSD, FITS, ...) on untrusted bytes.
+PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 
 ImageSource = Union[str, Path, bytes]
 
@@ -23,57 +26,73 @@ def is_image_file(path: Path) -> bool:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB (16-bit rescaled, alpha composited on black)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: convert("RGB") would clip to 255, so rescale to 8 bits first.
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size else 0
-        arr = (arr / hi * 255.0) if hi > 0 else arr
-        img = Image.fromarray(arr.astype(np.uint8), mode="L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    """Any PIL mode -> RGB (16/32-bit and float greyscale rescaled, alpha composited on black)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # High-bit-depth greyscale: convert("RGB") would clip everything above 255 to white, so
+        # scale [0, max] to [0, 255] first (negative values, possible in "I" and "F", become 0).
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        arr = np.clip(arr, 0, None)
+        hi = float(arr.max()) if arr.size else 0.0
+        arr = arr * np.float32(255.0 / hi) if hi > 0 else arr
+        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
     return img.convert("RGB")
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def _error(name: str, reason: str) -> ImageDecodeError:
+    return ImageDecodeError(f"{name}: {reason}", name=name, reason=reason)
+
+
+def _check_pixels(img: Image.Image, name: str) -> None:
+    # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS (and raises above). Checking the size
+    # here refuses both, whatever the process's warning filters are: a warnings.catch_warnings()
+    # block would not do that, as it swaps process-wide state that other decoding threads share.
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and img.width * img.height > limit:
+        raise _error(name, f"image too large ({img.width}x{img.height}, over {limit} pixels); downscale it first")
+
+
+def load_image(source: ImageSource, *, name: str | None = None) -> Image.Image:
     """Decode an image file or bytes into an RGB PIL image, upright per its EXIF orientation.
 
-    Raises ImageDecodeError (one line, naming the file) for anything that is not a readable image.
+    Raises ImageDecodeError (one line, naming the file, or `name` when given) for anything that is
+    not a readable image; nothing else escapes for a bad file.
     """
-    name = "<bytes>" if isinstance(source, (bytes, bytearray)) else str(source)
+    is_bytes = isinstance(source, (bytes, bytearray, memoryview))
+    name = name or ("<bytes>" if is_bytes else str(source))
     try:
-        if isinstance(source, (bytes, bytearray)):
+        if is_bytes:
             if len(source) == 0:
-                raise ImageDecodeError(f"{name}: empty file; expected a {ACCEPTED_FORMATS} image")
+                raise _error(name, f"empty file; expected a {ACCEPTED_FORMATS} image")
             fp = io.BytesIO(source)
         else:
             path = Path(source)
             if path.is_dir():
-                raise ImageDecodeError(f"{name}: is a directory, not an image file")
+                raise _error(name, "is a directory, not an image file")
             if not path.exists():
-                raise ImageDecodeError(f"{name}: file not found")
+                raise _error(name, "file not found")
             if path.stat().st_size == 0:
-                raise ImageDecodeError(f"{name}: empty file; expected a {ACCEPTED_FORMATS} image")
+                raise _error(name, f"empty file; expected a {ACCEPTED_FORMATS} image")
             fp = path.open("rb")
-        with fp, warnings.catch_warnings():
-            # Pillow warns (not raises) between 1x and 2x its pixel limit; treat as an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(fp) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                return to_rgb(img)
+        with fp, Image.open(fp, formats=PILLOW_FORMATS) as img:
+            _check_pixels(img, name)
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            return to_rgb(img)
     except ImageDecodeError:
         raise
     except PermissionError:
-        raise ImageDecodeError(f"{name}: permission denied (the file must be readable)") from None
+        raise _error(name, "permission denied (the file must be readable)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageDecodeError(
-            f"{name}: image too large (over {Image.MAX_IMAGE_PIXELS} pixels); downscale it first"
-        ) from None
+        raise _error(name, f"image too large (over {Image.MAX_IMAGE_PIXELS} pixels); downscale it first") from None
     except UnidentifiedImageError:
-        raise ImageDecodeError(f"{name}: not a recognised image; expected {ACCEPTED_FORMATS}") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as exc:
+        raise _error(name, f"not a recognised image; expected {ACCEPTED_FORMATS}") from None
+    # Pillow's readers signal corrupt data with any of these (Image.open itself maps the last four
+    # to UnidentifiedImageError, but load() and the EXIF parser let them through).
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError,
+            struct.error, IndexError, TypeError, KeyError, ZeroDivisionError) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ImageDecodeError(f"{name}: cannot decode image ({msg})") from None
+        raise _error(name, f"cannot decode image ({msg})") from None
