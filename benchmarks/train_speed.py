@@ -129,6 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--parts", nargs="+", default=["features", "head", "phase2"], choices=["features", "head", "phase2"])
     args = ap.parse_args(argv)
+    from melanoma_detector.training.engine import flush_denormals
+
+    flush_denormals()  # as `melanoma train` does, before torch starts its threads
     torch.set_num_threads(args.threads)
     from melanoma_detector.models.factory import create_model, default_preprocessing
     from melanoma_detector.training.features import pooled_features

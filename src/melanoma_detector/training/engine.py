@@ -29,6 +29,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def flush_denormals() -> bool:
+    """Treat denormal floats as zero from now on, in this process.
+
+    As Adam's second-moment estimates and small weights decay they become denormal, and x86 CPUs
+    handle denormals in microcode: measured here, head epochs slowed from 1.7 s to 9.7 s over 25
+    epochs (72 s in all) and stayed at 1.6 s with denormals flushed (41 s). Values below 1e-38
+    carry no information for this model. The flag lives in each thread's FPU state and threads
+    inherit it when they are created, so call this before the first parallel op creates
+    torch's thread pool (threads created earlier keep computing with denormals)."""
+    return torch.set_flush_denormal(True)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
