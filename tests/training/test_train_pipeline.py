@@ -136,7 +136,15 @@ def test_onnx_runtime_feature_engine_matches_pytorch(seed_layout):
     ref = pooled_features(model.backbone, samples, pp, engine="torch", **kw)
     from melanoma_detector.training.features import onnx_engine
 
-    assert onnx_engine(model.backbone, torch.zeros(2, 3, 64, 64)) is not None, "the export must work, not fall back"
+    from melanoma_detector.training.features import denormals_flushed
+
+    torch.set_flush_denormal(True)
+    try:
+        assert onnx_engine(model.backbone, torch.zeros(2, 3, 64, 64)) is not None, "the export must work, not fall back"
+        # torch.onnx.export and ONNX Runtime clear the flag; the trainer's head phase needs it kept.
+        assert denormals_flushed()
+    finally:
+        torch.set_flush_denormal(False)
     ort = pooled_features(model.backbone, samples, pp, engine="onnxruntime", **kw)
     assert ref.shape == ort.shape and np.abs(ref - ort).max() < 1e-4
     bottom, _ = split_backbone(model.backbone, 0.3)

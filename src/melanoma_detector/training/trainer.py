@@ -133,7 +133,9 @@ class single_thread:
         import os
 
         self.threads = torch.get_num_threads()
-        if self.threads > 1 and _cores_busy_elsewhere() > max(0.5, (os.cpu_count() or 1) - self.threads + 0.5):
+        busy = _cores_busy_elsewhere() if self.threads > 1 else 0.0
+        if busy > max(0.5, (os.cpu_count() or 1) - self.threads + 0.5):
+            log.info("head phase on 1 thread: %.1f cores busy elsewhere", busy)
             torch.set_num_threads(1)
 
     def __exit__(self, *exc):
