@@ -69,3 +69,65 @@ def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(layout
     b = torch.load(single / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert a["metrics"]["val"]["n"] == b["metrics"]["val"]["n"] == 14  # the whole validation set
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
+
+
+def _kill_tree(pid: int) -> None:
+    import signal
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in reversed(tree):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_killed_torchrun_job_resumes_under_torchrun(layout, tmp_path):
+    import time
+
+    cfg = tmp_path / "cfg.yaml"
+    # Image-based epochs (no feature cache), long enough to be killed inside one.
+    cfg.write_text(yaml.safe_dump({"train": {"feature_cache": False, "early_stopping_patience": 50,
+                                             "phase2_mode": "plain"}}))
+    run = tmp_path / "ddp-run"
+    args = _args(layout, run, tmp_path / "cache", cfg, batch=4)
+    args[args.index("--epochs-frozen") + 1] = "4"
+    args[args.index("--epochs-finetune") + 1] = "2"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "melanoma_detector"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*torchrun, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (run / "metrics.csv").is_file() and len(_rows(run)) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the job ended before it could be killed"
+        _kill_tree(proc.pid)  # torchrun and both ranks (torchrun starts them in sessions of their own)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+    before = _rows(run)
+    assert 2 <= len(before) < 6
+
+    done = subprocess.run([*torchrun, "train", "--resume", str(run), "--no-progress", "--threads", "1"],
+                          capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    rows = _rows(run)
+    assert [(r["phase"], int(r["epoch"])) for r in rows] == [("phase1", e) for e in range(1, 5)] + [("phase2", 1), ("phase2", 2)]
+    assert rows[: len(before) - 1] == before[: len(before) - 1]  # finished epochs are kept as they were
+    assert torch.load(run / "resume.pt", map_location="cpu", weights_only=True)["stage"] == "done"
+    assert (run / "checkpoint.pt").is_file()
