@@ -113,3 +113,58 @@ def bad_corpus(tmp_path_factory) -> Path:
     example_image().save(root / "malignant" / "good.jpg", quality=92)
     yield root
     restore_permissions(root / "benign")
+
+
+def run_rows(run: Path) -> list[dict]:
+    """The rows of a run folder's metrics.csv."""
+    with (run / "metrics.csv").open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants at once (torchrun starts its ranks in sessions
+    of their own, so a process-group kill would miss them)."""
+    import os
+    import signal
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo, tree = [pid], []
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    for p in reversed(tree):
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def kill_training_after(cmd: list[str], run: Path, *, epochs: int, env: dict, log: Path, timeout: float = 300) -> list[dict]:
+    """Start a training command, SIGKILL it (and its children) once `run` has recorded `epochs`
+    epochs, i.e. while the next one is in progress; return the rows written before the kill."""
+    import subprocess
+    import time
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and proc.poll() is None:
+                if (run / "metrics.csv").is_file() and len(run_rows(run)) >= epochs:
+                    break
+                time.sleep(0.05)
+            assert proc.poll() is None, "training ended before it could be killed:\n" + log.read_text()[-3000:]
+            time.sleep(0.2)
+            kill_tree(proc.pid)
+            proc.wait(timeout=30)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc.pid)
+    return run_rows(run)

@@ -2,7 +2,6 @@
 process at batch 2b with the same seed, compute validation AUC over the whole validation set,
 and leave the writing to rank 0."""
 
-import csv
 import os
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_BACKBONE, make_class_folder
+from conftest import TINY_BACKBONE, kill_training_after, make_class_folder, run_rows
 from melanoma_detector.cli import main
 
 
@@ -31,11 +30,6 @@ def _args(data, out, cache, cfg, batch):
             "--no-pretrained", "--image-size", "64", "--epochs-frozen", "3", "--epochs-finetune", "1",
             "--phase2-mode", "cached", "--cache-views", "2", "--batch-size", str(batch), "--cache-dir", str(cache),
             "--no-progress", "--seed", "5", "--threads", "1", "--device", "cpu"]
-
-
-def _rows(run):
-    with (run / "metrics.csv").open() as fh:
-        return list(csv.DictReader(fh))
 
 
 def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(layout, tmp_path):
@@ -57,7 +51,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(layout
     assert out.count("phase1 epoch 1/3") == 1, "only rank 0 logs epochs"
     assert out.count("best val AUC") == 1
 
-    got, want = _rows(ddp), _rows(single)
+    got, want = run_rows(ddp), run_rows(single)
     assert [(r["phase"], r["epoch"]) for r in got] == [(r["phase"], r["epoch"]) for r in want]
     for g, w in zip(got, want):
         if g["phase"] != "phase1":
@@ -71,32 +65,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(layout
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
 
 
-def _kill_tree(pid: int) -> None:
-    import signal
-    from pathlib import Path
-
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    for p in reversed(tree):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def test_a_killed_torchrun_job_resumes_under_torchrun(layout, tmp_path):
-    import time
-
     cfg = tmp_path / "cfg.yaml"
     # Image-based epochs (no feature cache), long enough to be killed inside one.
     cfg.write_text(yaml.safe_dump({"train": {"feature_cache": False, "early_stopping_patience": 50,
@@ -107,26 +76,13 @@ def test_a_killed_torchrun_job_resumes_under_torchrun(layout, tmp_path):
     args[args.index("--epochs-finetune") + 1] = "2"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "melanoma_detector"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*torchrun, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (run / "metrics.csv").is_file() and len(_rows(run)) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the job ended before it could be killed"
-        _kill_tree(proc.pid)  # torchrun and both ranks (torchrun starts them in sessions of their own)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc.pid)
-    before = _rows(run)
+    before = kill_training_after([*torchrun, *args], run, epochs=2, env=env, log=tmp_path / "killed.log")
     assert 2 <= len(before) < 6
 
     done = subprocess.run([*torchrun, "train", "--resume", str(run), "--no-progress", "--threads", "1"],
                           capture_output=True, text=True, env=env, timeout=400)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
-    rows = _rows(run)
+    rows = run_rows(run)
     assert [(r["phase"], int(r["epoch"])) for r in rows] == [("phase1", e) for e in range(1, 5)] + [("phase2", 1), ("phase2", 2)]
     assert rows[: len(before) - 1] == before[: len(before) - 1]  # finished epochs are kept as they were
     assert torch.load(run / "resume.pt", map_location="cpu", weights_only=True)["stage"] == "done"

@@ -1,19 +1,15 @@
 """Crash-safe training: kill -9 a training subprocess mid-run, `--resume` it, and check the run
 loses at most the epoch in progress and ends exactly where an uninterrupted run ends."""
 
-import csv
 import os
-import signal
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import torch
 import yaml
 
-from conftest import TINY_BACKBONE, make_class_folder
+from conftest import TINY_BACKBONE, kill_training_after, make_class_folder, run_rows
 from melanoma_detector.cli import main
 
 EPOCHS = (3, 3)
@@ -45,43 +41,23 @@ def _train_args(data, out, cfg, cache):
             "--threads", "1"]
 
 
-def _rows(run):
-    with (run / "metrics.csv").open() as fh:
-        return list(csv.DictReader(fh))
-
-
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(layout, tmp_path):
     cfg = _config(tmp_path)
     reference = tmp_path / "reference"
     assert main(_train_args(layout, reference, cfg, tmp_path / "cache-ref")) == 0
-    ref_rows = _rows(reference)
+    ref_rows = run_rows(reference)
     assert len(ref_rows) == sum(EPOCHS)
 
     run = tmp_path / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "melanoma_detector", *_train_args(layout, run, cfg, tmp_path / "cache")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 240
-        # Kill once two epochs are recorded: the third is then in progress.
-        while time.monotonic() < deadline and proc.poll() is None:
-            if (run / "metrics.csv").is_file() and len(_rows(run)) >= 2:
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "training ended before it could be killed:\n" + proc.stdout.read().decode()
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    done_before = len(_rows(run))
+    cmd = [sys.executable, "-m", "melanoma_detector", *_train_args(layout, run, cfg, tmp_path / "cache")]
+    kill_training_after(cmd, run, epochs=2, env={**os.environ, "PYTHONUNBUFFERED": "1"}, log=tmp_path / "killed.log")
+    done_before = len(run_rows(run))
     assert 2 <= done_before < sum(EPOCHS)
     state = torch.load(run / "resume.pt", map_location="cpu", weights_only=True)
     assert state["stage"] in ("phase1", "phase2") and state["stage"] != "done"
 
     assert main(["train", "--resume", str(run), "--no-progress", "--threads", "1"]) == 0
-    rows = _rows(run)
+    rows = run_rows(run)
     assert [(r["phase"], int(r["epoch"])) for r in rows] == [(r["phase"], int(r["epoch"])) for r in ref_rows]
     assert [int(r["global_epoch"]) for r in rows] == list(range(1, sum(EPOCHS) + 1))
     # Epochs finished before the kill are kept as they were; the resumed ones continue the same
