@@ -27,7 +27,11 @@ def test_bundle_contents(tiny_bundle):
     assert [t["level"] for t in meta["risk_tiers"]] == ["Low", "Moderate", "High"]
     auc = meta["metrics"]["test"]["roc_auc"]
     assert auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
-    assert "ood" in meta["input_gate"] and meta["input_gate"]["ood"]["threshold"] > 0
+    ood = meta["input_gate"]["ood"]
+    assert ood["threshold"] > 0 and ood["file"] == "ood.npz"
+    assert "mean" not in ood and "precision" not in ood  # the arrays live in ood.npz, not in the JSON
+    with np.load(bundle / "ood.npz", allow_pickle=False) as npz:
+        assert npz["precision"].shape == (len(npz["mean"]), len(npz["mean"]))
     card = (bundle / "MODEL_CARD.md").read_text()
     assert "never a diagnosis" in card and "Limitations" in card
 
@@ -78,6 +82,47 @@ def test_tampered_graph_is_refused(tiny_bundle, tmp_path):
         fh.write(b"\0")
     with pytest.raises(BundleError, match="sha256"):
         Predictor(copy)
+
+
+def test_tampered_gate_statistics_are_refused(tiny_bundle, tmp_path):
+    import shutil
+
+    from melanoma_detector.inference import BundleError, Predictor
+
+    _, _, bundle = tiny_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    with np.load(copy / "ood.npz") as npz:
+        arrays = dict(npz)
+    arrays["mean"] = arrays["mean"] + 1.0
+    np.savez(copy / "ood.npz", **arrays)
+    with pytest.raises(BundleError, match="ood.npz: sha256"):
+        Predictor(copy)
+    (copy / "ood.npz").unlink()
+    with pytest.raises(BundleError, match="ood.npz: input-gate statistics missing"):
+        Predictor(copy)
+
+
+def test_bundle_with_inline_gate_statistics_still_loads(tiny_bundle, tmp_path):
+    """Bundles exported before ood.npz kept the gate's arrays in metadata.json."""
+    import shutil
+
+    from melanoma_detector.inference import Predictor
+
+    _, _, bundle = tiny_bundle
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    with np.load(copy / "ood.npz") as npz:
+        inline = {k: npz[k].tolist() for k in ("mean", "precision")}
+    for key in ("file", "sha256"):
+        meta["input_gate"]["ood"].pop(key)
+    meta["input_gate"]["ood"].update(inline)
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    (copy / "ood.npz").unlink()
+    old, new = Predictor(copy), Predictor(bundle)
+    np.testing.assert_array_equal(old.ood["precision"], new.ood["precision"])
+    assert old.ood["threshold"] == new.ood["threshold"]
 
 
 def test_predict_cli_with_bundle_and_gate(tiny_bundle, tmp_path, capsys):

@@ -112,6 +112,19 @@ def fit_ood(features: np.ndarray, *, quantile: float = OOD_QUANTILE) -> dict[str
     }
 
 
+def write_ood(out: Path, ood: dict[str, Any]) -> dict[str, Any]:
+    """Store the gate's mean and precision matrix in `ood.npz` (a 1280x1280 matrix is ~1.3 MB of
+    JSON that nobody reads); metadata.json keeps the rule, the threshold and the file's sha256."""
+    from melanoma_detector.inference.bundle import OOD_FILE, sha256_file
+
+    arrays = {k: np.asarray(ood[k], np.float64) for k in ("mean", "precision")}
+    with (out / OOD_FILE).open("wb") as fh:
+        np.savez(fh, **arrays)
+    info = {k: v for k, v in ood.items() if k not in arrays}
+    info.update(file=OOD_FILE, sha256=sha256_file(out / OOD_FILE))
+    return info
+
+
 def metrics_with_ci(y: np.ndarray, p: np.ndarray, groups: list[str], thresholds: dict[str, float],
                     *, n_resamples: int = 1000) -> dict[str, Any]:
     from melanoma_detector.evaluation import metrics as M
@@ -213,7 +226,8 @@ def export_bundle(
             meta.update(temperature=temperature, logit_bias=logit_bias, thresholds=thresholds)
             meta["calibration"] = {"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), "
                                              "fitted on the validation split (NLL)", "n": int(len(val))}
-            meta["input_gate"]["ood"] = fit_ood(v_feats)
+            ood = fit_ood(v_feats)
+            meta["input_gate"]["ood"] = write_ood(out, ood)
             groups_val = [r.get("group") or r["key"] for r in val]
             meta["metrics"]["val"] = metrics_with_ci(y_val, p_val, groups_val, thresholds, n_resamples=n_resamples)
             if test:
@@ -222,7 +236,6 @@ def export_bundle(
                 p_test = apply_calibration(t_logits, temperature, logit_bias)
                 groups = [r.get("group") or r["key"] for r in test]
                 meta["metrics"]["test"] = metrics_with_ci(y_test, p_test, groups, thresholds, n_resamples=n_resamples)
-                ood = meta["input_gate"]["ood"]
                 predictor.set_ood(ood)
                 meta["metrics"]["test"]["ood_refused_fraction"] = float(
                     (predictor.ood_distance(t_feats) > ood["threshold"]).mean()

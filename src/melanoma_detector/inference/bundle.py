@@ -1,5 +1,5 @@
-"""The model bundle: `model.onnx` + `metadata.json` (+ `MODEL_CARD.md`), the one source of truth
-for preprocessing, class names, temperature, thresholds, risk tiers and the input gate.
+"""The model bundle: `model.onnx` + `metadata.json` (+ `ood.npz`, `MODEL_CARD.md`), the one source
+of truth for preprocessing, class names, temperature, thresholds, risk tiers and the input gate.
 
 Reading a bundle never imports torch, and never uses pickle.
 """
@@ -13,10 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from melanoma_detector.errors import UserError
 from melanoma_detector.preprocess import Preprocessing
 
 BUNDLE_FORMAT_VERSION = 1
+OOD_FILE = "ood.npz"
 _REPO_BUNDLE = Path(__file__).resolve().parents[3] / "models" / "default"
 
 
@@ -30,7 +33,7 @@ def default_bundle_dir() -> Path:
     return Path(env) if env else _REPO_BUNDLE
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -63,6 +66,28 @@ class Bundle:
     def thresholds(self) -> dict[str, float]:
         return {k: float(v) for k, v in self.metadata["thresholds"].items()}
 
+    def ood(self, *, verify: bool = True) -> dict[str, Any] | None:
+        """The input gate's out-of-distribution statistics, arrays included, or None.
+
+        Bundles written before `ood.npz` existed keep the arrays inline in metadata.json.
+        """
+        info = self.metadata.get("input_gate", {}).get("ood")
+        if not info:
+            return None
+        if "file" not in info:
+            return info
+        path = self.root / info["file"]
+        if not path.is_file():
+            raise BundleError(f"{path}: input-gate statistics missing from the bundle")
+        if verify and sha256_file(path) != info.get("sha256"):
+            raise BundleError(f"{path}: sha256 does not match metadata.json; refusing a changed or corrupted file")
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {"mean": npz["mean"], "precision": npz["precision"]}
+        except (OSError, ValueError, KeyError) as exc:
+            raise BundleError(f"{path}: unreadable input-gate statistics ({exc})") from None
+        return {**info, **arrays}
+
     @property
     def version(self) -> str:
         return str(self.metadata.get("model_version", "unknown"))
@@ -92,7 +117,7 @@ def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundl
         raise BundleError(f"{bundle.graph_path}: model graph missing from the bundle")
     if verify:
         expected = metadata["graph"].get("sha256")
-        actual = _sha256(bundle.graph_path)
+        actual = sha256_file(bundle.graph_path)
         if expected != actual:
             raise BundleError(
                 f"{bundle.graph_path}: sha256 {actual[:12]}... does not match metadata.json "

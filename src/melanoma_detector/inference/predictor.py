@@ -103,8 +103,9 @@ class Predictor:
         self.min_side = int(gate.get("min_side", 64))
         self.min_std = float(gate.get("min_std", 4.0))
         self.ood = None
-        if gate.get("ood"):
-            self.set_ood(gate["ood"])
+        ood = self.bundle.ood(verify=verify)
+        if ood:
+            self.set_ood(ood)
 
     def set_ood(self, ood: dict[str, Any]) -> None:
         self.ood = {
