@@ -58,7 +58,7 @@ class TrainConfig:
     feature_cache: bool = True  # phase 1 on cached pooled features of the frozen backbone
     flip_average: bool = False  # average cached features over a horizontal flip
     feature_engine: str = "auto"  # frozen-part passes: auto | torch | onnxruntime (auto: ORT on CPU if installed)
-    phase2_mode: str = "auto"  # auto | plain | cached ("auto": cached on CPU, plain on GPU)
+    phase2_mode: str = "auto"  # auto | plain | cached ("auto": plain; cached is cheaper but memorises its views)
     cache_views: int = 4  # augmented views per image for the cached phase 2
     cache_dihedral: bool = False  # random flips/90-degree rotations of cached feature maps
     cache_dir: str | None = None  # default: <out>/../.cache or ~/.cache/melanoma-detector
