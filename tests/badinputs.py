@@ -6,6 +6,8 @@ is tested against the same corpus, so `docs/inputs.md` can promise one behaviour
 Kinds:
   "undecodable"  not a usable image: every entry point refuses it with a one-line reason
   "accepted"     a valid image in an unusual mode: decoded to upright 8-bit RGB like any other
+                 (greyscale ones, `colourless`, may then be refused by the model's lesion-likeness
+                 gate: dermoscopy is colour, and a colourless copy can fall outside what it saw)
   "gate"         decodes, but the predictor's input gate refuses it (too small): cannot_assess
 """
 
@@ -30,6 +32,7 @@ class BadInput:
     kind: str  # "undecodable" | "accepted" | "gate"
     words: str  # a fragment the reason/message must contain ("" when accepted)
     size: tuple[int, int] | None = None  # (width, height) after decoding, for accepted/gate inputs
+    colourless: bool = False  # greyscale: the predictor may answer ok or "does not look like" dermoscopy
 
     def path(self, root: Path) -> Path:
         return root / self.name
@@ -97,14 +100,20 @@ CORPUS: tuple[BadInput, ...] = (
     BadInput("no-permission.jpg", "undecodable", "permission denied"),
     BadInput("alpha.png", "accepted", ""),
     BadInput("palette.png", "accepted", ""),
-    BadInput("grey.png", "accepted", ""),
+    BadInput("grey.png", "accepted", "", colourless=True),
     BadInput("cmyk.jpg", "accepted", ""),
-    BadInput("sixteen-bit.png", "accepted", ""),
+    BadInput("sixteen-bit.png", "accepted", "", colourless=True),
     BadInput("exif-rotated.jpg", "accepted", ""),
     BadInput("one-pixel.png", "gate", "1x1 pixels", (1, 1)),
     BadInput("elongated.png", "gate", "4000x2 pixels", (4000, 2)),
 )
 BY_NAME = {c.name: c for c in CORPUS}
+LESION_GATE_WORDS = "does not look like a dermoscopic"  # the predictor's out-of-distribution refusal
+
+
+def refused_only_for_colour(case: BadInput, status: str, reason: str) -> bool:
+    """A colourless but valid image that the lesion-likeness gate refused: an accepted outcome."""
+    return case.kind == "accepted" and case.colourless and status == "cannot_assess" and LESION_GATE_WORDS in reason
 
 
 def unreadable_skip_reason(path: Path) -> str | None:
