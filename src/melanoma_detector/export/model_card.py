@@ -66,8 +66,8 @@ photos, non-skin images, mucosal/acral/nail lesions beyond what the training dat
 - Input: {pp['input_size']}x{pp['input_size']} RGB, resize mode `{pp['resize_mode']}`, crop_pct {pp['crop_pct']},
   {pp['interpolation']} interpolation, mean {pp['mean']}, std {pp['std']}.
 - Training recipe: phase 1 {cfg['train']['epochs_frozen']} epochs on a frozen backbone (Adam {cfg['train']['lr_frozen']}),
-  phase 2 {cfg['train']['epochs_finetune']} epochs with the top {cfg['train']['unfreeze_fraction']:.0%} of the backbone unfrozen
-  (Adam {cfg['train']['lr_finetune']}, mode `{cfg['train']['phase2_mode']}`), class-weighted BCE, best epoch by validation AUC.
+  phase 2 up to {cfg['train']['epochs_finetune']} epochs with the top {cfg['train']['unfreeze_fraction']:.0%} of the backbone unfrozen
+  (Adam {cfg['train']['lr_finetune']}, mode `{cfg['train']['phase2_mode']}`), class-weighted BCE, best epoch by validation AUC{_best_text(meta)}.
 - Graph: ONNX opset {meta['graph']['opset']}, {meta['graph']['precision']}, sha256 `{meta['graph']['sha256']}`.
 
 ## Training data and licence
@@ -103,3 +103,10 @@ side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and i
     path = Path(out_dir) / "MODEL_CARD.md"
     path.write_text(text)
     return path
+
+
+def _best_text(meta: dict) -> str:
+    best = (meta.get("training") or {}).get("best") or {}
+    if "epoch" not in best or "val_auc" not in best:
+        return ""
+    return f" (kept: {best.get('phase', '')} epoch {best['epoch']}, validation AUC {float(best['val_auc']):.3f})".replace("( ", "(")
