@@ -70,28 +70,30 @@ def test_onnx_matches_torch_checkpoint(tiny_bundle):
     assert np.max(np.abs(np.array(a) - np.array(b))) <= 1e-4
 
 
-def test_tampered_graph_is_refused(tiny_bundle, tmp_path):
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path):
+    """A private copy of the tiny bundle, for tests that damage or rewrite it."""
     import shutil
 
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle[2], copy)
+    return copy
+
+
+def test_tampered_graph_is_refused(bundle_copy):
     from melanoma_detector.inference import BundleError, Predictor
 
-    _, _, bundle = tiny_bundle
-    copy = tmp_path / "copy"
-    shutil.copytree(bundle, copy)
+    copy = bundle_copy
     with open(copy / "model.onnx", "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(BundleError, match="sha256"):
         Predictor(copy)
 
 
-def test_tampered_gate_statistics_are_refused(tiny_bundle, tmp_path):
-    import shutil
-
+def test_tampered_gate_statistics_are_refused(bundle_copy):
     from melanoma_detector.inference import BundleError, Predictor
 
-    _, _, bundle = tiny_bundle
-    copy = tmp_path / "copy"
-    shutil.copytree(bundle, copy)
+    copy = bundle_copy
     with np.load(copy / "ood.npz") as npz:
         arrays = dict(npz)
     arrays["mean"] = arrays["mean"] + 1.0
@@ -103,15 +105,11 @@ def test_tampered_gate_statistics_are_refused(tiny_bundle, tmp_path):
         Predictor(copy)
 
 
-def test_bundle_with_inline_gate_statistics_still_loads(tiny_bundle, tmp_path):
+def test_bundle_with_inline_gate_statistics_still_loads(tiny_bundle, bundle_copy):
     """Bundles exported before ood.npz kept the gate's arrays in metadata.json."""
-    import shutil
-
     from melanoma_detector.inference import Predictor
 
-    _, _, bundle = tiny_bundle
-    copy = tmp_path / "copy"
-    shutil.copytree(bundle, copy)
+    copy, bundle = bundle_copy, tiny_bundle[2]
     meta = json.loads((copy / "metadata.json").read_text())
     with np.load(copy / "ood.npz") as npz:
         inline = {k: npz[k].tolist() for k in ("mean", "precision")}
