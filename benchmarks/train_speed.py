@@ -84,7 +84,7 @@ def head_epochs(num_features: int, *, n: int = 10_000, epochs: int = 25) -> floa
 
 
 def phase2_steps(model, size: int, *, fraction: float = 0.3, steps: int = 3, batch: int = 32,
-                 channels_last: bool = True) -> tuple[float, float]:
+                 channels_last: bool = False) -> tuple[float, float]:
     """images/s of a phase-2 training step (forward + backward + Adam), plain vs cached; median step."""
     from melanoma_detector.models.factory import set_trainable_top, split_backbone, train_mode
 
@@ -92,7 +92,7 @@ def phase2_steps(model, size: int, *, fraction: float = 0.3, steps: int = 3, bat
     bottom, top = split_backbone(model.backbone, fraction)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     x = torch.randn(batch, 3, size, size)
-    if channels_last:  # as the trainer runs it
+    if channels_last:  # as the trainer runs it on a GPU
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch) < 0.5).float()
@@ -137,8 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=None, help="default: 224 / 240 / 260 for Lite0 / 1 / 2")
     ap.add_argument("--unfreeze-fraction", type=float, default=0.3, help="top of the backbone trained in phase 2")
-    ap.add_argument("--memory-format", choices=["channels_last", "nchw"], default="channels_last",
-                    help="phase-2 layout (the trainer uses channels_last)")
+    ap.add_argument("--memory-format", choices=["channels_last", "nchw"], default="nchw",
+                    help="phase-2 layout (the trainer: channels_last on CUDA, NCHW on CPU)")
     ap.add_argument("--parts", nargs="+", default=["features", "head", "phase2"], choices=["features", "head", "phase2"])
     args = ap.parse_args(argv)
     from melanoma_detector.training.engine import flush_denormals

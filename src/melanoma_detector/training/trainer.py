@@ -383,9 +383,10 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         model = sync_batchnorm(model, device)
     model.to(device)
     amp_dtype = amp_dtype_for(tc.amp, device)
-    # channels_last suits both cuDNN and oneDNN: on a 2-core CPU it makes a plain phase-2 step 1.5x
-    # faster (Lite0, top 60% trained, 192 and 224 px; benchmarks/train_speed.py --memory-format).
-    channels_last = device.type in ("cuda", "cpu")
+    # On a 2-core CPU channels_last would make a plain phase-2 step ~1.45x faster
+    # (benchmarks/train_speed.py --memory-format), but there oneDNN's results are not repeatable
+    # run to run (a resumed run then drifts from an uninterrupted one), so CPUs keep NCHW for now.
+    channels_last = device.type == "cuda"
     if channels_last:
         model.to(memory_format=torch.channels_last)
     cw = class_weights(s.label for s in train_s) if tc.class_weights else None
