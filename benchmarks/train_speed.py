@@ -92,7 +92,7 @@ def phase2_steps(model, size: int, *, fraction: float = 0.3, steps: int = 3, bat
     bottom, top = split_backbone(model.backbone, fraction)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     x = torch.randn(batch, 3, size, size)
-    if channels_last:  # as the trainer runs it on a GPU
+    if channels_last:  # as the trainer runs it
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     y = (torch.rand(batch) < 0.5).float()
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=None, help="default: 224 / 240 / 260 for Lite0 / 1 / 2")
     ap.add_argument("--unfreeze-fraction", type=float, default=0.3, help="top of the backbone trained in phase 2")
     ap.add_argument("--memory-format", choices=["channels_last", "nchw"], default="nchw",
-                    help="phase-2 layout (the trainer: channels_last on CUDA, NCHW on CPU)")
+                    help="phase-2 layout (the trainer uses channels_last; nchw matches the older figures)")
     ap.add_argument("--parts", nargs="+", default=["features", "head", "phase2"], choices=["features", "head", "phase2"])
     args = ap.parse_args(argv)
     from melanoma_detector.training.engine import flush_denormals

@@ -73,6 +73,39 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(layout, tmp_p
     assert torch.load(run / "resume.pt", map_location="cpu", weights_only=True)["stage"] == "done"
 
 
+def test_resume_between_phases_continues_the_random_state(layout, tmp_path, monkeypatch):
+    """Killed after phase 1 ended but before a phase-2 epoch did (resume.pt: phase2, epoch 0): the
+    resumed phase 2 must draw the same dropout masks as an uninterrupted run."""
+    import melanoma_detector.training.trainer as trainer
+
+    cfg = _config(tmp_path)
+    reference = tmp_path / "reference"
+    assert main(_train_args(layout, reference, cfg, tmp_path / "cache-ref")) == 0
+
+    class Killed(Exception):
+        pass
+
+    real = trainer.train_one_epoch
+
+    def dies_in_phase2(*args, **kwargs):
+        if kwargs.get("desc", "").startswith("phase2"):
+            raise Killed
+        return real(*args, **kwargs)
+
+    run = tmp_path / "killed"
+    monkeypatch.setattr(trainer, "train_one_epoch", dies_in_phase2)
+    with pytest.raises(Killed):
+        main(_train_args(layout, run, cfg, tmp_path / "cache"))
+    monkeypatch.setattr(trainer, "train_one_epoch", real)
+    state = torch.load(run / "resume.pt", map_location="cpu", weights_only=True)
+    assert (state["stage"], state["epoch"]) == ("phase2", 0)
+
+    assert main(["train", "--resume", str(run), "--no-progress", "--threads", "1"]) == 0
+    for got, want in zip(run_rows(run), run_rows(reference), strict=True):
+        for key in ("train_loss", "val_loss", "val_auc"):
+            assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-4, abs=1e-5), (got, want, key)
+
+
 def test_resume_refuses_a_finished_run_and_changed_options(layout, tmp_path, capsys):
     cfg = _config(tmp_path)
     run = tmp_path / "run"

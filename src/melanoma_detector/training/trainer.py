@@ -383,10 +383,9 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         model = sync_batchnorm(model, device)
     model.to(device)
     amp_dtype = amp_dtype_for(tc.amp, device)
-    # On a 2-core CPU channels_last would make a plain phase-2 step ~1.45x faster
-    # (benchmarks/train_speed.py --memory-format), but there oneDNN's results are not repeatable
-    # run to run (a resumed run then drifts from an uninterrupted one), so CPUs keep NCHW for now.
-    channels_last = device.type == "cuda"
+    # channels_last suits oneDNN as well as cuDNN: on a 2-core CPU a plain phase-2 step is ~1.45x
+    # faster (benchmarks/train_speed.py --memory-format).
+    channels_last = device.type in ("cuda", "cpu")
     if channels_last:
         model.to(memory_format=torch.channels_last)
     cw = class_weights(s.label for s in train_s) if tc.class_weights else None
@@ -431,10 +430,13 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             factor=tc.reduce_lr_factor, min_lr=tc.min_lr,
         )
         first = 1
+        if previous is not None and previous["stage"] == phase:
+            # Also when the stage had started but no epoch of it ended (killed right after the
+            # previous stage): dropout must continue from the interrupted run's random state.
+            _set_rng_state(previous["rng"][dist.rank] if previous.get("world_size") == dist.world_size else previous["rng"][0])
         if run.resumes(phase):
             optimizer.load_state_dict(previous["optimizer_state"])
             monitor.load_state_dict(previous["monitor"])
-            _set_rng_state(previous["rng"][dist.rank] if previous.get("world_size") == dist.world_size else previous["rng"][0])
             first = previous["epoch"] + 1
             if previous.get("stopped"):
                 first = epochs + 1
