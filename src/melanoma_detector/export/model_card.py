@@ -109,4 +109,5 @@ def _best_text(meta: dict) -> str:
     best = (meta.get("training") or {}).get("best") or {}
     if "epoch" not in best or "val_auc" not in best:
         return ""
-    return f" (kept: {best.get('phase', '')} epoch {best['epoch']}, validation AUC {float(best['val_auc']):.3f})".replace("( ", "(")
+    where = " ".join(str(x) for x in (best.get("phase"), "epoch", best["epoch"]) if x)
+    return f" (kept: {where}, validation AUC {float(best['val_auc']):.3f})"
