@@ -6,7 +6,8 @@ from melanoma_detector.config import load_config
 from melanoma_detector.errors import UserError
 
 
-@pytest.mark.parametrize("key,value", [("train.amp", "fp8"), ("train.phase2_mode", "fast"), ("train.device", "tpu")])
+@pytest.mark.parametrize("key,value", [("train.amp", "fp8"), ("train.phase2_mode", "fast"), ("train.device", "tpu"),
+                                       ("train.lr_schedule", "step"), ("train.augmentation", "extreme")])
 def test_config_rejects_unknown_choices_with_the_accepted_ones(key, value):
     with pytest.raises(UserError, match="is not one of"):
         load_config(None, {key: value})

@@ -65,6 +65,11 @@ def _add_train(sub) -> None:
     p.add_argument("--lr-frozen", type=float)
     p.add_argument("--lr-finetune", type=float)
     p.add_argument("--unfreeze-fraction", type=float)
+    p.add_argument("--lr-schedule", choices=["plateau", "cosine"],
+                   help="plateau (default): reduce the LR when val AUC stalls, as in the seed; cosine: anneal "
+                        "each phase's LR to --min-lr over its epochs")
+    p.add_argument("--augmentation", choices=["standard", "strong"],
+                   help="strong adds wider colour jitter, occasional blur and a random erased patch")
     p.add_argument("--phase2-mode", choices=["auto", "plain", "cached"],
                    help="plain (auto): fresh augmentation every epoch; cached: stored views of the frozen "
                         "part, ~6x cheaper per epoch but memorised within a few epochs")
@@ -125,6 +130,8 @@ def cmd_train(args) -> int:
         "train.lr_frozen": args.lr_frozen,
         "train.lr_finetune": args.lr_finetune,
         "train.unfreeze_fraction": args.unfreeze_fraction,
+        "train.lr_schedule": args.lr_schedule,
+        "train.augmentation": args.augmentation,
         "train.phase2_mode": args.phase2_mode,
         "train.cache_views": args.cache_views,
         "train.cache_dihedral": args.cache_dihedral,

@@ -55,6 +55,12 @@ class TrainConfig:
     reduce_lr_patience: int = 3
     reduce_lr_factor: float = 0.2
     min_lr: float = 1e-7
+    # "plateau": Keras' ReduceLROnPlateau, as in the seed. "cosine": each phase anneals its LR
+    # from lr_* to min_lr over its epochs (a function of the epoch, so --resume continues it).
+    lr_schedule: str = "plateau"
+    # "standard": random resized crop, flips, 90-degree rotations, mild colour jitter.
+    # "strong": also wider colour jitter, occasional blur and a random erased patch (cutout).
+    augmentation: str = "standard"
     feature_cache: bool = True  # phase 1 on cached pooled features of the frozen backbone
     flip_average: bool = False  # average cached features over a horizontal flip
     feature_engine: str = "auto"  # frozen-part passes: auto | torch | onnxruntime (auto: ORT on CPU if installed)
@@ -72,7 +78,8 @@ class TrainConfig:
     def __post_init__(self):
         for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
                                ("device", ("auto", "cpu", "cuda", "mps")),
-                               ("feature_engine", ("auto", "torch", "onnxruntime"))):
+                               ("feature_engine", ("auto", "torch", "onnxruntime")),
+                               ("lr_schedule", ("plateau", "cosine")), ("augmentation", ("standard", "strong"))):
             if getattr(self, name) not in accepted:
                 raise UserError(f"config train.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
 

@@ -155,3 +155,19 @@ def test_onnx_runtime_feature_engine_matches_pytorch(seed_layout):
         m_ref = np.asarray(bottom_feature_cache(bottom, samples, pp, cache_dir=a, engine="torch", **kw)[0], np.float32)
         m_ort = np.asarray(bottom_feature_cache(bottom, samples, pp, cache_dir=b, engine="onnxruntime", **kw)[0], np.float32)
     assert m_ref.shape == m_ort.shape and np.abs(m_ref - m_ort).max() < 1e-2  # float16 storage
+
+
+def test_cosine_schedule_and_strong_augmentation_train(seed_layout, tmp_path):
+    out = tmp_path / "run"
+    rc = main([
+        "train", "--data", str(seed_layout), "--out", str(out), "--backbone", TINY_BACKBONE,
+        "--no-pretrained", "--image-size", "64", "--epochs-frozen", "2", "--epochs-finetune", "2",
+        "--batch-size", "8", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "--phase2-mode", "plain",
+        "--lr-finetune", "1e-3", "--lr-schedule", "cosine", "--augmentation", "strong",
+    ])
+    assert rc == 0
+    rows = [r for r in csv.DictReader((out / "metrics.csv").open()) if r["phase"] == "phase2"]
+    # min_lr 1e-7: epoch 1 at the base LR, epoch 2 half way down the cosine.
+    assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, (1e-3 + 1e-7) / 2])
+    config = (out / "config.yaml").read_text()
+    assert "lr_schedule: cosine" in config and "augmentation: strong" in config

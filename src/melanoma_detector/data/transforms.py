@@ -10,7 +10,7 @@ import random
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from melanoma_detector.preprocess import INTERPOLATIONS, Preprocessing, normalize, preprocess_image
 
@@ -22,6 +22,18 @@ class RandomRot90:
         k = random.randint(0, 3)
         ops = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270)
         return img if k == 0 else img.transpose(ops[k])
+
+
+class RandomBlur:
+    """Pillow's Gaussian blur with probability p: torchvision's would round-trip through a tensor."""
+
+    def __init__(self, p: float, sigma: tuple[float, float]):
+        self.p, self.sigma = p, sigma
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(random.uniform(*self.sigma)))
 
 
 class _Finish:
@@ -40,28 +52,44 @@ class EvalTransform:
         return torch.from_numpy(preprocess_image(img, self.pp))
 
 
-def build_transforms(pp: Preprocessing, *, train: bool, scale: tuple[float, float] = (0.5, 1.0)):
+AUGMENTATIONS = ("standard", "strong")
+
+
+def build_transforms(pp: Preprocessing, *, train: bool, augmentation: str = "standard",
+                     scale: tuple[float, float] = (0.5, 1.0)):
     """Augmentation used in dermoscopy work: random resized crop, flips, 90-degree rotations and
-    mild colour jitter (dermatoscopes differ in white balance and exposure)."""
+    mild colour jitter (dermatoscopes differ in white balance and exposure).
+
+    "strong" adds what ISIC challenge entries use against overfitting and for other cameras:
+    wider colour jitter, an occasional slight blur (lower-resolution devices) and one random
+    erased patch, so that no single region (a ruler, a hair, a vignette corner) decides."""
     if not train:
         return EvalTransform(pp)
+    if augmentation not in AUGMENTATIONS:
+        raise ValueError(f"augmentation {augmentation!r}; accepted: {', '.join(AUGMENTATIONS)}")
     from torchvision import transforms as T
 
-    return T.Compose(
-        [
-            T.RandomResizedCrop(
-                pp.input_size,
-                scale=scale,
-                ratio=(3 / 4, 4 / 3),
-                interpolation=T.InterpolationMode(pp.interpolation),
-            ),
-            T.RandomHorizontalFlip(),
-            T.RandomVerticalFlip(),
-            RandomRot90(),
-            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.15, hue=0.03),
-            _Finish(pp),
-        ]
-    )
+    strong = augmentation == "strong"
+    steps = [
+        T.RandomResizedCrop(
+            pp.input_size,
+            scale=scale,
+            ratio=(3 / 4, 4 / 3),
+            interpolation=T.InterpolationMode(pp.interpolation),
+        ),
+        T.RandomHorizontalFlip(),
+        T.RandomVerticalFlip(),
+        RandomRot90(),
+        T.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.2, hue=0.05) if strong
+        else T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.15, hue=0.03),
+    ]
+    if strong:
+        steps.append(RandomBlur(p=0.2, sigma=(0.1, 1.2)))
+    steps.append(_Finish(pp))
+    if strong:
+        # On the normalised tensor, so the erased patch is the mean colour (value 0), not black.
+        steps.append(T.RandomErasing(p=0.5, scale=(0.02, 0.12), ratio=(0.5, 2.0), value=0))
+    return T.Compose(steps)
 
 
-__all__ = ["build_transforms", "EvalTransform", "RandomRot90", "INTERPOLATIONS", "np"]
+__all__ = ["AUGMENTATIONS", "INTERPOLATIONS", "EvalTransform", "RandomBlur", "RandomRot90", "build_transforms", "np"]

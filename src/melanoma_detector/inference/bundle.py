@@ -7,6 +7,7 @@ Reading a bundle never imports torch, and never uses pickle.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -79,10 +80,11 @@ class Bundle:
         path = self.root / info["file"]
         if not path.is_file():
             raise BundleError(f"{path}: input-gate statistics missing from the bundle")
-        if verify and sha256_file(path) != info.get("sha256"):
+        data = path.read_bytes()  # read once: the bytes hashed are the bytes loaded
+        if verify and hashlib.sha256(data).hexdigest() != info.get("sha256"):
             raise BundleError(f"{path}: sha256 does not match metadata.json; refusing a changed or corrupted file")
         try:
-            with np.load(path, allow_pickle=False) as npz:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
                 arrays = {"mean": npz["mean"], "precision": npz["precision"]}
         except (OSError, ValueError, KeyError) as exc:
             raise BundleError(f"{path}: unreadable input-gate statistics ({exc})") from None

@@ -245,6 +245,7 @@ def bottom_feature_cache(
     fingerprint: str | None = None,
     dist: DistInfo = DistInfo(),
     engine: str = "auto",
+    augmentation: str = "standard",
 ) -> ViewStack:
     """float16 memmaps of the frozen bottom's output: `views` augmented views (train) or one
     deterministic view (eval), one file per view.
@@ -259,7 +260,9 @@ def bottom_feature_cache(
     fn, picked = None, False
     for v in range(views):
         view_seed = seed * 1000 + v
-        key = cache_key(samples, kind="bottom-view", fp=fp, pp=pp.to_dict(), train=train, seed=view_seed)
+        # Only a non-default augmentation enters the key, so caches written before it existed stay valid.
+        extra = {"augmentation": augmentation} if train and augmentation != "standard" else {}
+        key = cache_key(samples, kind="bottom-view", fp=fp, pp=pp.to_dict(), train=train, seed=view_seed, **extra)
         path, meta_path = cache_dir / f"bottom-{key}.f16", cache_dir / f"bottom-{key}.json"
         if broadcast_object(path.is_file() and meta_path.is_file(), dist):
             shape = tuple(json.loads(meta_path.read_text())["shape"])
@@ -281,7 +284,7 @@ def bottom_feature_cache(
             fn, picked = _pick_engine(bottom, engine, device=device, n=end - start, input_size=pp.input_size), True
         _run(
             bottom,
-            _loader(samples, build_transforms(pp, train=train), batch_size, workers, rows=(start, end),
+            _loader(samples, build_transforms(pp, train=train, augmentation=augmentation), batch_size, workers, rows=(start, end),
                     seed=view_seed if train else None, device=device),
             device=device,
             flip_average=False,

@@ -9,6 +9,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import random
 import time
 from pathlib import Path
@@ -58,10 +59,17 @@ from melanoma_detector.training.sampling import EpochSampler, TensorBatches, set
 log = logging.getLogger(__name__)
 
 
-class PlateauMonitor:
-    """Best-AUC tracking, early stopping and reduce-LR-on-plateau (Keras semantics, mode=max)."""
+def cosine_lr(epoch: int, epochs: int, *, base_lr: float, min_lr: float) -> float:
+    """LR for 1-based `epoch` of `epochs`: base_lr at the first, annealed towards min_lr, which the
+    epoch after the last would reach."""
+    return min_lr + 0.5 * (base_lr - min_lr) * (1 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
 
-    def __init__(self, optimizer, *, patience: int, lr_patience: int, factor: float, min_lr: float):
+
+class PlateauMonitor:
+    """Best-AUC tracking, early stopping and reduce-LR-on-plateau (Keras semantics, mode=max).
+    `lr_patience=None` leaves the LR alone (another schedule owns it)."""
+
+    def __init__(self, optimizer, *, patience: int, lr_patience: int | None, factor: float, min_lr: float):
         self.optimizer = optimizer
         self.patience, self.lr_patience = patience, lr_patience
         self.factor, self.min_lr = factor, min_lr
@@ -76,7 +84,7 @@ class PlateauMonitor:
             return True, False
         self.bad_epochs += 1
         self.lr_bad_epochs += 1
-        if self.lr_bad_epochs >= self.lr_patience:
+        if self.lr_patience is not None and self.lr_bad_epochs >= self.lr_patience:
             for g in self.optimizer.param_groups:
                 g["lr"] = max(g["lr"] * self.factor, self.min_lr)
             self.lr_bad_epochs = 0
@@ -266,6 +274,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _saved_rng(previous: dict[str, Any], dist: DistInfo) -> dict[str, Any]:
+    """This rank's saved random state; rank 0's when the run resumes on another number of processes."""
+    return previous["rng"][dist.rank] if previous.get("world_size") == dist.world_size else previous["rng"][0]
+
+
 def read_resume_state(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RESUME_FILE
     if not path.is_file():
@@ -426,14 +439,16 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
 
     def run_phase(phase, module, optimizer, train_loader, val_loader, epochs, set_mode):
         monitor = PlateauMonitor(
-            optimizer, patience=tc.early_stopping_patience, lr_patience=tc.reduce_lr_patience,
+            optimizer, patience=tc.early_stopping_patience,
+            lr_patience=tc.reduce_lr_patience if tc.lr_schedule == "plateau" else None,
             factor=tc.reduce_lr_factor, min_lr=tc.min_lr,
         )
+        base_lr = optimizer.param_groups[0]["lr"]
         first = 1
         if previous is not None and previous["stage"] == phase:
             # Also when the stage had started but no epoch of it ended (killed right after the
             # previous stage): dropout must continue from the interrupted run's random state.
-            _set_rng_state(previous["rng"][dist.rank] if previous.get("world_size") == dist.world_size else previous["rng"][0])
+            _set_rng_state(_saved_rng(previous, dist))
         if run.resumes(phase):
             optimizer.load_state_dict(previous["optimizer_state"])
             monitor.load_state_dict(previous["monitor"])
@@ -444,6 +459,9 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         trained = wrap(module)
         phase_offset = 1000 * _STAGES.index(phase)  # fresh augmentation seeds per phase
         for epoch in range(first, epochs + 1):
+            if tc.lr_schedule == "cosine":
+                for g in optimizer.param_groups:
+                    g["lr"] = cosine_lr(epoch, epochs, base_lr=base_lr, min_lr=tc.min_lr)
             set_epoch(train_loader, phase_offset + epoch)
             t0 = time.perf_counter()
             tr = train_one_epoch(
@@ -508,7 +526,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             with single_thread():
                 run_phase("phase1", model.head, opt, tl, vl, tc.epochs_frozen, model.head.train)
         else:
-            tl = _image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed, **loader_kw)
+            tl = _image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed, augmentation=tc.augmentation, **loader_kw)
             vl = _image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
             run_phase("phase1", model, opt, tl, vl, tc.epochs_frozen, lambda: (model.train(), model.backbone.eval()))
         model.load_state_dict(best["state"])
@@ -537,7 +555,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             kw = dict(device=device, cache_dir=cache_dir, seed=tc.seed, batch_size=tc.batch_size,
                       workers=config.data.num_workers, progress=progress, fingerprint=fp, dist=dist,
                       engine=tc.feature_engine)
-            c_train = bottom_feature_cache(bottom, train_s, pp, views=tc.cache_views, train=True, **kw)
+            c_train = bottom_feature_cache(bottom, train_s, pp, views=tc.cache_views, train=True,
+                                           augmentation=tc.augmentation, **kw)
             c_val = bottom_feature_cache(bottom, val_s, pp, views=1, train=False, **kw)
             ds = _CachedViews(c_train, y_train, dihedral=tc.cache_dihedral, seed=tc.seed)
             tl = DataLoader(ds, batch_size=tc.batch_size, sampler=EpochSampler(len(ds), dist, seed=tc.seed + 1))
@@ -545,7 +564,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             module = _TopAndHead(top, model.head)
             run_phase("phase2", module, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen))
         else:
-            tl = _image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed + 1, **loader_kw)
+            tl = _image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed + 1, augmentation=tc.augmentation,
+                               **loader_kw)
             vl = _image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
             run_phase("phase2", model, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen))
         for p in model.parameters():
@@ -606,8 +626,8 @@ def _finalize(model, best, base, splits, pp, config, out_dir, *, device, amp_dty
 
 
 def _image_loader(samples, pp, batch_size, *, workers: int, device: torch.device, train: bool, seed: int = 0,
-                  dist: DistInfo = DistInfo()):
-    dataset = ImageDataset(samples, build_transforms(pp, train=train), seed=seed if train else None)
+                  dist: DistInfo = DistInfo(), augmentation: str = "standard"):
+    dataset = ImageDataset(samples, build_transforms(pp, train=train, augmentation=augmentation), seed=seed if train else None)
     return DataLoader(
         dataset,
         batch_size=batch_size,

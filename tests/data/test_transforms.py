@@ -1,0 +1,48 @@
+"""Training augmentation: both strengths give the model's input, and "strong" really erases."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from melanoma_detector.data.transforms import build_transforms
+from melanoma_detector.preprocess import Preprocessing
+
+PP = Preprocessing(input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.875)
+
+
+def _image():
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (72, 96, 3), dtype=np.uint8))
+
+
+def _has_erased_patch(x: torch.Tensor) -> bool:
+    # A normalised uint8 pixel is never exactly 0 ((v/255 - 0.5)/0.5 = 0 needs v = 127.5), so an
+    # all-zero 4x4 block in every channel can only be the erased patch.
+    zero = (x == 0).all(dim=0).float()[None, None]
+    return bool((torch.nn.functional.avg_pool2d(zero, 4, stride=1) == 1).any())
+
+
+@pytest.mark.parametrize("augmentation", ["standard", "strong"])
+def test_training_transform_gives_the_model_input(augmentation):
+    x = build_transforms(PP, train=True, augmentation=augmentation)(_image())
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32
+    assert -1.01 <= float(x.min()) and float(x.max()) <= 1.01
+
+
+def test_strong_augmentation_erases_a_patch_and_standard_never_does():
+    random.seed(0)
+    torch.manual_seed(0)
+    img = _image()
+    strong = build_transforms(PP, train=True, augmentation="strong")
+    standard = build_transforms(PP, train=True, augmentation="standard")
+    erased = sum(_has_erased_patch(strong(img)) for _ in range(40))
+    assert 5 <= erased <= 35  # p = 0.5
+    assert not any(_has_erased_patch(standard(img)) for _ in range(20))
+
+
+def test_unknown_augmentation_names_the_accepted_ones():
+    with pytest.raises(ValueError, match="standard, strong"):
+        build_transforms(PP, train=True, augmentation="extreme")
