@@ -67,7 +67,7 @@ def _add_train(sub) -> None:
     p.add_argument("--unfreeze-fraction", type=float)
     p.add_argument("--lr-schedule", choices=["plateau", "cosine"],
                    help="plateau (default): reduce the LR when val AUC stalls, as in the seed; cosine: anneal "
-                        "each phase's LR to --min-lr over its epochs")
+                        "each phase's LR to train.min_lr over its epochs")
     p.add_argument("--augmentation", choices=["standard", "strong"],
                    help="strong adds wider colour jitter, occasional blur and a random erased patch")
     p.add_argument("--phase2-mode", choices=["auto", "plain", "cached"],
