@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from melanoma_detector import DISCLAIMER, __version__
+from melanoma_detector.config import AUGMENTATIONS, LR_SCHEDULES
 from melanoma_detector.errors import UserError
 
 
@@ -65,10 +66,10 @@ def _add_train(sub) -> None:
     p.add_argument("--lr-frozen", type=float)
     p.add_argument("--lr-finetune", type=float)
     p.add_argument("--unfreeze-fraction", type=float)
-    p.add_argument("--lr-schedule", choices=["plateau", "cosine"],
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES,
                    help="plateau (default): reduce the LR when val AUC stalls, as in the seed; cosine: anneal "
                         "each phase's LR to train.min_lr over its epochs")
-    p.add_argument("--augmentation", choices=["standard", "strong"],
+    p.add_argument("--augmentation", choices=AUGMENTATIONS,
                    help="strong adds wider colour jitter, occasional blur and a random erased patch")
     p.add_argument("--phase2-mode", choices=["auto", "plain", "cached"],
                    help="plain (auto): fresh augmentation every epoch; cached: stored views of the frozen "

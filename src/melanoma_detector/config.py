@@ -13,6 +13,9 @@ from typing import Any, Mapping
 
 from melanoma_detector.errors import UserError
 
+LR_SCHEDULES = ("plateau", "cosine")
+AUGMENTATIONS = ("standard", "strong")
+
 # The seed notebook's recipe, kept as the defaults.
 SEED_BACKBONE = "efficientnet_b3"
 
@@ -79,7 +82,7 @@ class TrainConfig:
         for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
                                ("device", ("auto", "cpu", "cuda", "mps")),
                                ("feature_engine", ("auto", "torch", "onnxruntime")),
-                               ("lr_schedule", ("plateau", "cosine")), ("augmentation", ("standard", "strong"))):
+                               ("lr_schedule", LR_SCHEDULES), ("augmentation", AUGMENTATIONS)):
             if getattr(self, name) not in accepted:
                 raise UserError(f"config train.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
 

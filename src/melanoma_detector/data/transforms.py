@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from melanoma_detector.config import AUGMENTATIONS
 from melanoma_detector.preprocess import INTERPOLATIONS, Preprocessing, normalize, preprocess_image
 
 
@@ -50,9 +51,6 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         return torch.from_numpy(preprocess_image(img, self.pp))
-
-
-AUGMENTATIONS = ("standard", "strong")
 
 
 def build_transforms(pp: Preprocessing, *, train: bool, augmentation: str = "standard",

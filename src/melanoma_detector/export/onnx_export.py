@@ -17,12 +17,12 @@ graph gives exact Grad-CAM at serve time with no autograd and no torch.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from melanoma_detector.inference.bundle import sha256_file
 from melanoma_detector.models.factory import MelanomaNet, split_backbone
 
 OUTPUT_NAMES = ["logit", "features", "fmap", "cam_weights", "gate_features"]
@@ -82,11 +82,3 @@ def export_onnx(model: MelanomaNet, path: str | Path, *, input_size: int, opset:
         )
     model.eval()  # the exporter can leave the module in training mode
     return sha256_file(path)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -34,9 +34,9 @@ def default_bundle_dir() -> Path:
     return Path(env) if env else _REPO_BUNDLE
 
 
-def sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
