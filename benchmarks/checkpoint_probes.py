@@ -1,0 +1,94 @@
+"""Cheap ways to get more out of trained runs, scored on a run's own val and test splits (ROC AUC
+of the raw logit; HAM10000 and ISIC 2017 rows separately). No training: only forward passes.
+
+    python benchmarks/checkpoint_probes.py --run runs/lite0-192-plain60 \
+        [--average-last] [--ensemble-with runs/lite0-192-strong-cos] \
+        [--serve-at 192:1.0:crop 224:1.0:crop ...]
+
+--average-last    the kept weights (checkpoint.pt), the last epoch's (resume.pt) and their mean
+--ensemble-with   the mean logit of this run's kept model and another run's (same split)
+--serve-at        val AUC of the kept model at other input sizes, centre crops and resize modes
+                  (SIZE:CROP_PCT:crop|squash), against the one it was trained with
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from melanoma_detector.data.discovery import Sample
+from melanoma_detector.models.checkpoint import checkpoint_preprocessing, model_from_checkpoint, read_checkpoint
+from melanoma_detector.training.engine import predict_logits
+from melanoma_detector.training.trainer import _image_loader
+
+CPU = torch.device("cpu")
+
+
+def split_samples(run: Path, split: str) -> list[Sample]:
+    with (run / "split.csv").open() as fh:
+        rows = [r for r in csv.DictReader(fh) if r["split"] == split]
+    return [Sample(path=r["path"], label=int(r["label"]), group=r["group"], split=split, key=r["key"]) for r in rows]
+
+
+def logits(ckpt: dict, samples: list[Sample], pp=None) -> np.ndarray:
+    model = model_from_checkpoint(ckpt).to(memory_format=torch.channels_last)
+    loader = _image_loader(samples, pp or checkpoint_preprocessing(ckpt), 64, workers=1, device=CPU, train=False)
+    return predict_logits(model, loader, device=CPU)[0].ravel()
+
+
+def aucs(samples: list[Sample], z: np.ndarray) -> str:
+    y = np.array([s.label for s in samples])
+    isic = np.array([s.key.startswith("isic") for s in samples])
+    parts = [f"all {roc_auc_score(y, z):.4f}"]
+    for name, mask in (("ham10000", ~isic), ("isic2017", isic)):
+        if mask.any() and len(set(y[mask])) == 2:
+            parts.append(f"{name} {roc_auc_score(y[mask], z[mask]):.4f}")
+    return ", ".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--run", type=Path, required=True)
+    ap.add_argument("--average-last", action="store_true")
+    ap.add_argument("--ensemble-with", type=Path)
+    ap.add_argument("--serve-at", nargs="*", default=[])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    kept = read_checkpoint(args.run / "checkpoint.pt")
+    sets = {s: split_samples(args.run, s) for s in ("val", "test")}
+    base = {s: logits(kept, smp) for s, smp in sets.items()}
+    for s, smp in sets.items():
+        print(f"{s:4s} kept (epoch {kept['best']['epoch']}): {aucs(smp, base[s])}", flush=True)
+
+    if args.average_last:
+        last = torch.load(args.run / "resume.pt", map_location="cpu", weights_only=True)["model_state"]
+        mean = {k: (v.float() + last[k].float()).div(2).to(v.dtype) if v.is_floating_point() else v
+                for k, v in kept["model_state"].items()}
+        for name, state in (("last epoch", last), ("mean of kept and last", mean)):
+            for s, smp in sets.items():
+                print(f"{s:4s} {name}: {aucs(smp, logits({**kept, 'model_state': state}, smp))}", flush=True)
+
+    if args.ensemble_with:
+        other = read_checkpoint(args.ensemble_with / "checkpoint.pt")
+        for s, smp in sets.items():
+            z = logits(other, smp)
+            print(f"{s:4s} other run (epoch {other['best']['epoch']}): {aucs(smp, z)}", flush=True)
+            print(f"{s:4s} mean logit of both: {aucs(smp, base[s] + z)}", flush=True)
+
+    pp = checkpoint_preprocessing(kept)
+    for spec in args.serve_at:
+        size, crop, mode = spec.split(":")
+        alt = dataclasses.replace(pp, input_size=int(size), crop_pct=float(crop), resize_mode=mode)
+        print(f"val  served at {spec}: {aucs(sets['val'], logits(kept, sets['val'], alt))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
