@@ -1,7 +1,7 @@
 """End-to-end inference speed: decode + preprocess + model, ONNX Runtime predictor vs PyTorch
 eager on the same model, in the same run; and the serving process's peak RSS.
 
-    python benchmarks/inference_speed.py [--bundle models/default] [--checkpoint RUN/checkpoint.pt]
+    python benchmarks/inference_speed.py [--bundle models/default] [--checkpoint RUN/checkpoint.pt [RUN2/checkpoint.pt]]
                                          [--threads 2] [--repeats 60] [--install-time]
 
 Without --checkpoint the PyTorch side is the bundle's architecture with ImageNet backbone weights
@@ -78,9 +78,14 @@ def bench_torch(pred_onnx, checkpoint: Path | None, threads: int, repeats: int):
 
     torch.set_num_threads(threads)
     if checkpoint:
-        model, _ = load_checkpoint(checkpoint)
+        members = [load_checkpoint(c)[0] for c in checkpoint]
+    elif "members" in pred_onnx.bundle.metadata.get("training", {}):
+        raise SystemExit("an ensemble bundle: pass its members' checkpoints with --checkpoint A B")
     else:
-        model = create_model(pred_onnx.bundle.metadata["backbone"], pretrained=True, allow_random_init=True).eval()
+        members = [create_model(pred_onnx.bundle.metadata["backbone"], pretrained=True, allow_random_init=True).eval()]
+
+    def model(x):  # an ensemble bundle serves the members' mean logit
+        return members[0](x) if len(members) == 1 else torch.stack([m(x) for m in members]).mean(dim=0)
     pp = pred_onnx.pp
     paths = [str(p) for p in EXAMPLES]
 
@@ -125,7 +130,8 @@ def install_time() -> float:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bundle", type=Path, default=ROOT / "models" / "default")
-    ap.add_argument("--checkpoint", type=Path)
+    ap.add_argument("--checkpoint", type=Path, nargs="+",
+                    help="the bundle's checkpoint; an ensemble bundle's members, in export order")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--install-time", action="store_true", help="also time `pip install .[serve]` into a fresh venv")

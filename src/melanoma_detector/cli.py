@@ -360,9 +360,11 @@ def cmd_data_check(args) -> int:
 
 def _add_export(sub) -> None:
     p = sub.add_parser("export", help="build a model bundle (ONNX + metadata + model card) from a checkpoint")
-    p.add_argument("--model", required=True, help="checkpoint (.pt) or run folder")
+    p.add_argument("--model", required=True, nargs="+", metavar="CKPT",
+                   help="checkpoint (.pt) or run folder; several export their mean-logit ensemble as one graph "
+                        "(same preprocessing required)")
     p.add_argument("--out", required=True, help="bundle folder to write")
-    p.add_argument("--split", help="split.csv whose val/test images finish the bundle (default: the run's)")
+    p.add_argument("--split", help="split.csv whose val/test images finish the bundle (default: the first run's)")
     p.add_argument("--no-data", action="store_true", help="skip calibration/metrics/input-gate statistics on data")
     p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for CIs")
     p.set_defaults(func=cmd_export)
@@ -372,7 +374,7 @@ def cmd_export(args) -> int:
     from melanoma_detector.export.bundle import check_export_target, export_bundle
 
     check_export_target(args.out)
-    meta = export_bundle(args.model, args.out, split_file=args.split, use_data=not args.no_data,
+    meta = export_bundle(args.model if len(args.model) > 1 else args.model[0], args.out, split_file=args.split, use_data=not args.no_data,
                          n_resamples=args.resamples)
     test = meta.get("metrics", {}).get("test")
     print(f"bundle written to {args.out} (model {meta['model_version']}, sha256 {meta['graph']['sha256'][:12]})")

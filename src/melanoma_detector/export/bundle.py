@@ -152,7 +152,7 @@ def metrics_with_ci(y: np.ndarray, p: np.ndarray, groups: list[str], thresholds:
 
 
 def export_bundle(
-    checkpoint: str | Path,
+    checkpoint: str | Path | list[str | Path],
     out_dir: str | Path,
     *,
     split_file: str | Path | None = None,
@@ -170,22 +170,43 @@ def export_bundle(
     from melanoma_detector.inference.predictor import Predictor
     from melanoma_detector.models.checkpoint import load_checkpoint
 
-    ckpt_path = Path(checkpoint)
-    if ckpt_path.is_dir():
-        ckpt_path = ckpt_path / "checkpoint.pt"
-    model, ckpt = load_checkpoint(ckpt_path)
+    paths = [Path(c) for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
+    paths = [c / "checkpoint.pt" if c.is_dir() else c for c in paths]
+    loaded = [load_checkpoint(c) for c in paths]
+    # The first member's checkpoint supplies the split, training config and fallback calibration.
+    ckpt_path, (model, ckpt) = paths[0], loaded[0]
+    pp = ckpt["preprocessing"]
+    for path, (_, other) in zip(paths[1:], loaded[1:]):
+        # Members see one preprocessed image. The centre-crop fraction only shapes evaluation (training
+        # crops at random), so members may differ in it and are served at the first member's; the
+        # bundle's metrics below are measured on exactly that.
+        differ = sorted(k for k in {*pp, *other["preprocessing"]}
+                        if k != "crop_pct" and pp.get(k) != other["preprocessing"].get(k))
+        if differ:
+            raise UserError(f"{path}: preprocessing differs from {paths[0]}'s in {', '.join(differ)} "
+                            f"({ {k: other['preprocessing'].get(k) for k in differ} } against { {k: pp.get(k) for k in differ} }); "
+                            "accepted: ensemble members trained with the same input size, mean/std, interpolation "
+                            "and resize mode (the centre-crop fraction may differ: the first member's is used)")
+        if other["preprocessing"].get("crop_pct") != pp.get("crop_pct"):
+            log.warning("%s: centre crop %s served at the first member's %s", path,
+                        other["preprocessing"].get("crop_pct"), pp.get("crop_pct"))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pp = ckpt["preprocessing"]
-    sha = export_onnx(model, out / "model.onnx", input_size=int(pp["input_size"]),
-                      gate_fraction=float(ckpt["config"]["train"].get("unfreeze_fraction", 0.3)))
+    fractions = [float(c["config"]["train"].get("unfreeze_fraction", 0.3)) for _, c in loaded]
+    if len(loaded) == 1:
+        sha = export_onnx(model, out / "model.onnx", input_size=int(pp["input_size"]), gate_fraction=fractions[0])
+        backbone = ckpt["backbone"]
+    else:
+        sha = export_onnx([m for m, _ in loaded], out / "model.onnx", input_size=int(pp["input_size"]),
+                          gate_fraction=fractions)
+        backbone = "mean-logit ensemble of " + " + ".join(c["backbone"] for _, c in loaded)
     thresholds = dict(ckpt.get("thresholds") or {"screening": 0.5, "high_specificity": 0.5})
     meta: dict[str, Any] = {
         "format_version": BUNDLE_FORMAT_VERSION,
         "model_version": version or f"{__version__}+{sha[:8]}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "software": f"melanoma-detector {__version__}",
-        "backbone": ckpt["backbone"],
+        "backbone": backbone,
         "graph": {"file": "model.onnx", "sha256": sha, "opset": 17, "precision": "fp32",
                   "input": "image (B, 3, S, S) float32, preprocessed", "outputs": OUTPUT_NAMES},
         "preprocessing": pp,
@@ -197,6 +218,9 @@ def export_bundle(
         "training": {
             "config": ckpt["config"],
             "best": ckpt.get("best"),
+            **({"members": [{"checkpoint": str(path), "backbone": c["backbone"], "best": c.get("best"),
+                             "config": c["config"]} for path, (_, c) in zip(paths, loaded)]}
+               if len(loaded) > 1 else {}),
             "data": DATA_CREDITS if _looks_like_shared(ckpt) else [{"name": ", ".join(ckpt["config"]["data"]["paths"])}],
         },
         "licence": "Model weights trained on HAM10000: CC BY-NC-SA 4.0 (non-commercial use only)"

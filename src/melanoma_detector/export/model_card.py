@@ -45,7 +45,12 @@ def write_model_card(out_dir: str | Path, meta: dict[str, Any]) -> Path:
     th = meta["thresholds"]
     data = "\n".join(f"- **{d['name']}**: {d.get('citation', '')} Licence: {d.get('licence', 'see source')}."
                      for d in meta["training"]["data"])
-    cfg = meta["training"]["config"]
+    members = meta["training"].get("members")
+    if members:  # an ensemble: one recipe line per member, in export order
+        recipe = "- Mean logit of separately trained models:\n" + "\n".join(
+            f"  - `{m['backbone']}`: " + _recipe(m["config"], m.get("best"), indent="    ") for m in members)
+    else:
+        recipe = "- Training recipe: " + _recipe(meta["training"]["config"], meta["training"].get("best"), indent="  ")
     gate = meta.get("input_gate", {})
     ood = gate.get("ood")
     test = meta.get("metrics", {}).get("test", {})
@@ -65,9 +70,7 @@ photos, non-skin images, mucosal/acral/nail lesions beyond what the training dat
   (GAP -> BatchNorm -> Dense 512 ReLU -> Dropout 0.45 -> Dense 256 ReLU -> Dropout 0.35 -> Dense 1).
 - Input: {pp['input_size']}x{pp['input_size']} RGB, resize mode `{pp['resize_mode']}`, crop_pct {pp['crop_pct']},
   {pp['interpolation']} interpolation, mean {pp['mean']}, std {pp['std']}.
-- Training recipe: phase 1 {cfg['train']['epochs_frozen']} epochs on a frozen backbone (Adam {cfg['train']['lr_frozen']}),
-  phase 2 up to {cfg['train']['epochs_finetune']} epochs with the top {cfg['train']['unfreeze_fraction']:.0%} of the backbone unfrozen
-  (Adam {cfg['train']['lr_finetune']}, mode `{cfg['train']['phase2_mode']}`), class-weighted BCE, best epoch by validation AUC{_best_text(meta)}.
+{recipe}
 - Graph: ONNX opset {meta['graph']['opset']}, {meta['graph']['precision']}, sha256 `{meta['graph']['sha256']}`.
 
 ## Training data and licence
@@ -105,8 +108,16 @@ side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and i
     return path
 
 
-def _best_text(meta: dict) -> str:
-    best = (meta.get("training") or {}).get("best") or {}
+def _recipe(cfg: dict, best: dict | None, *, indent: str) -> str:
+    t = cfg["train"]
+    return (f"phase 1 {t['epochs_frozen']} epochs on a frozen backbone (Adam {t['lr_frozen']}),\n"
+            f"{indent}phase 2 up to {t['epochs_finetune']} epochs with the top {t['unfreeze_fraction']:.0%} of the backbone unfrozen\n"
+            f"{indent}(Adam {t['lr_finetune']}, mode `{t['phase2_mode']}`), class-weighted BCE, best epoch by validation AUC"
+            f"{_best_text(best)}.")
+
+
+def _best_text(best: dict | None) -> str:
+    best = best or {}
     if "epoch" not in best or "val_auc" not in best:
         return ""
     where = " ".join(str(x) for x in (best.get("phase"), "epoch", best["epoch"]) if x)

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from melanoma_detector.errors import UserError
 from melanoma_detector.inference.bundle import sha256_file
 from melanoma_detector.models.factory import MelanomaNet, split_backbone
 
@@ -62,12 +63,47 @@ class ExportWrapper(nn.Module):
         return logit, pooled, fmap, cam_weights, gate
 
 
-def export_onnx(model: MelanomaNet, path: str | Path, *, input_size: int, opset: int = 17,
-                gate_fraction: float = 0.3) -> str:
-    """Write the fp32 graph to `path`; returns its sha256."""
+class EnsembleWrapper(nn.Module):
+    """Several models on the same preprocessed image, served as one graph with the same outputs.
+
+    The logit is the members' mean. Their feature maps are concatenated along channels with each
+    member's Grad-CAM weights divided by the number of members, so the served Grad-CAM
+    (ReLU of the weighted channel sum) is exactly that of the mean logit. The gate features are
+    the first member's: the input gate models generic image statistics, not the task.
+    """
+
+    def __init__(self, members: list[ExportWrapper]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor):
+        outs = [m(x) for m in self.members]
+        n = len(outs)
+        logit = torch.stack([o[0] for o in outs]).mean(dim=0)
+        pooled = torch.cat([o[1] for o in outs], dim=1)
+        fmap = torch.cat([o[2] for o in outs], dim=1)
+        cam_weights = torch.cat([o[3] / n for o in outs], dim=1)
+        return logit, pooled, fmap, cam_weights, outs[0][4]
+
+
+def export_onnx(model: MelanomaNet | list[MelanomaNet], path: str | Path, *, input_size: int, opset: int = 17,
+                gate_fraction: float | list[float] = 0.3) -> str:
+    """Write the fp32 graph to `path`; returns its sha256. A list of models exports their
+    mean-logit ensemble (`EnsembleWrapper`); their last feature maps must have the same size."""
     path = Path(path)
-    wrapper = ExportWrapper(model.cpu().float().eval(), gate_fraction=gate_fraction)
+    models = model if isinstance(model, list) else [model]
+    fractions = gate_fraction if isinstance(gate_fraction, list) else [gate_fraction] * len(models)
+    wrappers = [ExportWrapper(m.cpu().float().eval(), gate_fraction=f) for m, f in zip(models, fractions)]
     dummy = torch.randn(2, 3, input_size, input_size)
+    if len(wrappers) == 1:
+        wrapper = wrappers[0]
+    else:
+        with torch.no_grad():
+            sizes = {tuple(w(dummy)[2].shape[2:]) for w in wrappers}
+        if len(sizes) > 1:
+            raise UserError(f"ensemble members give last feature maps of different sizes {sorted(sizes)} at "
+                            f"{input_size} px; accepted: members whose feature maps match (same input size and stride)")
+        wrapper = EnsembleWrapper(wrappers)
     with torch.no_grad():
         torch.onnx.export(
             wrapper,
@@ -80,5 +116,6 @@ def export_onnx(model: MelanomaNet, path: str | Path, *, input_size: int, opset:
             dynamo=False,
             do_constant_folding=True,
         )
-    model.eval()  # the exporter can leave the module in training mode
+    for m in models:
+        m.eval()  # the exporter can leave the modules in training mode
     return sha256_file(path)

@@ -1,0 +1,90 @@
+"""A mean-logit ensemble exported as one graph: its logit and Grad-CAM weights are those of the
+mean logit, `melanoma export --model A B` serves it like any bundle, and members with different
+preprocessing are refused."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from melanoma_detector.cli import main
+
+
+def _tiny_model(seed: int):
+    from conftest import TINY_BACKBONE
+
+    from melanoma_detector.models.factory import create_model
+
+    torch.manual_seed(seed)
+    model = create_model(TINY_BACKBONE, pretrained=False, allow_random_init=True, hidden=(16, 8), dropout=(0.1, 0.1))
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so the closed-form gradient is really exercised
+        model.head.norm.running_mean.uniform_(-0.5, 0.5)
+        model.head.norm.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_ensemble_logit_and_gradcam_weights_are_those_of_the_mean_logit():
+    from melanoma_detector.export.onnx_export import EnsembleWrapper, ExportWrapper
+
+    models = [_tiny_model(0), _tiny_model(1)]
+    wrapper = EnsembleWrapper([ExportWrapper(m) for m in models]).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        logit, pooled, fmap, cam_weights, gate = wrapper(x)
+        single = [ExportWrapper(m)(x) for m in models]
+    expected = torch.stack([m(x).squeeze(-1) for m in models]).detach().mean(dim=0)
+    torch.testing.assert_close(logit, expected, atol=1e-5, rtol=1e-5)
+    assert fmap.shape[1] == sum(s[2].shape[1] for s in single)
+    torch.testing.assert_close(gate, single[0][4])
+
+    # Autograd reference: mean over space of d(mean logit) / d(each member's feature map).
+    fmaps = [m.forward_features(x).detach().requires_grad_(True) for m in models]
+    mean_logit = torch.stack([m.head(m.pool(f)).squeeze(-1) for m, f in zip(models, fmaps)]).mean(dim=0)
+    grads = torch.autograd.grad(mean_logit.sum(), fmaps)
+    reference = torch.cat([g.mean(dim=(2, 3)) for g in grads], dim=1)
+    torch.testing.assert_close(cam_weights, reference, atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import train_tiny_bundle
+
+    return train_tiny_bundle(tmp_path_factory, n_train=16, n_test=8, epochs_frozen=2, epochs_finetune=1, resamples=20)
+
+
+def test_export_cli_builds_a_served_ensemble(tiny_run, tmp_path):
+    from melanoma_detector.inference import Predictor
+
+    root, run, single = tiny_run
+    out = tmp_path / "ensemble"
+    assert main(["export", "--model", str(run), str(run), "--out", str(out), "--resamples", "20"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["backbone"].startswith("mean-logit ensemble of ")
+    assert len(meta["training"]["members"]) == 2
+    assert (out / "MODEL_CARD.md").read_text().count("phase 1 ") == 2  # one recipe per member
+    # Two copies of one model: the ensemble must serve exactly that model, heatmap included.
+    img = sorted((root / "test" / "malignant").iterdir())[0]
+    a = Predictor(single).predict(img, heatmap=True)
+    b = Predictor(out).predict(img, heatmap=True)
+    assert a["status"] == b["status"] == "ok"
+    assert abs(a["probability_malignant"] - b["probability_malignant"]) <= 1e-5
+    np.testing.assert_allclose(np.asarray(a["heatmap"]), np.asarray(b["heatmap"]), atol=1e-4)
+
+
+def test_members_with_different_preprocessing_are_refused(tiny_run, tmp_path):
+    from melanoma_detector.errors import UserError
+    from melanoma_detector.export.bundle import export_bundle
+
+    _, run, _ = tiny_run
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    ckpt["preprocessing"] = {**ckpt["preprocessing"], "input_size": 96}
+    other = tmp_path / "other.pt"
+    torch.save(ckpt, other)
+    with pytest.raises(UserError, match="differs .* in input_size"):
+        export_bundle([run, other], tmp_path / "out", use_data=False)
+    # A different centre-crop fraction alone is served at the first member's.
+    ckpt["preprocessing"] = {**ckpt["preprocessing"], "input_size": 64, "crop_pct": 0.5}
+    torch.save(ckpt, other)
+    meta = export_bundle([run, other], tmp_path / "out2", use_data=False)
+    assert meta["preprocessing"]["crop_pct"] != 0.5
