@@ -374,7 +374,7 @@ def cmd_export(args) -> int:
     from melanoma_detector.export.bundle import check_export_target, export_bundle
 
     check_export_target(args.out)
-    meta = export_bundle(args.model if len(args.model) > 1 else args.model[0], args.out, split_file=args.split, use_data=not args.no_data,
+    meta = export_bundle(args.model, args.out, split_file=args.split, use_data=not args.no_data,
                          n_resamples=args.resamples)
     test = meta.get("metrics", {}).get("test")
     print(f"bundle written to {args.out} (model {meta['model_version']}, sha256 {meta['graph']['sha256'][:12]})")

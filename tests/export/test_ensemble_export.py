@@ -31,7 +31,7 @@ def test_ensemble_logit_and_gradcam_weights_are_those_of_the_mean_logit():
     wrapper = EnsembleWrapper([ExportWrapper(m) for m in models]).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
-        logit, pooled, fmap, cam_weights, gate = wrapper(x)
+        logit, _, fmap, cam_weights, gate = wrapper(x)
         single = [ExportWrapper(m)(x) for m in models]
     expected = torch.stack([m(x).squeeze(-1) for m in models]).detach().mean(dim=0)
     torch.testing.assert_close(logit, expected, atol=1e-5, rtol=1e-5)
@@ -64,7 +64,7 @@ def test_export_cli_builds_a_served_ensemble(tiny_run, tmp_path):
     assert len(meta["training"]["members"]) == 2
     assert (out / "MODEL_CARD.md").read_text().count("phase 1 ") == 2  # one recipe per member
     # Two copies of one model: the ensemble must serve exactly that model, heatmap included.
-    img = sorted((root / "test" / "malignant").iterdir())[0]
+    img = min((root / "test" / "malignant").iterdir())
     a = Predictor(single).predict(img, heatmap=True)
     b = Predictor(out).predict(img, heatmap=True)
     assert a["status"] == b["status"] == "ok"

@@ -174,7 +174,7 @@ def export_bundle(
     paths = [c / "checkpoint.pt" if c.is_dir() else c for c in paths]
     loaded = [load_checkpoint(c) for c in paths]
     # The first member's checkpoint supplies the split, training config and fallback calibration.
-    ckpt_path, (model, ckpt) = paths[0], loaded[0]
+    ckpt_path, ckpt = paths[0], loaded[0][1]
     pp = ckpt["preprocessing"]
     for path, (_, other) in zip(paths[1:], loaded[1:]):
         # Members see one preprocessed image. The centre-crop fraction only shapes evaluation (training
@@ -193,13 +193,10 @@ def export_bundle(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fractions = [float(c["config"]["train"].get("unfreeze_fraction", 0.3)) for _, c in loaded]
-    if len(loaded) == 1:
-        sha = export_onnx(model, out / "model.onnx", input_size=int(pp["input_size"]), gate_fraction=fractions[0])
-        backbone = ckpt["backbone"]
-    else:
-        sha = export_onnx([m for m, _ in loaded], out / "model.onnx", input_size=int(pp["input_size"]),
-                          gate_fraction=fractions)
-        backbone = "mean-logit ensemble of " + " + ".join(c["backbone"] for _, c in loaded)
+    sha = export_onnx([m for m, _ in loaded], out / "model.onnx", input_size=int(pp["input_size"]),
+                      gate_fraction=fractions)
+    backbone = ckpt["backbone"] if len(loaded) == 1 else \
+        "mean-logit ensemble of " + " + ".join(c["backbone"] for _, c in loaded)
     thresholds = dict(ckpt.get("thresholds") or {"screening": 0.5, "high_specificity": 0.5})
     meta: dict[str, Any] = {
         "format_version": BUNDLE_FORMAT_VERSION,
