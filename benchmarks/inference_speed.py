@@ -96,6 +96,13 @@ def bench_torch(pred_onnx, checkpoint: Path | None, threads: int, repeats: int):
 
     for p in paths[:3]:
         one(p)
+    parity = None
+    if checkpoint:  # the same trained weights on both sides: served probabilities must agree
+        with torch.inference_mode():
+            x = torch.from_numpy(np.stack([preprocess_image(load_image(p), pp) for p in paths]))
+            p_torch = torch.sigmoid(model(x).squeeze(-1).double() / pred_onnx.temperature + pred_onnx.logit_bias)
+        rows = [pred_onnx.predict(p) for p in paths]
+        parity = max(abs(r["probability_malignant"] - float(t)) for r, t in zip(rows, p_torch) if r["status"] == "ok")
     lat = []
     for i in range(repeats):
         t0 = time.perf_counter()
@@ -109,7 +116,7 @@ def bench_torch(pred_onnx, checkpoint: Path | None, threads: int, repeats: int):
             x = torch.from_numpy(np.stack([preprocess_image(load_image(p), pp) for p in batch]))
             model(x)
         thr = 16 * n_rounds / (time.perf_counter() - t0)
-    return (*percentiles(lat), thr)
+    return (*percentiles(lat), thr, parity)
 
 
 def serving_rss(bundle: Path, threads: int) -> dict:
@@ -141,7 +148,7 @@ def main(argv=None) -> int:
         print("examples/ holds no images", file=sys.stderr)
         return 2
     o50, o95, othr, pred = bench_onnx(args.bundle, args.threads, args.repeats)
-    t50, t95, tthr = bench_torch(pred, args.checkpoint, args.threads, args.repeats)
+    t50, t95, tthr, parity = bench_torch(pred, args.checkpoint, args.threads, args.repeats)
     rss = serving_rss(args.bundle, args.threads)
     meta = pred.bundle.metadata
     print(f"model {meta['model_version']} ({meta['backbone']}, {meta['preprocessing']['input_size']} px), "
@@ -152,6 +159,8 @@ def main(argv=None) -> int:
     print(f"| ONNX Runtime predictor | {o50:.1f} | {o95:.1f} | {othr:.1f} |")
     print(f"| PyTorch eager | {t50:.1f} | {t95:.1f} | {tthr:.1f} |")
     print(f"| ratio (PyTorch / ONNX) | {t50 / o50:.2f}x | {t95 / o95:.2f}x | {othr / tthr:.2f}x |")
+    if parity is not None:
+        print(f"\nparity: max |p_onnx - p_torch| over the {len(EXAMPLES)} example images: {parity:.1e}")
     print()
     print(f"serving process (Predictor only, incl. heatmaps): peak RSS {rss['peak_rss_mb']:.0f} MB, "
           f"torch imported: {rss['torch_imported']}")
