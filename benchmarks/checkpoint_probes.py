@@ -2,13 +2,18 @@
 of the raw logit; HAM10000 and ISIC 2017 rows separately). No training: only forward passes.
 
     python benchmarks/checkpoint_probes.py --run runs/lite0-192-plain60 \
-        [--average-last] [--ensemble-with runs/lite0-192-strong-cos] \
+        [--average-last] [--ensemble-with runs/lite2-192-plain60 runs/lite1-192-plain60] \
         [--serve-at 192:1.0:crop 224:1.0:crop ...]
 
 --average-last    the kept weights (checkpoint.pt), the last epoch's (resume.pt) and their mean
---ensemble-with   the mean logit of this run's kept model and another run's (same split)
+--ensemble-with   the mean logit of this run's kept model and other runs' (same split): every
+                  combination that includes this run, so a third member shows what it adds
 --serve-at        val AUC of the kept model at other input sizes, centre crops and resize modes
                   (SIZE:CROP_PCT:crop|squash), against the one it was trained with
+
+The kept models' logits are cached in RUN/probe-logits/, keyed by the checkpoint file's size and
+mtime, the split and the preprocessing, so probing a new member against old ones costs only its
+own forward passes.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import hashlib
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +49,19 @@ def logits(ckpt: dict, samples: list[Sample], pp=None) -> np.ndarray:
     return predict_logits(model, loader, device=CPU)[0].ravel()
 
 
+def kept_logits(run: Path, ckpt: dict, split: str, samples: list[Sample], pp=None) -> np.ndarray:
+    pp = pp or checkpoint_preprocessing(ckpt)
+    st = (run / "checkpoint.pt").stat()
+    key = hashlib.sha256(repr((st.st_size, st.st_mtime_ns, split, len(samples), pp)).encode()).hexdigest()[:16]
+    path = run / "probe-logits" / f"{split}-{key}.npy"
+    if path.is_file():
+        return np.load(path)
+    z = logits(ckpt, samples, pp)
+    path.parent.mkdir(exist_ok=True)
+    np.save(path, z)
+    return z
+
+
 def aucs(samples: list[Sample], z: np.ndarray) -> str:
     y = np.array([s.label for s in samples])
     isic = np.array([s.key.startswith("isic") for s in samples])
@@ -56,7 +76,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--average-last", action="store_true")
-    ap.add_argument("--ensemble-with", type=Path)
+    ap.add_argument("--ensemble-with", type=Path, nargs="+", default=[])
     ap.add_argument("--serve-at", nargs="*", default=[])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -64,7 +84,7 @@ def main() -> None:
 
     kept = read_checkpoint(args.run / "checkpoint.pt")
     sets = {s: split_samples(args.run, s) for s in ("val", "test")}
-    base = {s: logits(kept, smp) for s, smp in sets.items()}
+    base = {s: kept_logits(args.run, kept, s, smp) for s, smp in sets.items()}
     for s, smp in sets.items():
         print(f"{s:4s} kept (epoch {kept['best']['epoch']}): {aucs(smp, base[s])}", flush=True)
 
@@ -77,17 +97,25 @@ def main() -> None:
                 print(f"{s:4s} {name}: {aucs(smp, logits({**kept, 'model_state': state}, smp))}", flush=True)
 
     if args.ensemble_with:
-        other = read_checkpoint(args.ensemble_with / "checkpoint.pt")
-        for s, smp in sets.items():
-            z = logits(other, smp)
-            print(f"{s:4s} other run (epoch {other['best']['epoch']}): {aucs(smp, z)}", flush=True)
-            print(f"{s:4s} mean logit of both: {aucs(smp, base[s] + z)}", flush=True)
+        runs = {run.name: run for run in args.ensemble_with}
+        others = {name: read_checkpoint(run / "checkpoint.pt") for name, run in runs.items()}
+        z = {name: {} for name in others}
+        for name, ckpt in others.items():
+            for s, smp in sets.items():
+                z[name][s] = kept_logits(runs[name], ckpt, s, smp)
+                print(f"{s:4s} {name} (epoch {ckpt['best']['epoch']}): {aucs(smp, z[name][s])}", flush=True)
+        for k in range(1, len(others) + 1):
+            for combo in itertools.combinations(others, k):
+                label = " + ".join((args.run.name, *combo))
+                for s, smp in sets.items():
+                    mean = (base[s] + sum(z[name][s] for name in combo)) / (k + 1)
+                    print(f"{s:4s} mean logit of {label}: {aucs(smp, mean)}", flush=True)
 
     pp = checkpoint_preprocessing(kept)
     for spec in args.serve_at:
         size, crop, mode = spec.split(":")
         alt = dataclasses.replace(pp, input_size=int(size), crop_pct=float(crop), resize_mode=mode)
-        print(f"val  served at {spec}: {aucs(sets['val'], logits(kept, sets['val'], alt))}", flush=True)
+        print(f"val  served at {spec}: {aucs(sets['val'], kept_logits(args.run, kept, 'val', sets['val'], alt))}", flush=True)
 
 
 if __name__ == "__main__":
