@@ -24,10 +24,11 @@ def _tiny_model(seed: int):
     return model.eval()
 
 
-def test_ensemble_logit_and_gradcam_weights_are_those_of_the_mean_logit():
+@pytest.mark.parametrize("n_members", [2, 3])
+def test_ensemble_logit_and_gradcam_weights_are_those_of_the_mean_logit(n_members):
     from melanoma_detector.export.onnx_export import EnsembleWrapper, ExportWrapper
 
-    models = [_tiny_model(0), _tiny_model(1)]
+    models = [_tiny_model(seed) for seed in range(n_members)]
     wrapper = EnsembleWrapper([ExportWrapper(m) for m in models]).eval()
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
