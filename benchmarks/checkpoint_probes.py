@@ -7,7 +7,9 @@ of the raw logit; HAM10000 and ISIC 2017 rows separately). No training: only for
 
 --average-last    the kept weights (checkpoint.pt), the last epoch's (resume.pt) and their mean
 --ensemble-with   the mean logit of this run's kept model and other runs' (same split): every
-                  combination that includes this run, so a third member shows what it adds
+                  combination that includes this run, so a third member shows what it adds; each
+                  combination's val AUC is compared with the first pair's (this run + the first
+                  other run) by a paired DeLong test
 --serve-at        val AUC of the kept model at other input sizes, centre crops and resize modes
                   (SIZE:CROP_PCT:crop|squash), against the one it was trained with
 
@@ -30,6 +32,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from melanoma_detector.data.discovery import Sample
+from melanoma_detector.evaluation.metrics import delong_test
 from melanoma_detector.models.checkpoint import checkpoint_preprocessing, model_from_checkpoint, read_checkpoint
 from melanoma_detector.training.engine import predict_logits
 from melanoma_detector.training.trainer import _image_loader
@@ -104,12 +107,20 @@ def main() -> None:
             for s, smp in sets.items():
                 z[name][s] = kept_logits(runs[name], ckpt, s, smp)
                 print(f"{s:4s} {name} (epoch {ckpt['best']['epoch']}): {aucs(smp, z[name][s])}", flush=True)
+        y_val = np.array([smp.label for smp in sets["val"]])
+        reference = None
         for k in range(1, len(others) + 1):
             for combo in itertools.combinations(others, k):
                 label = " + ".join((args.run.name, *combo))
+                mean = {s: (base[s] + sum(z[name][s] for name in combo)) / (k + 1) for s in sets}
                 for s, smp in sets.items():
-                    mean = (base[s] + sum(z[name][s] for name in combo)) / (k + 1)
-                    print(f"{s:4s} mean logit of {label}: {aucs(smp, mean)}", flush=True)
+                    print(f"{s:4s} mean logit of {label}: {aucs(smp, mean[s])}", flush=True)
+                if reference is None:
+                    reference = (label, mean["val"])
+                    continue
+                d = delong_test(y_val, mean["val"], reference[1])
+                print(f"val  DeLong, {label} minus {reference[0]}: {d['diff']:+.4f} "
+                      f"({d['ci_low']:+.4f}, {d['ci_high']:+.4f}), p = {d['p_value']:.2f}", flush=True)
 
     pp = checkpoint_preprocessing(kept)
     for spec in args.serve_at:
