@@ -3,8 +3,10 @@ process at batch 2b with the same seed, compute validation AUC over the whole va
 and leave the writing to rank 0."""
 
 import os
+import shutil
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -32,6 +34,28 @@ def _args(data, out, cache, cfg, batch):
             "--no-progress", "--seed", "5", "--threads", "1", "--device", "cpu"]
 
 
+def _torchrun(args: list[str]) -> str:
+    """Two CPU processes under torchrun; their combined output.
+
+    Once so far (a clean-clone CI run on 2026-11-28, after about thirty passing ones), rank 0 aborted
+    inside the C++ runtime ("terminate called without an active exception", SIGABRT) right after the
+    phase-2 cache was built; nine local repeats did not reproduce it. Only that signature gets one more attempt, reported as a warning with C++ stack
+    traces on; any other failure, or the same abort twice, fails the test.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "melanoma_detector",
+           *args]
+    for attempt in (1, 2):
+        proc = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, timeout=400)
+        out = proc.stdout + proc.stderr
+        if proc.returncode == 0 or attempt == 2 or "terminate called without an active exception" not in out:
+            break
+        warnings.warn(f"torchrun rank aborted in the C++ runtime; retrying once:\n{out[-1500:]}", stacklevel=2)
+        shutil.rmtree(args[args.index("--out") + 1], ignore_errors=True)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
 def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(layout, tmp_path):
     cfg = tmp_path / "cfg.yaml"
     # No dropout: its masks are per rank by design, everything else must agree.
@@ -40,14 +64,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(layout
     assert main(_args(layout, single, tmp_path / "cache1", cfg, batch=8)) == 0
 
     ddp = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "melanoma_detector", *_args(layout, ddp, tmp_path / "cache2", cfg, batch=4)],
-        capture_output=True, text=True, env=env, timeout=400,
-    )
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    out = _torchrun(_args(layout, ddp, tmp_path / "cache2", cfg, batch=4))
     assert out.count("phase1 epoch 1/3") == 1, "only rank 0 logs epochs"
     assert out.count("best val AUC") == 1
 
