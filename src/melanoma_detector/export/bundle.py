@@ -183,8 +183,8 @@ def export_bundle(
         differ = sorted(k for k in {*pp, *other["preprocessing"]}
                         if k != "crop_pct" and pp.get(k) != other["preprocessing"].get(k))
         if differ:
-            raise UserError(f"{path}: preprocessing differs from {paths[0]}'s in {', '.join(differ)} "
-                            f"({ {k: other['preprocessing'].get(k) for k in differ} } against { {k: pp.get(k) for k in differ} }); "
+            found = ", ".join(f"{k} {other['preprocessing'].get(k)} against {pp.get(k)}" for k in differ)
+            raise UserError(f"{path}: preprocessing differs from {paths[0]}'s in {found}; "
                             "accepted: ensemble members trained with the same input size, mean/std, interpolation "
                             "and resize mode (the centre-crop fraction may differ: the first member's is used)")
         if other["preprocessing"].get("crop_pct") != pp.get("crop_pct"):
