@@ -87,6 +87,11 @@ def _add_train(sub) -> None:
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader worker processes")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-steps-per-epoch", type=_positive_int, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--distill-from", nargs="+", metavar="RUN_DIR",
+                   help="knowledge distillation: also train towards the mean logit of these trained runs (teachers "
+                        "trained on the same split) on each training image")
+    p.add_argument("--distill-weight", type=float, help="weight of the teachers' soft targets, 0-1 (default 0.5)")
+    p.add_argument("--distill-temperature", type=float, help="softening temperature for distillation (default 2)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (and report how many) instead of stopping")
     p.add_argument("--no-progress", action="store_true")
@@ -143,6 +148,9 @@ def cmd_train(args) -> int:
         "train.threads": args.threads,
         "train.seed": args.seed,
         "train.max_steps_per_epoch": args.max_steps_per_epoch,
+        "train.distill_from": args.distill_from,
+        "train.distill_weight": args.distill_weight,
+        "train.distill_temperature": args.distill_temperature,
     }
     config = load_config(args.config, overrides)
     if not 0 <= config.train.unfreeze_fraction <= 1:

@@ -77,6 +77,11 @@ class TrainConfig:
     threads: int | None = None
     max_steps_per_epoch: int | None = None  # for smoke runs
     seed: int = 42
+    # Knowledge distillation: run folders whose mean logit on each training image becomes a soft
+    # target (training/distill.py); weight of the soft term and the softening temperature.
+    distill_from: tuple[str, ...] = ()
+    distill_weight: float = 0.5
+    distill_temperature: float = 2.0
 
     def __post_init__(self):
         for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
@@ -85,6 +90,10 @@ class TrainConfig:
                                ("lr_schedule", LR_SCHEDULES), ("augmentation", AUGMENTATIONS)):
             if getattr(self, name) not in accepted:
                 raise UserError(f"config train.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
+        if not 0 <= self.distill_weight <= 1:
+            raise UserError(f"config train.distill_weight: {self.distill_weight} is not between 0 and 1")
+        if not self.distill_temperature > 0:
+            raise UserError(f"config train.distill_temperature: {self.distill_temperature} is not a positive number")
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -66,6 +67,33 @@ def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: tuple[flo
     return loss.mean()
 
 
+@dataclass(frozen=True)
+class Distillation:
+    """Soft targets for training: `teacher_logits[i]` is the teachers' logit for dataset item i
+    (batches carry the item index third). The loss is (1 - weight) * the hard-label loss +
+    weight * T^2 * the binary KL divergence between the teachers' and the model's
+    temperature-softened probabilities (Hinton et al.'s scaling keeps its gradient comparable
+    across temperatures); both terms carry the class weights of the hard label."""
+
+    teacher_logits: torch.Tensor
+    weight: float = 0.5
+    temperature: float = 2.0
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor, index: torch.Tensor,
+             class_w: tuple[float, float] | None) -> torch.Tensor:
+        hard = weighted_bce(logits, targets, class_w)
+        t = self.temperature
+        z = logits.float().reshape(-1) / t
+        zt = self.teacher_logits.to(z.device)[index.to(z.device).long()].float().reshape(-1) / t
+        pt = torch.sigmoid(zt)
+        # BCE against soft targets minus the targets' own entropy: zero when the model agrees.
+        kl = (nn.functional.binary_cross_entropy_with_logits(z, pt, reduction="none")
+              - nn.functional.binary_cross_entropy_with_logits(zt, pt, reduction="none"))
+        if class_w is not None:
+            kl = kl * torch.where(targets.reshape(-1) > 0.5, class_w[1], class_w[0]).to(kl.dtype)
+        return (1 - self.weight) * hard + self.weight * t * t * kl.mean()
+
+
 def amp_dtype_for(name: str, device: torch.device) -> torch.dtype | None:
     """auto: bfloat16 on GPUs that support it (no loss scaling needed), float16 on older
     GPUs, full precision on CPU and MPS."""
@@ -100,8 +128,10 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler | None = None,
     channels_last: bool = False,
     dist: DistInfo = DistInfo(),
+    distill: Distillation | None = None,
 ) -> dict[str, float]:
-    """One pass over `loader` ((inputs, targets, ...) batches); returns {"loss", "auc", "n"}.
+    """One pass over `loader` ((inputs, targets, index) batches); returns {"loss", "auc", "n"}.
+    With `distill`, the loss also pulls the model towards the teachers' soft targets.
 
     Under DDP, `model` is the DistributedDataParallel wrapper and loss / AUC cover all ranks."""
     from tqdm import tqdm
@@ -120,7 +150,7 @@ def train_one_epoch(
             continue  # BatchNorm cannot train on a batch of one (the seed's Keras would also fail)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             logits = model(x)
-        loss = weighted_bce(logits, y, class_w)
+        loss = weighted_bce(logits, y, class_w) if distill is None else distill.loss(logits, y, batch[2], class_w)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

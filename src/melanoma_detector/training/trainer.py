@@ -46,6 +46,7 @@ from melanoma_detector.training.distributed import (
     sync_batchnorm,
 )
 from melanoma_detector.training.engine import (
+    Distillation,
     amp_dtype_for,
     class_weights,
     evaluate,
@@ -324,7 +325,8 @@ def _resolve_paths(config: Config) -> Config:
         paths=tuple(str(Path(p).resolve()) for p in config.data.paths),
         split_file=str(Path(config.data.split_file).resolve()) if config.data.split_file else None,
     )
-    return dataclasses.replace(config, data=data)
+    train = dataclasses.replace(config.train, distill_from=tuple(str(Path(p).resolve()) for p in config.train.distill_from))
+    return dataclasses.replace(config, data=data, train=train)
 
 
 def run_training(config: Config | None, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
@@ -366,14 +368,14 @@ def run_training(config: Config | None, out_dir: str | Path, *, progress: bool =
 
 def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool,
            previous: dict[str, Any] | None) -> dict[str, Any]:
-    tc, mc = config.train, config.model
     main = dist.is_main
-    seed_everything(tc.seed)
     if previous is None:
         config = _resolve_paths(config)
         if main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, out_dir / "config.yaml")
+    tc, mc = config.train, config.model
+    seed_everything(tc.seed)
     check_backbone_name(mc.backbone)
     splits = prepare_samples(config, out_dir, progress=progress, write=main and previous is None)
     train_s, val_s = splits["train"], splits["val"]
@@ -416,6 +418,20 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
     else:
         best = {"auc": -float("inf"), "state": copy.deepcopy(model.state_dict()), "phase": None, "epoch": 0}
     loader_kw = dict(workers=config.data.num_workers, device=device, dist=dist)
+    distill = None
+    if tc.distill_from:
+        from melanoma_detector.training.distill import check_no_teacher_leak, teacher_logits
+
+        for teacher in tc.distill_from:
+            check_no_teacher_leak(teacher, [*val_s, *splits["test"]])
+        z_teacher = teacher_logits(tc.distill_from, train_s, device=device, batch_size=64, workers=config.data.num_workers,
+                                   progress=progress, cache_dir=cache_dir if main else None)
+        if main and len(set(y_train.tolist())) == 2:
+            from sklearn.metrics import roc_auc_score
+
+            log.info("distilling from %d teacher(s) (weight %g, temperature %g); their AUC on the training images %.3f",
+                     len(tc.distill_from), tc.distill_weight, tc.distill_temperature, roc_auc_score(y_train, z_teacher))
+        distill = Distillation(torch.from_numpy(z_teacher), weight=tc.distill_weight, temperature=tc.distill_temperature)
 
     def base_ckpt() -> dict[str, Any]:
         return {
@@ -467,7 +483,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             tr = train_one_epoch(
                 trained, train_loader, optimizer, device=device, class_w=cw, set_train_mode=set_mode,
                 max_steps=tc.max_steps_per_epoch, progress=progress, desc=f"{phase} {epoch}/{epochs}",
-                amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, dist=dist,
+                amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, dist=dist, distill=distill,
             )
             train_seconds = time.perf_counter() - t0
             va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)

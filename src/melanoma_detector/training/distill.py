@@ -1,0 +1,107 @@
+"""Knowledge distillation from trained runs: the mean logit of one or more teacher models on the
+training images becomes a soft target for the model being trained (`--distill-from RUN ...`).
+
+Why: an ensemble of small models scores better than any member, but the bundle has room for
+only two of them (50 MB fp32). A student trained towards the ensemble's soft predictions can
+carry part of that gain in one model's size.
+
+The teachers see each training image once, un-augmented, with their own preprocessing; the
+student sees augmented views of it. A teacher must never have trained on this run's validation
+or test images (or on another image of the same lesion): its soft targets would then carry
+what it learnt from them. `check_no_teacher_leak` refuses such a teacher.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from melanoma_detector.data.discovery import Sample
+from melanoma_detector.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+
+def teacher_checkpoint_path(teacher: str | Path) -> Path:
+    p = Path(teacher)
+    if p.is_dir():
+        p = p / "checkpoint.pt"
+    if not p.is_file():
+        raise UserError(f"--distill-from {teacher}: no checkpoint there (accepted: a run folder of `melanoma train` "
+                        f"or its checkpoint.pt)")
+    return p
+
+
+def check_no_teacher_leak(teacher: str | Path, held_out: Sequence[Sample]) -> None:
+    """Refuse a teacher whose training split holds any of `held_out` (this run's val and test
+    images), by image key or by lesion group. The teacher's split.csv must sit in its run folder."""
+    split_csv = teacher_checkpoint_path(teacher).parent / "split.csv"
+    if not split_csv.is_file():
+        raise UserError(f"--distill-from {teacher}: no split.csv beside its checkpoint, so it cannot be checked that "
+                        f"the teacher never trained on this run's val/test images; give the teacher's run folder")
+    keys, groups = set(), set()
+    with split_csv.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("split") == "train":
+                keys.add(row["key"])
+                if row.get("group"):
+                    groups.add((row["key"].split("/", 1)[0], row["group"]))
+    leaked = [s for s in held_out if s.key in keys or (s.group and (s.source, s.group) in groups)]
+    if leaked:
+        raise UserError(f"--distill-from {teacher}: the teacher trained on {len(leaked)} of this run's val/test "
+                        f"images or their lesions (first: {leaked[0].key}); distil only from runs trained on the same "
+                        f"split (--split-file) or one that keeps these images out of its training set")
+
+
+def _teacher_id(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def teacher_logits(
+    teachers: Sequence[str | Path], samples: Sequence[Sample], *, device: torch.device, batch_size: int = 64,
+    workers: int = 0, progress: bool = False, cache_dir: Path | None = None,
+) -> np.ndarray:
+    """Mean raw logit of `teachers` on `samples` (evaluation transform, each teacher's own
+    preprocessing), as float32 of shape (len(samples),). Cached in `cache_dir` when given, keyed
+    by the teachers' checkpoint files and the samples, so a resumed run or another student of the
+    same teachers does not pay for it again (three 192 px teachers: ~13 min on 2 CPU cores)."""
+    from melanoma_detector.models.checkpoint import checkpoint_preprocessing, model_from_checkpoint, read_checkpoint
+    from melanoma_detector.training.engine import predict_logits
+    from melanoma_detector.training.trainer import _image_loader
+
+    paths = [teacher_checkpoint_path(t) for t in teachers]
+    key = hashlib.sha256(repr(([_teacher_id(p) for p in paths], [s.key or s.path for s in samples])).encode()).hexdigest()
+    cache_file = Path(cache_dir) / f"teacher-logits-{key[:16]}.npz" if cache_dir is not None else None
+    if cache_file is not None and cache_file.is_file():
+        with np.load(cache_file) as cached:
+            if str(cached["key"]) == key:
+                log.info("distillation teachers' logits from %s", cache_file)
+                return cached["logits"]
+    total = np.zeros(len(samples), np.float64)
+    for p in paths:
+        ckpt = read_checkpoint(p)
+        model = model_from_checkpoint(ckpt).to(device)
+        if device.type in ("cpu", "cuda"):
+            model.to(memory_format=torch.channels_last)
+        loader = _image_loader(list(samples), checkpoint_preprocessing(ckpt), batch_size, workers=workers, device=device,
+                               train=False)
+        z, _ = predict_logits(model, loader, device=device, progress=progress, desc=f"teacher {p.parent.name}")
+        total += z.ravel()
+        log.info("distillation teacher %s (%s, best val AUC %s): logits of %d training images", p, ckpt["backbone"],
+                 (ckpt.get("best") or {}).get("val_auc"), len(samples))
+        del model
+    mean = (total / len(paths)).astype(np.float32)
+    if cache_file is not None:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_name(f".{cache_file.name}.tmp.npz")
+        np.savez(tmp, logits=mean, key=np.array(key))
+        tmp.replace(cache_file)
+    return mean
