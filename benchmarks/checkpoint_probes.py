@@ -10,6 +10,8 @@ of the raw logit; HAM10000 and ISIC 2017 rows separately). No training: only for
                   combination that includes this run, so a third member shows what it adds; each
                   combination's val AUC is compared with the first pair's (this run + the first
                   other run) by a paired DeLong test
+--reference       compare this run alone and each combination against the mean logit of these runs
+                  instead (for instance the shipped ensemble's members), on val and on test
 --serve-at        val AUC of the kept model at other input sizes, centre crops and resize modes
                   (SIZE:CROP_PCT:crop|squash), against the one it was trained with
 
@@ -75,11 +77,22 @@ def aucs(samples: list[Sample], z: np.ndarray) -> str:
     return ", ".join(parts)
 
 
+def compare(label: str, z: dict[str, np.ndarray], reference: tuple[str, dict[str, np.ndarray]],
+            sets: dict[str, list[Sample]], splits=("val", "test")) -> None:
+    """Paired DeLong test of `z` against the reference's logits on each of `splits`."""
+    for s in splits:
+        y = np.array([smp.label for smp in sets[s]])
+        d = delong_test(y, z[s], reference[1][s])
+        print(f"{s:4s} DeLong, {label} minus {reference[0]}: {d['diff']:+.4f} "
+              f"({d['ci_low']:+.4f}, {d['ci_high']:+.4f}), p = {d['p_value']:.2f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", type=Path, required=True)
     ap.add_argument("--average-last", action="store_true")
     ap.add_argument("--ensemble-with", type=Path, nargs="+", default=[])
+    ap.add_argument("--reference", type=Path, nargs="+", default=[])
     ap.add_argument("--serve-at", nargs="*", default=[])
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -90,6 +103,15 @@ def main() -> None:
     base = {s: kept_logits(args.run, kept, s, smp) for s, smp in sets.items()}
     for s, smp in sets.items():
         print(f"{s:4s} kept (epoch {kept['best']['epoch']}): {aucs(smp, base[s])}", flush=True)
+
+    reference = None
+    if args.reference:
+        ref_z = {s: np.mean([kept_logits(r, read_checkpoint(r / "checkpoint.pt"), s, smp) for r in args.reference], axis=0)
+                 for s, smp in sets.items()}
+        reference = (" + ".join(r.name for r in args.reference), ref_z)
+        for s, smp in sets.items():
+            print(f"{s:4s} reference {reference[0]}: {aucs(smp, ref_z[s])}", flush=True)
+        compare(args.run.name, base, reference, sets)
 
     if args.average_last:
         last = torch.load(args.run / "resume.pt", map_location="cpu", weights_only=True)["model_state"]
@@ -107,20 +129,19 @@ def main() -> None:
             for s, smp in sets.items():
                 z[name][s] = kept_logits(runs[name], ckpt, s, smp)
                 print(f"{s:4s} {name} (epoch {ckpt['best']['epoch']}): {aucs(smp, z[name][s])}", flush=True)
-        y_val = np.array([smp.label for smp in sets["val"]])
-        reference = None
+        fixed_reference = reference is not None
         for k in range(1, len(others) + 1):
             for combo in itertools.combinations(others, k):
                 label = " + ".join((args.run.name, *combo))
                 mean = {s: (base[s] + sum(z[name][s] for name in combo)) / (k + 1) for s in sets}
                 for s, smp in sets.items():
                     print(f"{s:4s} mean logit of {label}: {aucs(smp, mean[s])}", flush=True)
-                if reference is None:
-                    reference = (label, mean["val"])
-                    continue
-                d = delong_test(y_val, mean["val"], reference[1])
-                print(f"val  DeLong, {label} minus {reference[0]}: {d['diff']:+.4f} "
-                      f"({d['ci_low']:+.4f}, {d['ci_high']:+.4f}), p = {d['p_value']:.2f}", flush=True)
+                if fixed_reference:
+                    compare(label, mean, reference, sets)
+                elif reference is None:
+                    reference = (label, mean)
+                else:
+                    compare(label, mean, reference, sets, splits=("val",))
 
     pp = checkpoint_preprocessing(kept)
     for spec in args.serve_at:
