@@ -28,7 +28,6 @@ from melanoma_detector.errors import UserError
 log = logging.getLogger(__name__)
 
 
-
 def teacher_checkpoint_path(teacher: str | Path) -> Path:
     p = Path(teacher)
     if p.is_dir():
