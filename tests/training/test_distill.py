@@ -97,10 +97,11 @@ def test_a_run_distils_from_a_teacher_on_the_same_split_and_refuses_one_that_saw
         assert cached["logits"].shape == (n_train,) and np.isfinite(cached["logits"]).all()
     config = (student / "config.yaml").read_text()
     assert str(teacher.resolve()) in config and "distill_weight: 0.7" in config
-    # A second student of the same teacher reads the teacher's logits from the cache.
+    # A second student of the same teacher reads the teacher's logits from the cache (and distils
+    # in the cached phase 2, whose batches index the images the same way).
     with caplog.at_level(logging.INFO, logger="melanoma_detector.training.distill"):
         assert _train(seed_layout, tmp_path / "student2", tmp_path / "cache", "--split-file", str(teacher / "split.csv"),
-                      "--distill-from", str(teacher), "--epochs-finetune", "0") == 0
+                      "--distill-from", str(teacher), "--phase2-mode", "cached", "--cache-views", "2") == 0
     assert "teachers' logits from" in caplog.text
     capsys.readouterr()
     # Another seed draws another validation split from the same training folder: the teacher
