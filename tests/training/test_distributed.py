@@ -39,8 +39,9 @@ def _torchrun(args: list[str]) -> str:
 
     Once so far (a clean-clone CI run on 2026-11-28, after about thirty passing ones), rank 0 aborted
     inside the C++ runtime ("terminate called without an active exception", SIGABRT) right after the
-    phase-2 cache was built; nine local repeats did not reproduce it. Only that signature gets one more attempt, reported as a warning with C++ stack
-    traces on; any other failure, or the same abort twice, fails the test.
+    phase-2 cache was built; nine local repeats did not reproduce it. Only that signature gets one
+    more attempt, reported as a warning with C++ stack traces on; any other failure, or the same
+    abort twice, fails the test.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "melanoma_detector",

@@ -168,10 +168,9 @@ def export_bundle(
     )
     from melanoma_detector.export.onnx_export import OUTPUT_NAMES, export_onnx
     from melanoma_detector.inference.predictor import Predictor
-    from melanoma_detector.models.checkpoint import load_checkpoint
+    from melanoma_detector.models.checkpoint import checkpoint_file, load_checkpoint
 
-    paths = [Path(c) for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
-    paths = [c / "checkpoint.pt" if c.is_dir() else c for c in paths]
+    paths = [checkpoint_file(c) for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
     loaded = [load_checkpoint(c) for c in paths]
     # The first member's checkpoint supplies the split, training config and fallback calibration.
     ckpt_path, ckpt = paths[0], loaded[0][1]

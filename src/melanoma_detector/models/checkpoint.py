@@ -24,10 +24,14 @@ def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def checkpoint_file(path: str | Path) -> Path:
+    """A run folder's checkpoint.pt, or `path` itself when it is not a folder."""
     p = Path(path)
-    if p.is_dir() and (p / "checkpoint.pt").is_file():
-        p = p / "checkpoint.pt"
+    return p / "checkpoint.pt" if p.is_dir() else p
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    p = checkpoint_file(path)
     if not p.is_file():
         raise UserError(f"model checkpoint not found: {p} (expected a .pt file written by `melanoma train` or its run folder)")
     try:

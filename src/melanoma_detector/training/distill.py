@@ -29,9 +29,9 @@ log = logging.getLogger(__name__)
 
 
 def teacher_checkpoint_path(teacher: str | Path) -> Path:
-    p = Path(teacher)
-    if p.is_dir():
-        p = p / "checkpoint.pt"
+    from melanoma_detector.models.checkpoint import checkpoint_file
+
+    p = checkpoint_file(teacher)
     if not p.is_file():
         raise UserError(f"--distill-from {teacher}: no checkpoint there (accepted: a run folder of `melanoma train` "
                         f"or its checkpoint.pt)")

@@ -424,8 +424,10 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
 
         for teacher in tc.distill_from:
             check_no_teacher_leak(teacher, [*val_s, *splits["test"]])
-        z_teacher = teacher_logits(tc.distill_from, train_s, device=device, batch_size=64, workers=config.data.num_workers,
-                                   progress=progress, cache_dir=cache_dir if main else None)
+        # Rank 0 computes (or reads from the cache) and shares: the teachers' passes run once.
+        z_teacher = broadcast_object(
+            teacher_logits(tc.distill_from, train_s, device=device, batch_size=64, workers=config.data.num_workers,
+                           progress=progress, cache_dir=cache_dir) if main else None, dist)
         if main and len(set(y_train.tolist())) == 2:
             from sklearn.metrics import roc_auc_score
 
