@@ -37,7 +37,7 @@ from melanoma_detector.data.discovery import Sample
 from melanoma_detector.evaluation.metrics import delong_test
 from melanoma_detector.models.checkpoint import checkpoint_preprocessing, model_from_checkpoint, read_checkpoint
 from melanoma_detector.training.engine import predict_logits
-from melanoma_detector.training.trainer import _image_loader
+from melanoma_detector.training.sampling import build_image_loader
 
 CPU = torch.device("cpu")
 
@@ -50,7 +50,7 @@ def split_samples(run: Path, split: str) -> list[Sample]:
 
 def logits(ckpt: dict, samples: list[Sample], pp=None) -> np.ndarray:
     model = model_from_checkpoint(ckpt).to(memory_format=torch.channels_last)
-    loader = _image_loader(samples, pp or checkpoint_preprocessing(ckpt), 64, workers=1, device=CPU, train=False)
+    loader = build_image_loader(samples, pp or checkpoint_preprocessing(ckpt), 64, workers=1, device=CPU, train=False)
     return predict_logits(model, loader, device=CPU)[0].ravel()
 
 

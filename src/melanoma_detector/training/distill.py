@@ -74,7 +74,7 @@ def teacher_logits(
     same teachers does not pay for it again (three 192 px teachers: ~13 min on 2 CPU cores)."""
     from melanoma_detector.models.checkpoint import checkpoint_preprocessing, model_from_checkpoint, read_checkpoint
     from melanoma_detector.training.engine import predict_logits
-    from melanoma_detector.training.trainer import _image_loader
+    from melanoma_detector.training.sampling import build_image_loader
 
     paths = [teacher_checkpoint_path(t) for t in teachers]
     key = hashlib.sha256(repr(([_teacher_id(p) for p in paths], [s.key or s.path for s in samples])).encode()).hexdigest()
@@ -90,7 +90,7 @@ def teacher_logits(
         model = model_from_checkpoint(ckpt).to(device)
         if device.type in ("cpu", "cuda"):
             model.to(memory_format=torch.channels_last)
-        loader = _image_loader(list(samples), checkpoint_preprocessing(ckpt), batch_size, workers=workers, device=device,
+        loader = build_image_loader(list(samples), checkpoint_preprocessing(ckpt), batch_size, workers=workers, device=device,
                                train=False)
         z, _ = predict_logits(model, loader, device=device, progress=progress, desc=f"teacher {p.parent.name}")
         total += z.ravel()

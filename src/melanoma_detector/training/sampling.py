@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from melanoma_detector.data.dataset import ImageDataset
+from melanoma_detector.data.transforms import build_transforms
 from melanoma_detector.training.distributed import DistInfo
 
 
@@ -74,3 +76,20 @@ def set_epoch(loader, epoch: int) -> None:
     target = loader if isinstance(loader, TensorBatches) else getattr(loader, "sampler", None)
     if hasattr(target, "set_epoch"):
         target.set_epoch(epoch)
+
+
+def build_image_loader(samples, pp, batch_size, *, workers: int, device: torch.device, train: bool, seed: int = 0,
+                       dist: DistInfo = DistInfo(), augmentation: str = "standard") -> DataLoader:
+    """Decode-and-transform loader over `samples`: seeded, rank-sharded order when training, file order
+    otherwise (so predictions line up with `samples`)."""
+    dataset = ImageDataset(samples, build_transforms(pp, train=train, augmentation=augmentation), seed=seed if train else None)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EpochSampler(len(dataset), dist, seed=seed) if train else None,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+        drop_last=False,
+    )

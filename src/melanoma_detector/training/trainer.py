@@ -22,10 +22,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from melanoma_detector import CLASS_NAMES, __version__
 from melanoma_detector.config import Config, load_config, save_config
-from melanoma_detector.data.dataset import ImageDataset, validate_images
+from melanoma_detector.data.dataset import validate_images
 from melanoma_detector.data.discovery import Sample, discover_all, require_both_classes
 from melanoma_detector.data.splits import apply_split_file, assign_splits, save_split, split_counts
-from melanoma_detector.data.transforms import build_transforms
 from melanoma_detector.errors import UserError
 from melanoma_detector.models.checkpoint import FORMAT_VERSION, save_checkpoint
 from melanoma_detector.models.factory import (
@@ -55,7 +54,7 @@ from melanoma_detector.training.engine import (
     seed_everything,
     train_one_epoch,
 )
-from melanoma_detector.training.sampling import EpochSampler, TensorBatches, set_epoch
+from melanoma_detector.training.sampling import EpochSampler, TensorBatches, build_image_loader, set_epoch
 
 log = logging.getLogger(__name__)
 
@@ -544,8 +543,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             with single_thread():
                 run_phase("phase1", model.head, opt, tl, vl, tc.epochs_frozen, model.head.train)
         else:
-            tl = _image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed, augmentation=tc.augmentation, **loader_kw)
-            vl = _image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
+            tl = build_image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed, augmentation=tc.augmentation, **loader_kw)
+            vl = build_image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
             run_phase("phase1", model, opt, tl, vl, tc.epochs_frozen, lambda: (model.train(), model.backbone.eval()))
         model.load_state_dict(best["state"])
         finish_stage("phase1")
@@ -582,9 +581,9 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             module = _TopAndHead(top, model.head)
             run_phase("phase2", module, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen))
         else:
-            tl = _image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed + 1, augmentation=tc.augmentation,
+            tl = build_image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed + 1, augmentation=tc.augmentation,
                                **loader_kw)
-            vl = _image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
+            vl = build_image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
             run_phase("phase2", model, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen))
         for p in model.parameters():
             p.requires_grad = True
@@ -614,7 +613,7 @@ def _finalize(model, best, base, splits, pp, config, out_dir, *, device, amp_dty
     workers = config.data.num_workers
 
     def logits_of(samples, desc):
-        loader = _image_loader(samples, pp, 64, workers=workers, device=device, train=False)
+        loader = build_image_loader(samples, pp, 64, workers=workers, device=device, train=False)
         return predict_logits(model, loader, device=device, progress=progress, desc=desc, amp_dtype=amp_dtype)
 
     val_logits, val_y = logits_of(splits["val"], "final val")
@@ -641,18 +640,3 @@ def _finalize(model, best, base, splits, pp, config, out_dir, *, device, amp_dty
     save_checkpoint(ckpt, out_dir / "checkpoint.pt")
     (out_dir / "metrics.json").write_text(json.dumps({"best": best_info, "temperature": temperature, "logit_bias": logit_bias, "thresholds": thresholds, **metrics}, indent=2))
     return {"out_dir": str(out_dir), "best": best_info, "metrics": metrics, "thresholds": thresholds, "temperature": temperature}
-
-
-def _image_loader(samples, pp, batch_size, *, workers: int, device: torch.device, train: bool, seed: int = 0,
-                  dist: DistInfo = DistInfo(), augmentation: str = "standard"):
-    dataset = ImageDataset(samples, build_transforms(pp, train=train, augmentation=augmentation), seed=seed if train else None)
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=EpochSampler(len(dataset), dist, seed=seed) if train else None,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers > 0 else None,
-        drop_last=False,
-    )
