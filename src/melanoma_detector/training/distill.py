@@ -91,7 +91,7 @@ def teacher_logits(
         if device.type in ("cpu", "cuda"):
             model.to(memory_format=torch.channels_last)
         loader = build_image_loader(list(samples), checkpoint_preprocessing(ckpt), batch_size, workers=workers, device=device,
-                               train=False)
+                                    train=False)
         z, _ = predict_logits(model, loader, device=device, progress=progress, desc=f"teacher {p.parent.name}")
         total += z.ravel()
         log.info("distillation teacher %s (%s, best val AUC %s): logits of %d training images", p, ckpt["backbone"],

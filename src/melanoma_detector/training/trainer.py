@@ -582,7 +582,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             run_phase("phase2", module, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen))
         else:
             tl = build_image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed + 1, augmentation=tc.augmentation,
-                               **loader_kw)
+                                    **loader_kw)
             vl = build_image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
             run_phase("phase2", model, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen))
         for p in model.parameters():
