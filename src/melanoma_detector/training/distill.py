@@ -24,13 +24,19 @@ import torch
 
 from melanoma_detector.data.discovery import Sample
 from melanoma_detector.errors import UserError
+from melanoma_detector.models.checkpoint import (
+    checkpoint_file,
+    checkpoint_preprocessing,
+    model_from_checkpoint,
+    read_checkpoint,
+)
+from melanoma_detector.training.engine import predict_logits
+from melanoma_detector.training.sampling import build_image_loader
 
 log = logging.getLogger(__name__)
 
 
 def teacher_checkpoint_path(teacher: str | Path) -> Path:
-    from melanoma_detector.models.checkpoint import checkpoint_file
-
     p = checkpoint_file(teacher)
     if not p.is_file():
         raise UserError(f"--distill-from {teacher}: no checkpoint there (accepted: a run folder of `melanoma train` "
@@ -72,10 +78,6 @@ def teacher_logits(
     preprocessing), as float32 of shape (len(samples),). Cached in `cache_dir` when given, keyed
     by the teachers' checkpoint files and the samples, so a resumed run or another student of the
     same teachers does not pay for it again (three 192 px teachers: ~13 min on 2 CPU cores)."""
-    from melanoma_detector.models.checkpoint import checkpoint_preprocessing, model_from_checkpoint, read_checkpoint
-    from melanoma_detector.training.engine import predict_logits
-    from melanoma_detector.training.sampling import build_image_loader
-
     paths = [teacher_checkpoint_path(t) for t in teachers]
     key = hashlib.sha256(repr(([_teacher_id(p) for p in paths], [s.key or s.path for s in samples])).encode()).hexdigest()
     cache_file = Path(cache_dir) / f"teacher-logits-{key[:16]}.npz" if cache_dir is not None else None
