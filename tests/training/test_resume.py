@@ -122,3 +122,24 @@ def test_resume_refuses_a_finished_run_and_changed_options(layout, tmp_path, cap
     assert "not a run folder" in capsys.readouterr().err
     assert main(["train", "--data", str(layout), "--out", str(run), "--no-progress"]) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def test_metrics_csv_keeps_the_finished_epochs_when_a_rewrite_dies_midway(tmp_path, monkeypatch):
+    """metrics.csv is rewritten whole every epoch; a process killed inside that write (seen once in
+    CI: the kill -9 above landed there and left an empty file) must leave the previous rows."""
+    import csv
+
+    from conftest import run_rows
+    from melanoma_detector.training.trainer import RunLogger
+
+    logger = RunLogger(tmp_path)
+    logger.add({"phase": "phase1", "epoch": 1, "val_auc": 0.5})
+    logger.add({"phase": "phase1", "epoch": 2, "val_auc": 0.6})
+
+    def die(self, rows):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", die)
+    with pytest.raises(KeyboardInterrupt):
+        logger.add({"phase": "phase1", "epoch": 3, "val_auc": 0.7})
+    assert [(r["epoch"], r["val_auc"]) for r in run_rows(tmp_path)] == [("1", "0.5"), ("2", "0.6")]

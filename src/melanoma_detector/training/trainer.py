@@ -10,6 +10,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -203,10 +204,15 @@ class RunLogger:
         self.rows.append(row)
         if not self.enabled:
             return
-        with (self.out_dir / "metrics.csv").open("w", newline="") as fh:
+        # Rewritten whole, so write a temporary file and rename it: a kill mid-write must not leave
+        # an empty metrics.csv behind (the epochs already done would vanish from the run folder).
+        path = self.out_dir / "metrics.csv"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with tmp.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=self.FIELDS)
             w.writeheader()
             w.writerows(self.rows)
+        os.replace(tmp, path)
 
     def plot(self) -> None:
         if self.rows and self.enabled:
