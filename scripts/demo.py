@@ -33,6 +33,7 @@ def build_subset(dst: Path, n_train: int = 160, n_test: int = 60) -> str:
         return f"a sample of ISIC 2017 ({SHARED})"
     sys.path.insert(0, str(ROOT / "tests"))
     import numpy as np
+
     from conftest import make_class_folder
 
     make_class_folder(dst / "train", n_train // 2, np.random.default_rng(0), "tr")

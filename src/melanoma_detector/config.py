@@ -7,9 +7,10 @@ be repeated from that file alone.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from melanoma_detector.errors import UserError
 

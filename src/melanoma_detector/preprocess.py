@@ -7,8 +7,9 @@ in the checkpoint and the model bundle, never in the code that consumes them.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -49,7 +50,7 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
         return cls(
             input_size=int(d["input_size"]),
             mean=tuple(float(v) for v in d["mean"]),

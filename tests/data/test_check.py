@@ -227,7 +227,7 @@ def test_unsplit_duplicates_are_not_leakage(tmp_path):
 
 
 def test_long_lists_are_truncated_in_markdown(tmp_path, monkeypatch):
-    import melanoma_detector.data.check as check
+    from melanoma_detector.data import check
 
     monkeypatch.setattr(check, "MD_LIST_LIMIT", 2)
     root = tmp_path / "data"

@@ -13,7 +13,6 @@ from melanoma_detector.cli import main
 
 def _tiny_model(seed: int):
     from conftest import TINY_BACKBONE
-
     from melanoma_detector.models.factory import create_model
 
     torch.manual_seed(seed)

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import lesion_image
 from PIL import Image
 
+from conftest import lesion_image
 from melanoma_detector.cli import main
 from melanoma_detector.errors import UserError
 from melanoma_detector.inference import Predictor, default_bundle_dir

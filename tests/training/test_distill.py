@@ -6,9 +6,9 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BACKBONE
 from torch import nn
 
+from conftest import TINY_BACKBONE
 from melanoma_detector.cli import main
 from melanoma_detector.data.discovery import Sample
 from melanoma_detector.errors import UserError

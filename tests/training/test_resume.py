@@ -76,7 +76,7 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(layout, tmp_p
 def test_resume_between_phases_continues_the_random_state(layout, tmp_path, monkeypatch):
     """Killed after phase 1 ended but before a phase-2 epoch did (resume.pt: phase2, epoch 0): the
     resumed phase 2 must draw the same dropout masks as an uninterrupted run."""
-    import melanoma_detector.training.trainer as trainer
+    from melanoma_detector.training import trainer
 
     cfg = _config(tmp_path)
     reference = tmp_path / "reference"

@@ -134,9 +134,7 @@ def test_onnx_runtime_feature_engine_matches_pytorch(seed_layout):
     pp = default_preprocessing(model.backbone, image_size=64, resize_mode="crop")
     kw = dict(device=torch.device("cpu"), cache_dir=None, progress=False, batch_size=5)
     ref = pooled_features(model.backbone, samples, pp, engine="torch", **kw)
-    from melanoma_detector.training.features import onnx_engine
-
-    from melanoma_detector.training.features import denormals_flushed
+    from melanoma_detector.training.features import denormals_flushed, onnx_engine
 
     torch.set_flush_denormal(True)
     try:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
 
-__all__ = ["build_app", "auth_from_env"]
+__all__ = ["auth_from_env", "build_app"]
 
 
-def build_app(predictor_or_bundle: Any = None, *, max_upload_mb: float = 20, **kwargs: Any) -> "FastAPI":
+def build_app(predictor_or_bundle: Any = None, *, max_upload_mb: float = 20, **kwargs: Any) -> FastAPI:
     """See `melanoma_detector.app.server.build_app`."""
     from melanoma_detector.app.server import build_app as _build_app
 

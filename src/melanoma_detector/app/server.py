@@ -35,7 +35,7 @@ MODEL_CARD_PATH = "/model-card"
 _ENVELOPE_BYTES = 64 * 1024  # multipart headers/boundaries allowed on top of the file itself
 _REPO_EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
 
-__all__ = ["build_app", "auth_from_env", "resolve_predictor", "InferenceRunner", "API_PREFIX", "MODEL_CARD_PATH"]
+__all__ = ["API_PREFIX", "MODEL_CARD_PATH", "InferenceRunner", "auth_from_env", "build_app", "resolve_predictor"]
 
 
 def pin_malloc_mmap_threshold(threshold: int = 128 * 1024) -> bool:

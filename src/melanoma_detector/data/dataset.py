@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset

@@ -19,7 +19,8 @@ from the exact functions of :mod:`metrics`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 

@@ -7,8 +7,9 @@ per call, the path returned, degenerate input gives a note instead of an excepti
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -17,8 +17,9 @@ No torch here: this module must import on a machine without it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from scipy import optimize, special, stats

@@ -11,8 +11,9 @@ alone, and nothing stays open after the function returns. Data for which a curve
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

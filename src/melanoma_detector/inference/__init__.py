@@ -4,6 +4,13 @@ from melanoma_detector.inference.bundle import Bundle, BundleError, default_bund
 from melanoma_detector.inference.predictor import RESULT_COLUMNS, CannotAssess, Predictor, gradcam, overlay_heatmap
 
 __all__ = [
-    "Bundle", "BundleError", "CannotAssess", "Predictor", "RESULT_COLUMNS", "default_bundle_dir", "gradcam",
-    "load_bundle", "overlay_heatmap",
+    "RESULT_COLUMNS",
+    "Bundle",
+    "BundleError",
+    "CannotAssess",
+    "Predictor",
+    "default_bundle_dir",
+    "gradcam",
+    "load_bundle",
+    "overlay_heatmap",
 ]

@@ -8,7 +8,7 @@ why a distributed run matches a single-process run at the same effective batch a
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
