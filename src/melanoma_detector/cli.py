@@ -207,6 +207,9 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data", action="append", required=True, metavar="PATH",
                    help="class folders, a root with test/ (else val/), or a CSV manifest; repeat for several sets")
     p.add_argument("--split-file", help="a run's split.csv: evaluate each --data on its test (else val) split")
+    p.add_argument("--split", choices=("test", "val"),
+                   help="score this split of split folders / a split file instead of test (else val); val is where "
+                        "a bundle's calibration and thresholds were fitted, so its figures there are optimistic")
     p.add_argument("--out", help="output folder (default: ./evaluation)")
     p.add_argument("--prevalence", type=float, metavar="P",
                    help="also report PPV/NPV re-weighted to this melanoma prevalence (0 < P < 1, e.g. 0.02)")
@@ -225,7 +228,7 @@ def cmd_evaluate(args) -> int:
 
     if args.prevalence is not None and not 0 < args.prevalence < 1:
         raise UserError(f"--prevalence {args.prevalence}: expected a fraction between 0 and 1 (e.g. 0.02)")
-    sets = load_eval_sets(args.data, split_file=args.split_file)  # bad data fails before any model is loaded
+    sets = load_eval_sets(args.data, split_file=args.split_file, split=args.split)  # bad data fails before any model is loaded
     predictor = _make_predictor(args.model, tta=args.tta)
     other = _make_predictor(args.compare, tta=args.tta) if args.compare else None
     out = Path(args.out or "evaluation")

@@ -1,5 +1,8 @@
+import pytest
+
 from melanoma_detector.data.discovery import discover_all
 from melanoma_detector.data.splits import assign_splits, save_split
+from melanoma_detector.errors import DataError
 from melanoma_detector.evaluation.evaluate import evaluation_samples
 
 
@@ -10,3 +13,18 @@ def test_split_file_selects_the_test_split(grouped_manifest, tmp_path):
     expected = sorted(s.key for s in samples if s.split == "test")
     assert sorted(s.key for s in chosen) == expected
     assert len(evaluation_samples(grouped_manifest)) == len(samples)  # no split file: every image
+
+
+def test_split_val_selects_the_val_split(grouped_manifest, tmp_path):
+    samples = assign_splits(discover_all([str(grouped_manifest)]), val_fraction=0.2, test_fraction=0.2, seed=1)
+    save_split(samples, tmp_path / "split.csv")
+    chosen = evaluation_samples(grouped_manifest, split_file=tmp_path / "split.csv", split="val")
+    assert sorted(s.key for s in chosen) == sorted(s.key for s in samples if s.split == "val")
+
+
+def test_a_split_that_is_not_there_is_a_one_line_error(grouped_manifest, tmp_path):
+    with pytest.raises(DataError, match=r"no val split to evaluate on \(splits present: none"):
+        evaluation_samples(grouped_manifest, split="val")  # plain class folders: no splits at all
+    with pytest.raises(DataError, match=r"split 'train'; accepted: test, val"):
+        evaluation_samples(grouped_manifest, split="train")
+

@@ -363,6 +363,17 @@ def test_cli_bundle_vs_checkpoint_on_two_sets(tiny_models, datasets, tmp_path, c
     assert meta["model_version"] in " ".join(page.text)
 
 
+def test_cli_split_val_scores_the_runs_val_split_and_says_so(tiny_models, tmp_path):
+    root, run, bundle = tiny_models
+    out = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(bundle), "--data", str(root), "--split-file", str(run / "split.csv"),
+                 "--split", "val", "--out", str(out), "--resamples", "20", "--no-progress"]) == 0
+    with (run / "split.csv").open() as fh:
+        val = sum(r["split"] == "val" for r in csv.DictReader(fh))
+    s = json.loads((out / "metrics.json").read_text())["sets"][0]
+    assert s["split"] == "val" and s["n_listed"] == val > 0
+    assert "figures at its thresholds are optimistic" in (out / "report.html").read_text()
+
 def _one_line_error(capsys, *fragments):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err

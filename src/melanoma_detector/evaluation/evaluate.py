@@ -38,29 +38,39 @@ from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
 from melanoma_detector.data.discovery import Sample, discover, require_both_classes
 from melanoma_detector.errors import DataError, UserError
 
-__all__ = ["EvalSet", "evaluate_model", "evaluation_samples", "load_eval_sets", "model_info",
+__all__ = ["EVAL_SPLITS", "EvalSet", "evaluate_model", "evaluation_samples", "load_eval_sets", "model_info",
            "model_thresholds"]
 
 GALLERY_SIZE = 8
 CANNOT_ASSESS_LISTED = 1000  # per set in metrics.json; cannot_assess.csv always has all
 
 
-def evaluation_samples(path: str | Path, *, split_file: str | Path | None = None) -> list[Sample]:
+EVAL_SPLITS = ("test", "val")
+
+
+def evaluation_samples(path: str | Path, *, split_file: str | Path | None = None,
+                       split: str | None = None) -> list[Sample]:
     """A folder of class subfolders, a root whose test/ holds them, or a manifest.
 
     With split folders, a split column or a `split_file` (a training run's split.csv, matched by
-    key), the test split is used (val when there is no test).
+    key), the test split is used (val when there is no test), or `split` when given.
     """
+    if split is not None and split not in EVAL_SPLITS:
+        raise DataError(f"split {split!r}; accepted: {', '.join(EVAL_SPLITS)}")
     src = discover(path)
     if split_file is not None:
         from melanoma_detector.data.splits import apply_split_file
 
         apply_split_file(src.samples, split_file)
     splits = {s.split for s in src.samples}
+    if split is not None and split not in splits:
+        present = ", ".join(sorted(x for x in splits if x)) or "none (plain class folders)"
+        raise DataError(f"{path}: no {split} split to evaluate on (splits present: {present}); "
+                        "give split folders, a split column or a run's --split-file")
     if splits == {None}:
         chosen = src.samples
     else:
-        name = "test" if "test" in splits else "val" if "val" in splits else None
+        name = split or ("test" if "test" in splits else "val" if "val" in splits else None)
         if name is None:
             raise DataError(f"{path}: has split folders but no test/ or val/ to evaluate on")
         chosen = [s for s in src.samples if s.split == name]
@@ -94,7 +104,8 @@ def _set_name(path: Path) -> str:
     return path.resolve().name or "data"
 
 
-def load_eval_sets(paths: str | Path | Sequence[str | Path], *, split_file: str | Path | None = None) -> list[EvalSet]:
+def load_eval_sets(paths: str | Path | Sequence[str | Path], *, split_file: str | Path | None = None,
+                   split: str | None = None) -> list[EvalSet]:
     """Read every data path first (a bad path fails before any model is loaded or run)."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
@@ -103,7 +114,7 @@ def load_eval_sets(paths: str | Path | Sequence[str | Path], *, split_file: str 
     sets: list[EvalSet] = []
     used: set[str] = set()
     for raw in paths:
-        samples = evaluation_samples(raw, split_file=split_file)
+        samples = evaluation_samples(raw, split_file=split_file, split=split)
         name = _set_name(Path(raw).expanduser())
         base, k = name, 2
         while _slug(name) in used:

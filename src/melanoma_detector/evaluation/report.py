@@ -262,6 +262,8 @@ def render_html(results: Mapping[str, Any], out: Path) -> str:
         parts.append(
             f"<p>Data: <code>{_e(s['data'])}</code>"
             + (f" (split: {_e(s['split'])})" if s.get("split") else "")
+            + (". A bundle's calibration and thresholds are fitted on a val split: if it is this one, the "
+               "figures at its thresholds are optimistic" if s.get("split") == "val" else "")
             + f". Images: {s['n_listed']}; assessed: {s['n']} ({s['n_malignant']} malignant, "
               f"{s['n_benign']} benign); cannot assess: {s['n_cannot_assess']}. "
             + (f"Bootstrap resampled by lesion group ({s['n_groups']} groups)."
