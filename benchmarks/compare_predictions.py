@@ -24,7 +24,8 @@ def read_predictions(run: Path) -> dict[tuple[str, str], tuple[int, float]]:
     """(set, path) -> (label, probability) for every assessed image of an evaluation folder."""
     path = run / "predictions.csv" if run.is_dir() else run
     if not path.is_file():
-        sys.exit(f"error: {path}: not found; give an evaluation folder (melanoma evaluate --out) or its predictions.csv")
+        sys.exit(f"error: {path}: not found; give an evaluation folder (melanoma evaluate --out) "
+                 "or its predictions.csv")
     with path.open(newline="") as fh:
         rows = list(csv.DictReader(fh))
     if rows and not {"path", "label", "probability_malignant", "set"} <= set(rows[0]):

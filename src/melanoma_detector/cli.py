@@ -228,7 +228,8 @@ def cmd_evaluate(args) -> int:
 
     if args.prevalence is not None and not 0 < args.prevalence < 1:
         raise UserError(f"--prevalence {args.prevalence}: expected a fraction between 0 and 1 (e.g. 0.02)")
-    sets = load_eval_sets(args.data, split_file=args.split_file, split=args.split)  # bad data fails before any model is loaded
+    # Bad data fails before any model is loaded.
+    sets = load_eval_sets(args.data, split_file=args.split_file, split=args.split)
     predictor = _make_predictor(args.model, tta=args.tta)
     other = _make_predictor(args.compare, tta=args.tta) if args.compare else None
     out = Path(args.out or "evaluation")
