@@ -3,7 +3,7 @@ of the raw logit; HAM10000 and ISIC 2017 rows separately). No training: only for
 
     python benchmarks/checkpoint_probes.py --run runs/lite0-192-plain60 \
         [--average-last] [--ensemble-with runs/lite2-192-plain60 runs/lite1-192-plain60] \
-        [--serve-at 192:1.0:crop 224:1.0:crop ...]
+        [--serve-at 192:1.0:crop 224:1.0:crop ...] [--tta]
 
 --average-last    the kept weights (checkpoint.pt), the last epoch's (resume.pt) and their mean
 --ensemble-with   the mean logit of this run's kept model and other runs' (same split): every
@@ -14,6 +14,10 @@ of the raw logit; HAM10000 and ISIC 2017 rows separately). No training: only for
                   instead (for instance the shipped ensemble's members), on val and on test
 --serve-at        val AUC of the kept model at other input sizes, centre crops and resize modes
                   (SIZE:CROP_PCT:crop|squash), against the one it was trained with
+--tta             the kept weights and the last epoch's (resume.pt) scored plain and with the 8
+                  flips/rotations averaged, as `--tta` serves; DeLong of TTA minus plain on val and
+                  test. The kept epoch was picked by plain val AUC; the last one was not, so a TTA
+                  gain that shows on val only for the last epoch points at that selection
 
 The kept models' logits are cached in RUN/probe-logits/, keyed by the checkpoint file's size and
 mtime, the split and the preprocessing, so probing a new member against old ones costs only its
@@ -51,6 +55,26 @@ def split_samples(run: Path, split: str) -> list[Sample]:
 def logits(ckpt: dict, samples: list[Sample], pp=None) -> np.ndarray:
     model = model_from_checkpoint(ckpt).to(memory_format=torch.channels_last)
     loader = build_image_loader(samples, pp or checkpoint_preprocessing(ckpt), 64, workers=1, device=CPU, train=False)
+    return predict_logits(model, loader, device=CPU)[0].ravel()
+
+
+class Dihedral(torch.nn.Module):
+    """The model's mean probability over the 8 flips/rotations, in the served `--tta`'s order, as
+    a logit. The served one averages temperature-scaled probabilities; this uses the raw logits."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = [v for k in range(4) for r in [torch.rot90(x, k, dims=(2, 3))] for v in (r, r.flip(3))]
+        p = torch.stack([torch.sigmoid(self.model(v).float()) for v in views]).mean(0)
+        return torch.logit(p.clamp(1e-7, 1 - 1e-7))
+
+
+def tta_logits(ckpt: dict, samples: list[Sample]) -> np.ndarray:
+    model = Dihedral(model_from_checkpoint(ckpt).to(memory_format=torch.channels_last))
+    loader = build_image_loader(samples, checkpoint_preprocessing(ckpt), 32, workers=1, device=CPU, train=False)
     return predict_logits(model, loader, device=CPU)[0].ravel()
 
 
@@ -94,6 +118,7 @@ def main() -> None:
     ap.add_argument("--ensemble-with", type=Path, nargs="+", default=[])
     ap.add_argument("--reference", type=Path, nargs="+", default=[])
     ap.add_argument("--serve-at", nargs="*", default=[])
+    ap.add_argument("--tta", action="store_true")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,6 +167,18 @@ def main() -> None:
                     reference = (label, mean)
                 else:
                     compare(label, mean, reference, sets, splits=("val",))
+
+    if args.tta:
+        weights = [(f"kept (epoch {kept['best']['epoch']})", kept, base)]
+        if (args.run / "resume.pt").is_file():
+            resume = torch.load(args.run / "resume.pt", map_location="cpu", weights_only=True)
+            last = {**kept, "model_state": resume["model_state"]}
+            weights.append(("last epoch", last, {s: logits(last, smp) for s, smp in sets.items()}))
+        for name, ckpt, plain in weights:
+            tta = {s: tta_logits(ckpt, smp) for s, smp in sets.items()}
+            for s, smp in sets.items():
+                print(f"{s:4s} {name}: plain {aucs(smp, plain[s])}; TTA {aucs(smp, tta[s])}", flush=True)
+            compare(f"{name} TTA", tta, (f"{name} plain", plain), sets)
 
     pp = checkpoint_preprocessing(kept)
     for spec in args.serve_at:
