@@ -3,13 +3,13 @@ loaded with `torch.load(..., weights_only=True)` so a checkpoint can never run c
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from melanoma_detector.errors import UserError
+from melanoma_detector.fileio import atomic_path
 from melanoma_detector.models.factory import MelanomaNet, create_model
 from melanoma_detector.preprocess import Preprocessing
 
@@ -18,10 +18,8 @@ FORMAT_VERSION = 1
 
 def save_checkpoint(ckpt: dict[str, Any], path: str | Path) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(ckpt, tmp)
 
 
 def checkpoint_file(path: str | Path) -> Path:

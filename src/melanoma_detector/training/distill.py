@@ -24,6 +24,7 @@ import torch
 
 from melanoma_detector.data.discovery import Sample
 from melanoma_detector.errors import UserError
+from melanoma_detector.fileio import atomic_path
 from melanoma_detector.models.checkpoint import (
     checkpoint_file,
     checkpoint_preprocessing,
@@ -102,7 +103,6 @@ def teacher_logits(
     mean = (total / len(paths)).astype(np.float32)
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f".{cache_file.name}.tmp.npz")
-        np.savez(tmp, logits=mean, key=np.array(key))
-        tmp.replace(cache_file)
+        with atomic_path(cache_file) as tmp:
+            np.savez(tmp, logits=mean, key=np.array(key))
     return mean

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from melanoma_detector.data.dataset import ImageDataset
 from melanoma_detector.data.discovery import Sample
 from melanoma_detector.data.transforms import build_transforms
+from melanoma_detector.fileio import atomic_path
 from melanoma_detector.preprocess import Preprocessing
 from melanoma_detector.training.distributed import DistInfo, barrier, broadcast_object, gather_concat, shard_range
 
@@ -210,9 +211,8 @@ def pooled_features(
     log.info("pooled features: %d images in %.1fs", len(samples), time.perf_counter() - t0)
     if key is not None and dist.is_main:
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cache_dir) / f".pooled-{key}.{os.getpid()}.npy"
-        np.save(tmp, feats)
-        os.replace(tmp, Path(cache_dir) / f"pooled-{key}.npy")
+        with atomic_path(Path(cache_dir) / f"pooled-{key}.npy") as tmp:
+            np.save(tmp, feats)
     return feats
 
 

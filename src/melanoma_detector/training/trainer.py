@@ -10,7 +10,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from melanoma_detector.data.dataset import validate_images
 from melanoma_detector.data.discovery import Sample, discover_all, require_both_classes
 from melanoma_detector.data.splits import apply_split_file, assign_splits, save_split, split_counts
 from melanoma_detector.errors import UserError
+from melanoma_detector.fileio import atomic_path
 from melanoma_detector.models.checkpoint import FORMAT_VERSION, save_checkpoint
 from melanoma_detector.models.factory import (
     check_backbone_name,
@@ -206,13 +206,10 @@ class RunLogger:
             return
         # Rewritten whole, so write a temporary file and rename it: a kill mid-write must not leave
         # an empty metrics.csv behind (the epochs already done would vanish from the run folder).
-        path = self.out_dir / "metrics.csv"
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("w", newline="") as fh:
+        with atomic_path(self.out_dir / "metrics.csv") as tmp, tmp.open("w", newline="") as fh:
             w = csv.DictWriter(fh, fieldnames=self.FIELDS)
             w.writeheader()
             w.writerows(self.rows)
-        os.replace(tmp, path)
 
     def plot(self) -> None:
         if self.rows and self.enabled:

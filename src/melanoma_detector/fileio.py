@@ -1,0 +1,23 @@
+"""Writing files so that a crash or a kill never leaves half of one behind."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path in `path`'s folder to write to; renamed onto `path` when the block ends
+    normally, removed when it raises. The temporary name keeps the suffix, because `np.save`
+    and `np.savez` append theirs to a name that lacks it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
