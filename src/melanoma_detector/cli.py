@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from melanoma_detector import DISCLAIMER, __version__
-from melanoma_detector.config import AUGMENTATIONS, LR_SCHEDULES
+from melanoma_detector.config import AUGMENTATIONS, EVAL_SPLITS, LR_SCHEDULES
 from melanoma_detector.errors import UserError
 
 
@@ -92,6 +92,9 @@ def _add_train(sub) -> None:
                         "trained on the same split) on each training image")
     p.add_argument("--distill-weight", type=float, help="weight of the teachers' soft targets, 0-1 (default 0.5)")
     p.add_argument("--distill-temperature", type=float, help="softening temperature for distillation (default 2)")
+    p.add_argument("--aux-diagnosis-weight", type=float, metavar="W",
+                   help="also train a diagnosis-class layer (labels.csv `dx`: nevus, keratosis, ...) with this loss "
+                        "weight, 0-10 (default 0: off); training only, the saved model is unchanged in form")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (and report how many) instead of stopping")
     p.add_argument("--no-progress", action="store_true")
@@ -151,6 +154,7 @@ def cmd_train(args) -> int:
         "train.distill_from": args.distill_from,
         "train.distill_weight": args.distill_weight,
         "train.distill_temperature": args.distill_temperature,
+        "train.aux_diagnosis_weight": args.aux_diagnosis_weight,
     }
     config = load_config(args.config, overrides)
     if not 0 <= config.train.unfreeze_fraction <= 1:
@@ -207,7 +211,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--data", action="append", required=True, metavar="PATH",
                    help="class folders, a root with test/ (else val/), or a CSV manifest; repeat for several sets")
     p.add_argument("--split-file", help="a run's split.csv: evaluate each --data on its test (else val) split")
-    p.add_argument("--split", choices=("test", "val"),
+    p.add_argument("--split", choices=EVAL_SPLITS,
                    help="score this split of split folders / a split file instead of test (else val); val is where "
                         "a bundle's calibration and thresholds were fitted, so its figures there are optimistic")
     p.add_argument("--out", help="output folder (default: ./evaluation)")

@@ -16,6 +16,8 @@ from melanoma_detector.errors import UserError
 
 LR_SCHEDULES = ("plateau", "cosine")
 AUGMENTATIONS = ("standard", "strong")
+# The splits `melanoma evaluate --split` scores (here so the CLI can list them without imports).
+EVAL_SPLITS = ("test", "val")
 
 # The seed notebook's recipe, kept as the defaults.
 SEED_BACKBONE = "efficientnet_b3"
@@ -83,6 +85,8 @@ class TrainConfig:
     distill_from: tuple[str, ...] = ()
     distill_weight: float = 0.5
     distill_temperature: float = 2.0
+    # Weight of the auxiliary diagnosis cross-entropy (training/auxiliary.py); 0 turns it off.
+    aux_diagnosis_weight: float = 0.0
 
     def __post_init__(self):
         for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
@@ -95,6 +99,8 @@ class TrainConfig:
             raise UserError(f"config train.distill_weight: {self.distill_weight} is not between 0 and 1")
         if not self.distill_temperature > 0:
             raise UserError(f"config train.distill_temperature: {self.distill_temperature} is not a positive number")
+        if not 0 <= self.aux_diagnosis_weight <= 10:
+            raise UserError(f"config train.aux_diagnosis_weight: {self.aux_diagnosis_weight} is not between 0 and 10")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
+from melanoma_detector.config import EVAL_SPLITS
 from melanoma_detector.data.discovery import Sample, discover, require_both_classes
 from melanoma_detector.errors import DataError, UserError
 
@@ -43,9 +44,6 @@ __all__ = ["EVAL_SPLITS", "EvalSet", "evaluate_model", "evaluation_samples", "lo
 
 GALLERY_SIZE = 8
 CANNOT_ASSESS_LISTED = 1000  # per set in metrics.json; cannot_assess.csv always has all
-
-
-EVAL_SPLITS = ("test", "val")
 
 
 def evaluation_samples(path: str | Path, *, split_file: str | Path | None = None,

@@ -47,11 +47,24 @@ class SeedHead(nn.Module):
         return [self.fc1.weight, self.fc2.weight]
 
 
+AUX_PREFIX = "aux_head."
+
+
 class MelanomaNet(nn.Module):
-    def __init__(self, backbone: nn.Module, head: SeedHead):
+    """Backbone + seed head. With `aux_classes`, a linear layer on the pooled features also
+    predicts the diagnosis class while training (training/auxiliary.py); in train mode forward
+    then returns (logit, diagnosis logits), in eval mode always the logit alone."""
+
+    def __init__(self, backbone: nn.Module, head: SeedHead, *, aux_classes: int = 0):
         super().__init__()
         self.backbone = backbone
         self.head = head
+        self.aux_head: nn.Linear | None = None
+        if aux_classes:
+            self.aux_head = nn.Linear(backbone.num_features, aux_classes)
+            # Zero start: no random gradients reach the pretrained backbone before the layer learns.
+            nn.init.zeros_(self.aux_head.weight)
+            nn.init.zeros_(self.aux_head.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """The last convolutional feature map (B, C, H, W), the layer Grad-CAM explains."""
@@ -61,8 +74,16 @@ class MelanomaNet(nn.Module):
     def pool(fmap: torch.Tensor) -> torch.Tensor:
         return fmap.mean(dim=(2, 3))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pool(self.forward_features(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        pooled = self.pool(self.forward_features(x))
+        if self.training and self.aux_head is not None:
+            return self.head(pooled), self.aux_head(pooled)
+        return self.head(pooled)
+
+
+def serving_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without the training-only auxiliary layer: what checkpoint.pt stores."""
+    return {k: v for k, v in state.items() if not k.startswith(AUX_PREFIX)}
 
 
 def backbone_units(backbone: nn.Module) -> list[nn.Module] | None:
@@ -169,8 +190,10 @@ def create_model(
     allow_random_init: bool = False,
     hidden: Sequence[int] = (512, 256),
     dropout: Sequence[float] = (0.45, 0.35),
+    aux_classes: int = 0,
 ) -> MelanomaNet:
-    """Build `backbone` (any timm name) + the seed head.
+    """Build `backbone` (any timm name) + the seed head (+ a training-only diagnosis layer with
+    `aux_classes` outputs).
 
     With `pretrained=True` (or `weights`), ImageNet weights come from `models.weights`; when none
     can be had it raises unless `allow_random_init`.
@@ -182,4 +205,4 @@ def create_model(
     else:
         net = create_timm_backbone(backbone, pretrained=False)
     head = SeedHead(net.num_features, hidden=hidden, dropout=dropout)
-    return MelanomaNet(net, head)
+    return MelanomaNet(net, head, aux_classes=aux_classes)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from melanoma_detector.evaluation.metrics import binary_metrics
+from melanoma_detector.training.auxiliary import AuxDiagnosis
 from melanoma_detector.training.distributed import DistInfo, all_sum, gather_concat
 
 
@@ -129,9 +130,11 @@ def train_one_epoch(
     channels_last: bool = False,
     dist: DistInfo = DistInfo(),
     distill: Distillation | None = None,
+    aux: AuxDiagnosis | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` ((inputs, targets, index) batches); returns {"loss", "auc", "n"}.
-    With `distill`, the loss also pulls the model towards the teachers' soft targets.
+    With `distill`, the loss also pulls the model towards the teachers' soft targets; with `aux`
+    (and a model that returns (logit, diagnosis logits) in train mode) it adds the diagnosis term.
 
     Under DDP, `model` is the DistributedDataParallel wrapper and loss / AUC cover all ranks."""
     from tqdm import tqdm
@@ -149,8 +152,11 @@ def train_one_epoch(
         if x.shape[0] < 2 and has_bn1d and not dist.enabled:
             continue  # BatchNorm cannot train on a batch of one (the seed's Keras would also fail)
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            logits = model(x)
+            out = model(x)
+        logits, aux_logits = out if isinstance(out, tuple) else (out, None)
         loss = weighted_bce(logits, y, class_w) if distill is None else distill.loss(logits, y, batch[2], class_w)
+        if aux is not None and aux_logits is not None:
+            loss = loss + aux.loss(aux_logits, batch[2])
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

@@ -32,10 +32,12 @@ from melanoma_detector.models.factory import (
     check_backbone_name,
     create_model,
     default_preprocessing,
+    serving_state,
     set_trainable_top,
     split_backbone,
     train_mode,
 )
+from melanoma_detector.training.auxiliary import DIAGNOSES, AuxDiagnosis, diagnosis_targets
 from melanoma_detector.training.distributed import (
     DistInfo,
     broadcast_module,
@@ -388,6 +390,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
     model = create_model(
         mc.backbone, pretrained=mc.pretrained and previous is None, weights=mc.weights if previous is None else None,
         allow_random_init=mc.allow_random_init or previous is not None, hidden=mc.hidden, dropout=mc.dropout,
+        aux_classes=len(DIAGNOSES) if tc.aux_diagnosis_weight > 0 else 0,
     )
     pp = default_preprocessing(model.backbone, image_size=mc.image_size, resize_mode=mc.resize_mode)
     broadcast_module(model, dist)  # every rank starts from rank 0's weights, random-init ones included
@@ -436,6 +439,18 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             log.info("distilling from %d teacher(s) (weight %g, temperature %g); their AUC on the training images %.3f",
                      len(tc.distill_from), tc.distill_weight, tc.distill_temperature, roc_auc_score(y_train, z_teacher))
         distill = Distillation(torch.from_numpy(z_teacher), weight=tc.distill_weight, temperature=tc.distill_temperature)
+
+    aux = None
+    if tc.aux_diagnosis_weight > 0:
+        dx = diagnosis_targets(train_s)
+        if not (dx[y_train == 0] >= 0).any():
+            raise UserError("--aux-diagnosis-weight needs diagnoses: no benign training image has a `dx` in its "
+                            "labels.csv (accepted: " + ", ".join(DIAGNOSES) + " and ISIC 2017's names)")
+        if main:
+            counts = {d: int((dx == i).sum()) for i, d in enumerate(DIAGNOSES)}
+            log.info("auxiliary diagnosis target (weight %g) on %d of %d training images: %s", tc.aux_diagnosis_weight,
+                     int((dx >= 0).sum()), len(dx), counts)
+        aux = AuxDiagnosis(torch.from_numpy(dx), weight=tc.aux_diagnosis_weight)
 
     def base_ckpt() -> dict[str, Any]:
         return {
@@ -487,7 +502,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             tr = train_one_epoch(
                 trained, train_loader, optimizer, device=device, class_w=cw, set_train_mode=set_mode,
                 max_steps=tc.max_steps_per_epoch, progress=progress, desc=f"{phase} {epoch}/{epochs}",
-                amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, dist=dist, distill=distill,
+                amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, dist=dist, distill=distill, aux=aux,
             )
             train_seconds = time.perf_counter() - t0
             va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
@@ -508,7 +523,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             if improved and (va["auc"] or -1) > best["auc"]:
                 best.update(auc=va["auc"], state=copy.deepcopy(model.state_dict()), phase=phase, epoch=epoch)
                 if main:
-                    save_checkpoint({**base_ckpt(), "model_state": best["state"],
+                    save_checkpoint({**base_ckpt(), "model_state": serving_state(best["state"]),
                                      "best": {"phase": phase, "epoch": epoch, "val_auc": va["auc"]}}, out_dir / "checkpoint.pt")
             if stop and main:
                 print(f"{phase}: early stopping after {epoch} epochs (no val AUC gain in {tc.early_stopping_patience})", flush=True)
@@ -567,6 +582,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         if mode == "cached" and parts is None:
             log.warning("cached phase 2 needs a backbone made of sequential blocks; %s is not: using plain", mc.backbone)
             mode = "plain"
+        if mode == "cached" and aux is not None:
+            log.warning("the auxiliary diagnosis target trains in the plain phase 2 only; the cached phase 2 ignores it")
         if mode == "cached":
             from melanoma_detector.training.features import bottom_feature_cache, module_fingerprint
 
@@ -633,7 +650,7 @@ def _finalize(model, best, base, splits, pp, config, out_dir, *, device, amp_dty
     best_info = {"phase": best["phase"], "epoch": best["epoch"], "val_auc": best["auc"] if best["auc"] > -1 else None}
     ckpt = {
         **base,
-        "model_state": best["state"],
+        "model_state": serving_state(best["state"]),
         "best": best_info,
         "temperature": temperature,
         "logit_bias": logit_bias,
