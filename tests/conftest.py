@@ -80,6 +80,17 @@ def shared_data_or_skip(name: str) -> Path:
     return path
 
 
+def train_tiny(data: Path, out: Path, cache: Path, *extra: str, epochs_finetune: int = 1) -> int:
+    """`melanoma train` in-process on a tiny random-init backbone at 64 px: seconds per run."""
+    from melanoma_detector.cli import main
+
+    return main([
+        "train", "--data", str(data), "--out", str(out), "--backbone", TINY_BACKBONE,
+        "--no-pretrained", "--image-size", "64", "--epochs-frozen", "1", "--epochs-finetune", str(epochs_finetune),
+        "--batch-size", "8", "--cache-dir", str(cache), "--no-progress", "--seed", "3", *extra,
+    ])
+
+
 def train_tiny_bundle(tmp_path_factory, *, n_train: int, n_test: int, epochs_frozen: int, epochs_finetune: int,
                       resamples: int) -> tuple[Path, Path, Path]:
     """Generated seed-layout data -> `melanoma train` (tiny random-init backbone, 64 px) ->

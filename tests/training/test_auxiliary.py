@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_BACKBONE
+from conftest import TINY_BACKBONE, train_tiny
 from melanoma_detector.cli import main
 from melanoma_detector.data.discovery import Sample
 from melanoma_detector.models.checkpoint import load_checkpoint, read_checkpoint
@@ -58,11 +58,7 @@ def test_the_model_returns_diagnosis_logits_only_in_train_mode_and_they_train():
 
 
 def _train(data, out, cache, *extra):
-    return main([
-        "train", "--data", str(data), "--out", str(out), "--backbone", TINY_BACKBONE,
-        "--no-pretrained", "--image-size", "64", "--epochs-frozen", "1", "--epochs-finetune", "2",
-        "--batch-size", "8", "--cache-dir", str(cache), "--no-progress", "--seed", "3", *extra,
-    ])
+    return train_tiny(data, out, cache, *extra, epochs_finetune=2)
 
 
 def test_a_run_with_the_diagnosis_target_resumes_and_saves_a_one_logit_checkpoint(

@@ -8,8 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_BACKBONE
-from melanoma_detector.cli import main
+from conftest import train_tiny
 from melanoma_detector.data.discovery import Sample
 from melanoma_detector.errors import UserError
 from melanoma_detector.training.distill import check_no_teacher_leak
@@ -77,11 +76,7 @@ def test_leak_check_refuses_teachers_trained_on_held_out_images_or_lesions(tmp_p
 
 
 def _train(seed_layout, out, cache, *extra):
-    return main([
-        "train", "--data", str(seed_layout), "--out", str(out), "--backbone", TINY_BACKBONE,
-        "--no-pretrained", "--image-size", "64", "--epochs-frozen", "1", "--epochs-finetune", "1",
-        "--batch-size", "8", "--cache-dir", str(cache), "--no-progress", "--seed", "3", *extra,
-    ])
+    return train_tiny(seed_layout, out, cache, *extra)
 
 
 def test_a_run_distils_from_a_teacher_on_the_same_split_and_refuses_one_that_saw_its_val_images(
