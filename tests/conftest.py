@@ -91,6 +91,25 @@ def train_tiny(data: Path, out: Path, cache: Path, *extra: str, epochs_finetune:
     ])
 
 
+class TrainingKilled(Exception):
+    """Raised by `kill_training_at`: stands for the process dying at that point."""
+
+
+def kill_training_at(monkeypatch, desc_prefix: str) -> None:
+    """Make the trainer's first epoch whose label starts with `desc_prefix` (e.g. "phase2 2/")
+    raise TrainingKilled before it trains; `monkeypatch.undo()` restores the real step."""
+    from melanoma_detector.training import trainer
+
+    real = trainer.train_one_epoch
+
+    def dies(*args, **kwargs):
+        if kwargs.get("desc", "").startswith(desc_prefix):
+            raise TrainingKilled
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", dies)
+
+
 def train_tiny_bundle(tmp_path_factory, *, n_train: int, n_test: int, epochs_frozen: int, epochs_finetune: int,
                       resamples: int) -> tuple[Path, Path, Path]:
     """Generated seed-layout data -> `melanoma train` (tiny random-init backbone, 64 px) ->

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_BACKBONE, train_tiny
+from conftest import TINY_BACKBONE, TrainingKilled, kill_training_at, train_tiny
 from melanoma_detector.cli import main
 from melanoma_detector.data.discovery import Sample
 from melanoma_detector.models.checkpoint import load_checkpoint, read_checkpoint
@@ -65,23 +65,11 @@ def test_a_run_with_the_diagnosis_target_resumes_and_saves_a_one_logit_checkpoin
         grouped_manifest, tmp_path, caplog, monkeypatch):
     import logging
 
-    from melanoma_detector.training import trainer
-
-    class Killed(Exception):
-        pass
-
-    real = trainer.train_one_epoch
-
-    def dies_in_second_phase2_epoch(*args, **kwargs):
-        if kwargs.get("desc", "").startswith("phase2 2/"):
-            raise Killed
-        return real(*args, **kwargs)
-
     run = tmp_path / "run"
-    monkeypatch.setattr(trainer, "train_one_epoch", dies_in_second_phase2_epoch)
-    with caplog.at_level(logging.INFO, logger="melanoma_detector.training.trainer"), pytest.raises(Killed):
+    kill_training_at(monkeypatch, "phase2 2/")
+    with caplog.at_level(logging.INFO, logger="melanoma_detector.training.trainer"), pytest.raises(TrainingKilled):
         _train(grouped_manifest, run, tmp_path / "cache", "--aux-diagnosis-weight", "0.5")
-    monkeypatch.setattr(trainer, "train_one_epoch", real)
+    monkeypatch.undo()
     assert "auxiliary diagnosis target" in caplog.text
     # The resume state keeps the layer, so the interrupted run continues with it ...
     state = torch.load(run / "resume.pt", map_location="cpu", weights_only=False)

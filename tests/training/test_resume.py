@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import TINY_BACKBONE, kill_training_after, make_class_folder, run_rows
+from conftest import TINY_BACKBONE, TrainingKilled, kill_training_after, kill_training_at, make_class_folder, run_rows
 from melanoma_detector.cli import main
 
 EPOCHS = (3, 3)
@@ -76,27 +76,16 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(layout, tmp_p
 def test_resume_between_phases_continues_the_random_state(layout, tmp_path, monkeypatch):
     """Killed after phase 1 ended but before a phase-2 epoch did (resume.pt: phase2, epoch 0): the
     resumed phase 2 must draw the same dropout masks as an uninterrupted run."""
-    from melanoma_detector.training import trainer
 
     cfg = _config(tmp_path)
     reference = tmp_path / "reference"
     assert main(_train_args(layout, reference, cfg, tmp_path / "cache-ref")) == 0
 
-    class Killed(Exception):
-        pass
-
-    real = trainer.train_one_epoch
-
-    def dies_in_phase2(*args, **kwargs):
-        if kwargs.get("desc", "").startswith("phase2"):
-            raise Killed
-        return real(*args, **kwargs)
-
     run = tmp_path / "killed"
-    monkeypatch.setattr(trainer, "train_one_epoch", dies_in_phase2)
-    with pytest.raises(Killed):
+    kill_training_at(monkeypatch, "phase2")
+    with pytest.raises(TrainingKilled):
         main(_train_args(layout, run, cfg, tmp_path / "cache"))
-    monkeypatch.setattr(trainer, "train_one_epoch", real)
+    monkeypatch.undo()
     state = torch.load(run / "resume.pt", map_location="cpu", weights_only=True)
     assert (state["stage"], state["epoch"]) == ("phase2", 0)
 
