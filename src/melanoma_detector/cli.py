@@ -95,6 +95,9 @@ def _add_train(sub) -> None:
     p.add_argument("--aux-diagnosis-weight", type=float, metavar="W",
                    help="also train a diagnosis-class layer (labels.csv `dx`: nevus, keratosis, ...) with this loss "
                         "weight, 0-10 (default 0: off); training only, the saved model is unchanged in form")
+    p.add_argument("--ema-decay", type=float, metavar="D",
+                   help="phase 2: validate, keep and ship an exponential moving average of the weights, D per step "
+                        "(e.g. 0.999; default 0: off)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (and report how many) instead of stopping")
     p.add_argument("--no-progress", action="store_true")
@@ -155,6 +158,7 @@ def cmd_train(args) -> int:
         "train.distill_weight": args.distill_weight,
         "train.distill_temperature": args.distill_temperature,
         "train.aux_diagnosis_weight": args.aux_diagnosis_weight,
+        "train.ema_decay": args.ema_decay,
     }
     config = load_config(args.config, overrides)
     if not 0 <= config.train.unfreeze_fraction <= 1:

@@ -87,6 +87,9 @@ class TrainConfig:
     distill_temperature: float = 2.0
     # Weight of the auxiliary diagnosis cross-entropy (training/auxiliary.py); 0 turns it off.
     aux_diagnosis_weight: float = 0.0
+    # Phase 2 validates, keeps and ships an exponential moving average of the weights with this
+    # decay per step (training/ema.py); 0 turns it off.
+    ema_decay: float = 0.0
 
     def __post_init__(self):
         for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
@@ -101,6 +104,8 @@ class TrainConfig:
             raise UserError(f"config train.distill_temperature: {self.distill_temperature} is not a positive number")
         if not 0 <= self.aux_diagnosis_weight <= 10:
             raise UserError(f"config train.aux_diagnosis_weight: {self.aux_diagnosis_weight} is not between 0 and 10")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"config train.ema_decay: {self.ema_decay} is not in [0, 1) (0 = off; e.g. 0.999)")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from torch import nn
 from melanoma_detector.evaluation.metrics import binary_metrics
 from melanoma_detector.training.auxiliary import AuxDiagnosis
 from melanoma_detector.training.distributed import DistInfo, all_sum, gather_concat
+from melanoma_detector.training.ema import WeightEma
 
 
 def resolve_device(name: str) -> torch.device:
@@ -131,10 +132,12 @@ def train_one_epoch(
     dist: DistInfo = DistInfo(),
     distill: Distillation | None = None,
     aux: AuxDiagnosis | None = None,
+    ema: WeightEma | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` ((inputs, targets, index) batches); returns {"loss", "auc", "n"}.
     With `distill`, the loss also pulls the model towards the teachers' soft targets; with `aux`
-    (and a model that returns (logit, diagnosis logits) in train mode) it adds the diagnosis term.
+    (and a model that returns (logit, diagnosis logits) in train mode) it adds the diagnosis term;
+    `ema` folds the weights into its average after every step.
 
     Under DDP, `model` is the DistributedDataParallel wrapper and loss / AUC cover all ranks."""
     from tqdm import tqdm
@@ -165,6 +168,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update()
         loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError("training loss is not finite; lower the learning rate")

@@ -491,6 +491,13 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             if previous.get("stopped"):
                 first = epochs + 1
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+        ema = None
+        if phase == "phase2" and tc.ema_decay > 0:
+            from melanoma_detector.training.ema import WeightEma
+
+            ema = WeightEma(model, decay=tc.ema_decay)
+            if run.resumes(phase) and previous.get("ema") is not None:
+                ema.load_state_dict(previous["ema"])
         trained = wrap(module)
         phase_offset = 1000 * _STAGES.index(phase)  # fresh augmentation seeds per phase
         for epoch in range(first, epochs + 1):
@@ -503,9 +510,16 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
                 trained, train_loader, optimizer, device=device, class_w=cw, set_train_mode=set_mode,
                 max_steps=tc.max_steps_per_epoch, progress=progress, desc=f"{phase} {epoch}/{epochs}",
                 amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, dist=dist, distill=distill, aux=aux,
+                ema=ema,
             )
             train_seconds = time.perf_counter() - t0
-            va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
+            scored_state = None
+            if ema is None:
+                va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
+            else:  # the averaged weights are the ones validated, kept and shipped
+                with ema.applied():
+                    va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
+                    scored_state = copy.deepcopy(model.state_dict())
             lr = optimizer.param_groups[0]["lr"]
             improved, stop = monitor.step(va["auc"])
             seconds = time.perf_counter() - t0
@@ -517,18 +531,19 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             if main:
                 print(
                     f"{phase} epoch {epoch}/{epochs}: loss {tr['loss']:.4f} val_loss {va['loss']:.4f} "
-                    f"val_auc {_fmt(va['auc'])}{' *' if improved else ''} ({seconds:.1f}s)",
+                    f"val_auc{' (EMA)' if ema is not None else ''} {_fmt(va['auc'])}{' *' if improved else ''} ({seconds:.1f}s)",
                     flush=True,
                 )
             if improved and (va["auc"] or -1) > best["auc"]:
-                best.update(auc=va["auc"], state=copy.deepcopy(model.state_dict()), phase=phase, epoch=epoch)
+                best.update(auc=va["auc"], state=scored_state or copy.deepcopy(model.state_dict()), phase=phase, epoch=epoch)
                 if main:
                     save_checkpoint({**base_ckpt(), "model_state": serving_state(best["state"]),
                                      "best": {"phase": phase, "epoch": epoch, "val_auc": va["auc"]}}, out_dir / "checkpoint.pt")
             if stop and main:
                 print(f"{phase}: early stopping after {epoch} epochs (no val AUC gain in {tc.early_stopping_patience})", flush=True)
             run.save(stage=phase, epoch=epoch, stopped=stop, model_state=model.state_dict(),
-                     optimizer_state=optimizer.state_dict(), monitor=monitor.state_dict(), best=best, history=runlog.rows)
+                     optimizer_state=optimizer.state_dict(), monitor=monitor.state_dict(), best=best, history=runlog.rows,
+                     ema=ema.state_dict() if ema is not None else None)
             if stop:
                 break
         return monitor.best
