@@ -39,7 +39,7 @@ class WeightEma:
         d = self.current_decay()
         state = self.model.state_dict()
         floats = [k for k, v in state.items() if v.dtype.is_floating_point]
-        # One fused pass over all tensors: a per-tensor loop costs more than it averages.
+        # One fused call over all tensors rather than a Python loop per tensor (Lite0 has ~300).
         torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k].detach() for k in floats], 1.0 - d)
         for k, v in state.items():
             if not v.dtype.is_floating_point:
