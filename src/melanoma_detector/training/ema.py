@@ -24,10 +24,17 @@ from torch import nn
 
 class WeightEma:
     def __init__(self, model: nn.Module, *, decay: float):
+        """Create it once the model sits on its device and memory format: the update works on the
+        model's own tensors, which the optimizer and `load_state_dict` change in place."""
         if not 0 < decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.model, self.decay, self.updates = model, decay, 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        live = model.state_dict()
+        self.shadow = {k: v.detach().clone() for k, v in live.items()}
+        # Pairs built once, not per step: the update is on every optimizer step's path.
+        self._floats = ([self.shadow[k] for k, v in live.items() if v.dtype.is_floating_point],
+                        [v.detach() for v in live.values() if v.dtype.is_floating_point])
+        self._others = [(self.shadow[k], v) for k, v in live.items() if not v.dtype.is_floating_point]
 
     def current_decay(self) -> float:
         return min(self.decay, (1 + self.updates) / (10 + self.updates))
@@ -36,14 +43,10 @@ class WeightEma:
     def update(self) -> None:
         """Fold the model's current weights into the average (call after each optimizer step)."""
         self.updates += 1
-        d = self.current_decay()
-        state = self.model.state_dict()
-        floats = [k for k, v in state.items() if v.dtype.is_floating_point]
         # One fused call over all tensors rather than a Python loop per tensor (Lite0 has ~300).
-        torch._foreach_lerp_([self.shadow[k] for k in floats], [state[k].detach() for k in floats], 1.0 - d)
-        for k, v in state.items():
-            if not v.dtype.is_floating_point:
-                self.shadow[k].copy_(v)
+        torch._foreach_lerp_(*self._floats, 1.0 - self.current_decay())
+        for shadow, v in self._others:
+            shadow.copy_(v)
 
     @contextmanager
     def applied(self) -> Iterator[None]:

@@ -4,6 +4,7 @@ and class weights, as in the notebook; everything a consumer needs goes into the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -47,6 +48,7 @@ from melanoma_detector.training.distributed import (
     shutdown,
     sync_batchnorm,
 )
+from melanoma_detector.training.ema import WeightEma
 from melanoma_detector.training.engine import (
     Distillation,
     amp_dtype_for,
@@ -493,8 +495,6 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
         ema = None
         if phase == "phase2" and tc.ema_decay > 0:
-            from melanoma_detector.training.ema import WeightEma
-
             ema = WeightEma(model, decay=tc.ema_decay)
             if run.resumes(phase) and previous.get("ema") is not None:
                 ema.load_state_dict(previous["ema"])
@@ -513,13 +513,9 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
                 ema=ema,
             )
             train_seconds = time.perf_counter() - t0
-            scored_state = None
-            if ema is None:
+            # With EMA, the averaged weights are the ones validated, kept and shipped.
+            with ema.applied() if ema is not None else contextlib.nullcontext():
                 va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
-            else:  # the averaged weights are the ones validated, kept and shipped
-                with ema.applied():
-                    va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
-                    scored_state = copy.deepcopy(model.state_dict())
             lr = optimizer.param_groups[0]["lr"]
             improved, stop = monitor.step(va["auc"])
             seconds = time.perf_counter() - t0
@@ -535,7 +531,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
                     flush=True,
                 )
             if improved and (va["auc"] or -1) > best["auc"]:
-                best.update(auc=va["auc"], state=scored_state or copy.deepcopy(model.state_dict()), phase=phase, epoch=epoch)
+                best.update(auc=va["auc"], state=copy.deepcopy(ema.shadow if ema is not None else model.state_dict()), phase=phase, epoch=epoch)
                 if main:
                     save_checkpoint({**base_ckpt(), "model_state": serving_state(best["state"]),
                                      "best": {"phase": phase, "epoch": epoch, "val_auc": va["auc"]}}, out_dir / "checkpoint.pt")
