@@ -60,6 +60,9 @@ def _add_train(sub) -> None:
     p.add_argument("--no-pretrained", action="store_true", help="random initialisation on purpose")
     p.add_argument("--image-size", type=_positive_int)
     p.add_argument("--resize-mode", choices=["crop", "squash"])
+    p.add_argument("--color-constancy", choices=["none", "shades_of_gray"],
+                   help="per-image colour constancy (Shades of Grey, p = 6) before standardising; saved with the "
+                        "model, so evaluation and serving apply it too (default none)")
     p.add_argument("--epochs-frozen", type=_non_negative_int)
     p.add_argument("--epochs-finetune", type=_non_negative_int)
     p.add_argument("--batch-size", type=_positive_int)
@@ -136,6 +139,7 @@ def cmd_train(args) -> int:
         "model.pretrained": False if args.no_pretrained else None,
         "model.image_size": args.image_size,
         "model.resize_mode": args.resize_mode,
+        "model.color_constancy": args.color_constancy,
         "train.epochs_frozen": args.epochs_frozen,
         "train.epochs_finetune": args.epochs_finetune,
         "train.batch_size": args.batch_size,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from melanoma_detector.errors import UserError
+from melanoma_detector.preprocess import COLOR_CONSTANCY, RESIZE_MODES
 
 LR_SCHEDULES = ("plateau", "cosine")
 AUGMENTATIONS = ("standard", "strong")
@@ -41,8 +42,16 @@ class ModelConfig:
     allow_random_init: bool = False
     image_size: int | None = None  # None: the backbone's pretrained input size
     resize_mode: str = "crop"  # "crop": short side + centre crop; "squash": resize to square
+    # "shades_of_gray": per-image colour constancy before standardising (preprocess.py), saved
+    # with the preprocessing so that evaluation and serving apply it too; "none": off.
+    color_constancy: str = "none"
     hidden: tuple[int, int] = (512, 256)
     dropout: tuple[float, float] = (0.45, 0.35)
+
+    def __post_init__(self):
+        for name, accepted in (("resize_mode", RESIZE_MODES), ("color_constancy", COLOR_CONSTANCY)):
+            if getattr(self, name) not in accepted:
+                raise UserError(f"config model.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,10 @@ RESIZE_MODES = ("crop", "squash")
 # (never a photo) is cut to that first: resizing a 1x60000 strip whole would make a 224x13M-pixel
 # intermediate image (9 GB, half a minute) just to keep 224x224 of it.
 MAX_ASPECT = 8
+COLOR_CONSTANCY = ("none", "shades_of_gray")
+# Minkowski norm of Shades of Grey. p = 6 is the value Barata et al. (2015) found best for
+# dermoscopy and that ISIC 2018-2019 entries used; p = 1 would be grey world, p -> inf max-RGB.
+SHADES_OF_GRAY_POWER = 6.0
 
 
 @dataclass(frozen=True)
@@ -37,12 +41,17 @@ class Preprocessing:
     # "crop": shorter side to size/crop_pct, centre crop (keeps aspect ratio, may cut the edges);
     # "squash": both sides to size/crop_pct (keeps everything, distorts aspect ratio).
     resize_mode: str = "crop"
+    # "shades_of_gray": divide out the illuminant estimated on the (cropped) image itself, so
+    # that dermatoscopes with another white balance look alike; "none": pixels as decoded.
+    color_constancy: str = "none"
 
     def __post_init__(self):
         if self.interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation {self.interpolation!r}; accepted: {', '.join(INTERPOLATIONS)}")
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode {self.resize_mode!r}; accepted: {', '.join(RESIZE_MODES)}")
+        if self.color_constancy not in COLOR_CONSTANCY:
+            raise ValueError(f"color_constancy {self.color_constancy!r}; accepted: {', '.join(COLOR_CONSTANCY)}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -58,6 +67,8 @@ class Preprocessing:
             interpolation=str(d.get("interpolation", "bicubic")),
             crop_pct=float(d.get("crop_pct", 1.0)),
             resize_mode=str(d.get("resize_mode", "crop")),
+            # Bundles and checkpoints from before colour constancy existed used none.
+            color_constancy=str(d.get("color_constancy", "none")),
         )
 
 
@@ -87,9 +98,26 @@ def resize_and_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
     return img
 
 
+def shades_of_gray(arr: np.ndarray, power: float = SHADES_OF_GRAY_POWER) -> np.ndarray:
+    """Colour constancy on a float HWC image in [0, 1] (Finlayson & Trezzi, 2004): the illuminant
+    is each channel's Minkowski p-mean, and each channel is scaled so that the illuminant becomes
+    neutral grey of the same norm. Clipped to [0, 1]; a channel that is black throughout is left
+    alone rather than divided by zero."""
+    illuminant = np.power(np.mean(np.power(arr, power, dtype=np.float64), axis=(0, 1)), 1.0 / power)
+    norm = np.sqrt(np.sum(illuminant * illuminant))
+    if norm <= 0:
+        return arr
+    # Grey of the same Euclidean norm has each channel at norm / sqrt(3).
+    gain = np.where(illuminant > 1e-12, (norm / np.sqrt(3.0)) / np.maximum(illuminant, 1e-12), 1.0)
+    return np.clip(arr * gain.astype(np.float32), 0.0, 1.0)
+
+
 def normalize(img: Image.Image, pp: Preprocessing) -> np.ndarray:
-    """RGB PIL image -> float32 CHW array, scaled to [0, 1] then standardised."""
+    """RGB PIL image -> float32 CHW array, scaled to [0, 1], colour-corrected when the
+    preprocessing asks for it, then standardised."""
     arr = np.asarray(img, dtype=np.float32) / np.float32(255.0)
+    if pp.color_constancy == "shades_of_gray":
+        arr = shades_of_gray(arr)
     arr = (arr - np.asarray(pp.mean, np.float32)) / np.asarray(pp.std, np.float32)
     return np.ascontiguousarray(arr.transpose(2, 0, 1))
 

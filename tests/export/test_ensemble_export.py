@@ -88,3 +88,12 @@ def test_members_with_different_preprocessing_are_refused(tiny_run, tmp_path):
     torch.save(ckpt, other)
     meta = export_bundle([run, other], tmp_path / "out2", use_data=False)
     assert meta["preprocessing"]["crop_pct"] != 0.5
+    ckpt["preprocessing"] = {**ckpt["preprocessing"], "crop_pct": meta["preprocessing"]["crop_pct"],
+                             "color_constancy": "shades_of_gray"}
+    torch.save(ckpt, other)
+    with pytest.raises(UserError, match="differs .* in color_constancy shades_of_gray against none"):
+        export_bundle([run, other], tmp_path / "out3", use_data=False)
+    # A checkpoint from before colour constancy existed has no such key: it used none.
+    del ckpt["preprocessing"]["color_constancy"]
+    torch.save(ckpt, other)
+    assert export_bundle([run, other], tmp_path / "out4", use_data=False)["preprocessing"]["color_constancy"] == "none"

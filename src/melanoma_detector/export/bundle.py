@@ -20,6 +20,7 @@ import numpy as np
 from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
 from melanoma_detector.errors import UserError
 from melanoma_detector.inference.bundle import BUNDLE_FORMAT_VERSION
+from melanoma_detector.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -174,21 +175,22 @@ def export_bundle(
     loaded = [load_checkpoint(c) for c in paths]
     # The first member's checkpoint supplies the split, training config and fallback calibration.
     ckpt_path, ckpt = paths[0], loaded[0][1]
-    pp = ckpt["preprocessing"]
-    for path, (_, other) in zip(paths[1:], loaded[1:]):
+    # Through Preprocessing, so that a key a member's older checkpoint lacks counts as its default.
+    pp = Preprocessing.from_dict(ckpt["preprocessing"]).to_dict()
+    for path, (_, member) in zip(paths[1:], loaded[1:]):
+        theirs = Preprocessing.from_dict(member["preprocessing"]).to_dict()
         # Members see one preprocessed image. The centre-crop fraction only shapes evaluation (training
         # crops at random), so members may differ in it and are served at the first member's; the
         # bundle's metrics below are measured on exactly that.
-        differ = sorted(k for k in {*pp, *other["preprocessing"]}
-                        if k != "crop_pct" and pp.get(k) != other["preprocessing"].get(k))
+        differ = sorted(k for k in pp if k != "crop_pct" and pp[k] != theirs[k])
         if differ:
-            found = ", ".join(f"{k} {other['preprocessing'].get(k)} against {pp.get(k)}" for k in differ)
+            found = ", ".join(f"{k} {theirs[k]} against {pp[k]}" for k in differ)
             raise UserError(f"{path}: preprocessing differs from {paths[0]}'s in {found}; "
-                            "accepted: ensemble members trained with the same input size, mean/std, interpolation "
-                            "and resize mode (the centre-crop fraction may differ: the first member's is used)")
-        if other["preprocessing"].get("crop_pct") != pp.get("crop_pct"):
-            log.warning("%s: centre crop %s served at the first member's %s", path,
-                        other["preprocessing"].get("crop_pct"), pp.get("crop_pct"))
+                            "accepted: ensemble members trained with the same input size, mean/std, interpolation, "
+                            "resize mode and colour constancy (the centre-crop fraction may differ: the first "
+                            "member's is used)")
+        if theirs["crop_pct"] != pp["crop_pct"]:
+            log.warning("%s: centre crop %s served at the first member's %s", path, theirs["crop_pct"], pp["crop_pct"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fractions = [float(c["config"]["train"].get("unfreeze_fraction", 0.3)) for _, c in loaded]

@@ -51,6 +51,8 @@ def write_model_card(out_dir: str | Path, meta: dict[str, Any]) -> Path:
             f"  - `{m['backbone']}`: " + _recipe(m["config"], m.get("best"), indent="    ") for m in members)
     else:
         recipe = "- Training recipe: " + _recipe(meta["training"]["config"], meta["training"].get("best"), indent="  ")
+    colour = ("; Shades-of-Grey colour constancy (p = 6) on each cropped image before standardising"
+              if pp.get("color_constancy", "none") == "shades_of_gray" else "")
     gate = meta.get("input_gate", {})
     ood = gate.get("ood")
     test = meta.get("metrics", {}).get("test", {})
@@ -69,7 +71,7 @@ photos, non-skin images, mucosal/acral/nail lesions beyond what the training dat
 - Backbone: `{meta['backbone']}` (ImageNet-pretrained, timm) + the seed notebook's head
   (GAP -> BatchNorm -> Dense 512 ReLU -> Dropout 0.45 -> Dense 256 ReLU -> Dropout 0.35 -> Dense 1).
 - Input: {pp['input_size']}x{pp['input_size']} RGB, resize mode `{pp['resize_mode']}`, crop_pct {pp['crop_pct']},
-  {pp['interpolation']} interpolation, mean {pp['mean']}, std {pp['std']}.
+  {pp['interpolation']} interpolation, mean {pp['mean']}, std {pp['std']}{colour}.
 {recipe}
 - Graph: ONNX opset {meta['graph']['opset']}, {meta['graph']['precision']}, sha256 `{meta['graph']['sha256']}`.
 

@@ -168,7 +168,8 @@ def create_timm_backbone(name: str, *, pretrained: bool = False) -> nn.Module:
         raise
 
 
-def default_preprocessing(backbone: nn.Module, *, image_size: int | None, resize_mode: str) -> Preprocessing:
+def default_preprocessing(backbone: nn.Module, *, image_size: int | None, resize_mode: str,
+                          color_constancy: str = "none") -> Preprocessing:
     """The backbone's pretrained config, optionally at another input size."""
     cfg = getattr(backbone, "pretrained_cfg", None) or {}
     size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
@@ -179,6 +180,7 @@ def default_preprocessing(backbone: nn.Module, *, image_size: int | None, resize
         interpolation=str(cfg.get("interpolation", "bicubic")),
         crop_pct=float(cfg.get("crop_pct", 1.0)),
         resize_mode=resize_mode,
+        color_constancy=color_constancy,
     )
 
 

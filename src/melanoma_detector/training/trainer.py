@@ -394,7 +394,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         allow_random_init=mc.allow_random_init or previous is not None, hidden=mc.hidden, dropout=mc.dropout,
         aux_classes=len(DIAGNOSES) if tc.aux_diagnosis_weight > 0 else 0,
     )
-    pp = default_preprocessing(model.backbone, image_size=mc.image_size, resize_mode=mc.resize_mode)
+    pp = default_preprocessing(model.backbone, image_size=mc.image_size, resize_mode=mc.resize_mode,
+                               color_constancy=mc.color_constancy)
     broadcast_module(model, dist)  # every rank starts from rank 0's weights, random-init ones included
     seed_everything(tc.seed + dist.rank)  # then distinct dropout masks per rank; data order is seeded apart
     run = _Run(out_dir, dist, previous)
