@@ -73,7 +73,8 @@ def _add_train(sub) -> None:
                    help="plateau (default): reduce the LR when val AUC stalls, as in the seed; cosine: anneal "
                         "each phase's LR to train.min_lr over its epochs")
     p.add_argument("--augmentation", choices=AUGMENTATIONS,
-                   help="strong adds wider colour jitter, occasional blur and a random erased patch")
+                   help="strong adds wider colour jitter, occasional blur and a random erased patch; acquisition "
+                        "adds white-balance gains per channel, occasional blur and JPEG re-compression")
     p.add_argument("--phase2-mode", choices=["auto", "plain", "cached"],
                    help="plain (auto): fresh augmentation every epoch; cached: stored views of the frozen "
                         "part, ~6x cheaper per epoch but memorised within a few epochs")

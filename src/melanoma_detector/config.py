@@ -16,7 +16,7 @@ from melanoma_detector.errors import UserError
 from melanoma_detector.preprocess import COLOR_CONSTANCY, RESIZE_MODES
 
 LR_SCHEDULES = ("plateau", "cosine")
-AUGMENTATIONS = ("standard", "strong")
+AUGMENTATIONS = ("standard", "strong", "acquisition")
 # The splits `melanoma evaluate --split` scores (here so the CLI can list them without imports).
 EVAL_SPLITS = ("test", "val")
 
@@ -75,6 +75,8 @@ class TrainConfig:
     lr_schedule: str = "plateau"
     # "standard": random resized crop, flips, 90-degree rotations, mild colour jitter.
     # "strong": also wider colour jitter, occasional blur and a random erased patch (cutout).
+    # "acquisition": standard plus what differs between dermatoscopes and cameras: white balance
+    # (independent per-channel gains), occasional blur and JPEG re-compression.
     augmentation: str = "standard"
     feature_cache: bool = True  # phase 1 on cached pooled features of the frozen backbone
     flip_average: bool = False  # average cached features over a horizontal flip

@@ -1,4 +1,5 @@
-"""Training augmentation: both strengths give the model's input, and "strong" really erases."""
+"""Training augmentation: every preset gives the model's input, "strong" really erases, and
+"acquisition"'s device shifts really shift."""
 
 import random
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from melanoma_detector.data.transforms import build_transforms
+from melanoma_detector.data.transforms import RandomChannelGains, RandomJpeg, build_transforms
 from melanoma_detector.preprocess import Preprocessing
 
 PP = Preprocessing(input_size=64, mean=(0.5,) * 3, std=(0.5,) * 3, interpolation="bicubic", crop_pct=0.875)
@@ -25,7 +26,7 @@ def _has_erased_patch(x: torch.Tensor) -> bool:
     return bool((torch.nn.functional.avg_pool2d(zero, 4, stride=1) == 1).any())
 
 
-@pytest.mark.parametrize("augmentation", ["standard", "strong"])
+@pytest.mark.parametrize("augmentation", ["standard", "strong", "acquisition"])
 def test_training_transform_gives_the_model_input(augmentation):
     x = build_transforms(PP, train=True, augmentation=augmentation)(_image())
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32
@@ -44,5 +45,24 @@ def test_strong_augmentation_erases_a_patch_and_standard_never_does():
 
 
 def test_unknown_augmentation_names_the_accepted_ones():
-    with pytest.raises(ValueError, match="standard, strong"):
+    with pytest.raises(ValueError, match="standard, strong, acquisition"):
         build_transforms(PP, train=True, augmentation="extreme")
+
+
+def test_channel_gains_cast_the_white_balance_within_their_range():
+    random.seed(1)
+    grey = Image.new("RGB", (16, 16), (100, 100, 100))
+    casts = [np.asarray(RandomChannelGains(p=1.0, max_change=0.15)(grey), np.float64)[0, 0] for _ in range(50)]
+    casts = np.asarray(casts)
+    assert casts.min() >= 85 and casts.max() <= 115  # 100 x [0.85, 1.15]
+    # Independent per channel: a cast, not a brightness change.
+    assert np.mean(np.ptp(casts, axis=1) >= 3) > 0.5
+    assert np.array_equal(np.asarray(RandomChannelGains(p=0.0, max_change=0.15)(grey)), np.asarray(grey))
+
+
+def test_jpeg_recompression_changes_pixels_and_keeps_size_and_mode():
+    random.seed(2)
+    img = _image()
+    out = RandomJpeg(p=1.0, quality=(30, 30))(img)
+    assert out.size == img.size and out.mode == "RGB"
+    assert np.abs(np.asarray(out, np.int16) - np.asarray(img, np.int16)).mean() > 5

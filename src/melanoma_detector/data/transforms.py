@@ -6,6 +6,7 @@ predictor runs, so training-time validation and serving see identical inputs.
 
 from __future__ import annotations
 
+import io
 import random
 
 import numpy as np
@@ -37,6 +38,38 @@ class RandomBlur:
         return img.filter(ImageFilter.GaussianBlur(random.uniform(*self.sigma)))
 
 
+class RandomChannelGains:
+    """White balance differs between dermatoscopes: with probability p, multiply R, G and B by
+    independent factors in [1 - max_change, 1 + max_change]. ColorJitter's hue shift rotates all
+    hues alike and its brightness scales the channels together, so neither makes this cast."""
+
+    def __init__(self, p: float, max_change: float):
+        self.p, self.max_change = p, max_change
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return img
+        gains = np.asarray([random.uniform(1 - self.max_change, 1 + self.max_change) for _ in range(3)], np.float32)
+        arr = np.asarray(img, np.float32) * gains
+        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+
+
+class RandomJpeg:
+    """With probability p, re-encode as JPEG at a random quality: images from other sources arrive
+    compressed to varying degrees, with block artefacts the training images may not have."""
+
+    def __init__(self, p: float, quality: tuple[int, int]):
+        self.p, self.quality = p, quality
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() >= self.p:
+            return img
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=random.randint(*self.quality))
+        buf.seek(0)
+        return Image.open(buf).convert("RGB")
+
+
 class _Finish:
     def __init__(self, pp: Preprocessing):
         self.pp = pp
@@ -60,14 +93,18 @@ def build_transforms(pp: Preprocessing, *, train: bool, augmentation: str = "sta
 
     "strong" adds what ISIC challenge entries use against overfitting and for other cameras:
     wider colour jitter, an occasional slight blur (lower-resolution devices) and one random
-    erased patch, so that no single region (a ruler, a hair, a vignette corner) decides."""
+    erased patch, so that no single region (a ruler, a hair, a vignette corner) decides.
+
+    "acquisition" adds, to the standard set, what changes when the same lesion is photographed
+    with another device: white balance (per-channel gains up to 15 %), slight blur and JPEG
+    re-compression (quality 30-90)."""
     if not train:
         return EvalTransform(pp)
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation {augmentation!r}; accepted: {', '.join(AUGMENTATIONS)}")
     from torchvision import transforms as T
 
-    strong = augmentation == "strong"
+    strong, acquisition = augmentation == "strong", augmentation == "acquisition"
     steps = [
         T.RandomResizedCrop(
             pp.input_size,
@@ -83,6 +120,9 @@ def build_transforms(pp: Preprocessing, *, train: bool, augmentation: str = "sta
     ]
     if strong:
         steps.append(RandomBlur(p=0.2, sigma=(0.1, 1.2)))
+    if acquisition:
+        steps += [RandomChannelGains(p=0.8, max_change=0.15), RandomBlur(p=0.2, sigma=(0.1, 1.2)),
+                  RandomJpeg(p=0.3, quality=(30, 90))]
     steps.append(_Finish(pp))
     if strong:
         # On the normalised tensor, so the erased patch is the mean colour (value 0), not black.
@@ -90,4 +130,5 @@ def build_transforms(pp: Preprocessing, *, train: bool, augmentation: str = "sta
     return T.Compose(steps)
 
 
-__all__ = ["AUGMENTATIONS", "INTERPOLATIONS", "EvalTransform", "RandomBlur", "RandomRot90", "build_transforms", "np"]
+__all__ = ["AUGMENTATIONS", "INTERPOLATIONS", "EvalTransform", "RandomBlur", "RandomChannelGains", "RandomJpeg",
+           "RandomRot90", "build_transforms", "np"]
