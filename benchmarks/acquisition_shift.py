@@ -61,7 +61,9 @@ SETS = {
 
 
 def score(pred, images: list[Image.Image], shift, batch_size: int = 32) -> np.ndarray:
-    """Calibrated probabilities of `pred` on the shifted images; NaN where preprocessing refuses one."""
+    """Calibrated probabilities of `pred` on the shifted images; NaN where the size/uniformity gate refuses one."""
+    from melanoma_detector.inference.predictor import CannotAssess
+
     prep = pred.image_prep()
     out = np.full(len(images), np.nan)
     for start in range(0, len(images), batch_size):
@@ -70,7 +72,7 @@ def score(pred, images: list[Image.Image], shift, batch_size: int = 32) -> np.nd
             try:
                 arrays.append(prep.prepare(shift(images[i]))[1])
                 idx.append(i)
-            except Exception as exc:  # noqa: BLE001 - a refused image is reported, not fatal
+            except CannotAssess as exc:
                 print(f"  skipped image {i}: {exc}", file=sys.stderr)
         if arrays:
             out[idx] = pred.calibrate(pred.run(np.stack(arrays))["logit"])

@@ -4,6 +4,7 @@ preprocessing: nothing in the predictor decides it."""
 from __future__ import annotations
 
 import json
+
 import numpy as np
 import pytest
 
