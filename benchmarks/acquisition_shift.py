@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import sys
 import time
 from pathlib import Path
@@ -23,36 +22,22 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFilter
 
+from melanoma_detector.data.shifts import channel_gains, jpeg_roundtrip
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
-
-
-def _gains(r: float, g: float, b: float):
-    def apply(img: Image.Image) -> Image.Image:
-        arr = np.asarray(img, np.float32) * np.asarray([r, g, b], np.float32)
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
-    return apply
-
-
-def _jpeg(quality: int):
-    def apply(img: Image.Image) -> Image.Image:
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=quality)
-        return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-    return apply
-
 
 # Gains of +-15 % per channel are within the white-balance spread of consumer dermatoscopes and
 # phone adapters; 0.75 / 1.25 exposure and a 1.5 px blur stand for dim or soft images.
 SHIFTS = {
     "none": lambda img: img,
-    "warm cast (R x1.15, B x0.85)": _gains(1.15, 1.0, 0.85),
-    "cool cast (R x0.85, B x1.15)": _gains(0.85, 1.0, 1.15),
-    "green cast (G x1.15)": _gains(0.93, 1.15, 0.93),
-    "darker (x0.75)": _gains(0.75, 0.75, 0.75),
-    "brighter (x1.25)": _gains(1.25, 1.25, 1.25),
+    "warm cast (R x1.15, B x0.85)": lambda img: channel_gains(img, (1.15, 1.0, 0.85)),
+    "cool cast (R x0.85, B x1.15)": lambda img: channel_gains(img, (0.85, 1.0, 1.15)),
+    "green cast (G x1.15)": lambda img: channel_gains(img, (0.93, 1.15, 0.93)),
+    "darker (x0.75)": lambda img: channel_gains(img, (0.75, 0.75, 0.75)),
+    "brighter (x1.25)": lambda img: channel_gains(img, (1.25, 1.25, 1.25)),
     "blur (Gaussian, 1.5 px)": lambda img: img.filter(ImageFilter.GaussianBlur(1.5)),
-    "JPEG quality 30": _jpeg(30),
+    "JPEG quality 30": lambda img: jpeg_roundtrip(img, 30),
 }
 SETS = {
     "HAM10000 test": lambda key, split: key.startswith("ham10000/") and split == "test",

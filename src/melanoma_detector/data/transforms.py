@@ -6,7 +6,6 @@ predictor runs, so training-time validation and serving see identical inputs.
 
 from __future__ import annotations
 
-import io
 import random
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from melanoma_detector.config import AUGMENTATIONS
+from melanoma_detector.data.shifts import channel_gains, jpeg_roundtrip
 from melanoma_detector.preprocess import INTERPOLATIONS, Preprocessing, normalize, preprocess_image
 
 
@@ -49,9 +49,7 @@ class RandomChannelGains:
     def __call__(self, img: Image.Image) -> Image.Image:
         if random.random() >= self.p:
             return img
-        gains = np.asarray([random.uniform(1 - self.max_change, 1 + self.max_change) for _ in range(3)], np.float32)
-        arr = np.asarray(img, np.float32) * gains
-        return Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8))
+        return channel_gains(img, [random.uniform(1 - self.max_change, 1 + self.max_change) for _ in range(3)])
 
 
 class RandomJpeg:
@@ -64,10 +62,7 @@ class RandomJpeg:
     def __call__(self, img: Image.Image) -> Image.Image:
         if random.random() >= self.p:
             return img
-        buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=random.randint(*self.quality))
-        buf.seek(0)
-        return Image.open(buf).convert("RGB")
+        return jpeg_roundtrip(img, random.randint(*self.quality))
 
 
 class _Finish:
