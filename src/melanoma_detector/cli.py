@@ -102,6 +102,10 @@ def _add_train(sub) -> None:
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help="phase 2: validate, keep and ship an exponential moving average of the weights, D per step "
                         "(e.g. 0.999; default 0: off)")
+    p.add_argument("--mix", choices=["none", "mixup", "cutmix"],
+                   help="plain phase 2: blend a share of the batches with a shuffled copy of themselves (default none)")
+    p.add_argument("--mix-alpha", type=float, metavar="A", help="Beta(A, A) for the blend weight (default 0.4)")
+    p.add_argument("--mix-prob", type=float, metavar="P", help="share of the batches mixed, 0-1 (default 0.5)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (and report how many) instead of stopping")
     p.add_argument("--no-progress", action="store_true")
@@ -164,6 +168,9 @@ def cmd_train(args) -> int:
         "train.distill_temperature": args.distill_temperature,
         "train.aux_diagnosis_weight": args.aux_diagnosis_weight,
         "train.ema_decay": args.ema_decay,
+        "train.mix": args.mix,
+        "train.mix_alpha": args.mix_alpha,
+        "train.mix_prob": args.mix_prob,
     }
     config = load_config(args.config, overrides)
     if not 0 <= config.train.unfreeze_fraction <= 1:

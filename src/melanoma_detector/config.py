@@ -17,6 +17,7 @@ from melanoma_detector.preprocess import COLOR_CONSTANCY, RESIZE_MODES
 
 LR_SCHEDULES = ("plateau", "cosine")
 AUGMENTATIONS = ("standard", "strong", "acquisition")
+MIX_KINDS = ("none", "mixup", "cutmix")
 # The splits `melanoma evaluate --split` scores (here so the CLI can list them without imports).
 EVAL_SPLITS = ("test", "val")
 
@@ -101,12 +102,17 @@ class TrainConfig:
     # Phase 2 validates, keeps and ships an exponential moving average of the weights with this
     # decay per step (training/ema.py); 0 turns it off.
     ema_decay: float = 0.0
+    # Phase 2 (plain) blends a share `mix_prob` of the batches with a shuffled copy: "mixup" or
+    # "cutmix", lam ~ Beta(mix_alpha, mix_alpha) (training/mixing.py); "none" turns it off.
+    mix: str = "none"
+    mix_alpha: float = 0.4
+    mix_prob: float = 0.5
 
     def __post_init__(self):
         for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
                                ("device", ("auto", "cpu", "cuda", "mps")),
                                ("feature_engine", ("auto", "torch", "onnxruntime")),
-                               ("lr_schedule", LR_SCHEDULES), ("augmentation", AUGMENTATIONS)):
+                               ("lr_schedule", LR_SCHEDULES), ("augmentation", AUGMENTATIONS), ("mix", MIX_KINDS)):
             if getattr(self, name) not in accepted:
                 raise UserError(f"config train.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
         if not 0 <= self.distill_weight <= 1:
@@ -117,6 +123,10 @@ class TrainConfig:
             raise UserError(f"config train.aux_diagnosis_weight: {self.aux_diagnosis_weight} is not between 0 and 10")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"config train.ema_decay: {self.ema_decay} is not in [0, 1) (0 = off; e.g. 0.999)")
+        if not self.mix_alpha > 0:
+            raise UserError(f"config train.mix_alpha: {self.mix_alpha} is not a positive number (e.g. 0.4)")
+        if not 0 < self.mix_prob <= 1:
+            raise UserError(f"config train.mix_prob: {self.mix_prob} is not in (0, 1]")
 
 
 @dataclass(frozen=True)

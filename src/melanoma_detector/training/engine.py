@@ -16,6 +16,7 @@ from melanoma_detector.evaluation.metrics import binary_metrics
 from melanoma_detector.training.auxiliary import AuxDiagnosis
 from melanoma_detector.training.distributed import DistInfo, all_sum, gather_concat
 from melanoma_detector.training.ema import WeightEma
+from melanoma_detector.training.mixing import BatchMix
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,6 +116,15 @@ def _batches(loader, max_steps: int | None):
         yield batch
 
 
+def _item_loss(logits, aux_logits, targets, index, *, class_w, distill, aux) -> torch.Tensor:
+    """The loss of a batch against per-item `targets` and dataset `index` (which item's soft and
+    diagnosis targets apply)."""
+    loss = weighted_bce(logits, targets, class_w) if distill is None else distill.loss(logits, targets, index, class_w)
+    if aux is not None and aux_logits is not None:
+        loss = loss + aux.loss(aux_logits, index)
+    return loss
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,
@@ -133,11 +143,14 @@ def train_one_epoch(
     distill: Distillation | None = None,
     aux: AuxDiagnosis | None = None,
     ema: WeightEma | None = None,
+    mix: BatchMix | None = None,
 ) -> dict[str, float]:
     """One pass over `loader` ((inputs, targets, index) batches); returns {"loss", "auc", "n"}.
     With `distill`, the loss also pulls the model towards the teachers' soft targets; with `aux`
     (and a model that returns (logit, diagnosis logits) in train mode) it adds the diagnosis term;
-    `ema` folds the weights into its average after every step.
+    `ema` folds the weights into its average after every step. `mix` blends selected batches with
+    a shuffled copy (mixup / cutmix) and the loss the same way; the reported training AUC then
+    scores the model on the mixed inputs against the original items' labels.
 
     Under DDP, `model` is the DistributedDataParallel wrapper and loss / AUC cover all ranks."""
     from tqdm import tqdm
@@ -154,12 +167,18 @@ def train_one_epoch(
             x = x.contiguous(memory_format=torch.channels_last)
         if x.shape[0] < 2 and has_bn1d and not dist.enabled:
             continue  # BatchNorm cannot train on a batch of one (the seed's Keras would also fail)
+        mixed = mix(x) if mix is not None else None
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            out = model(x)
+            out = model(x if mixed is None else mixed.inputs)
         logits, aux_logits = out if isinstance(out, tuple) else (out, None)
-        loss = weighted_bce(logits, y, class_w) if distill is None else distill.loss(logits, y, batch[2], class_w)
-        if aux is not None and aux_logits is not None:
-            loss = loss + aux.loss(aux_logits, batch[2])
+        terms = {"class_w": class_w, "distill": distill, "aux": aux}
+        index = batch[2] if len(batch) > 2 else None
+        if mixed is None:
+            loss = _item_loss(logits, aux_logits, y, index, **terms)
+        else:
+            other = index[mixed.perm.to(index.device)] if index is not None else None
+            loss = (mixed.lam * _item_loss(logits, aux_logits, y, index, **terms)
+                    + (1 - mixed.lam) * _item_loss(logits, aux_logits, y[mixed.perm.to(y.device)], other, **terms))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

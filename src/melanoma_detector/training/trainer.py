@@ -59,6 +59,7 @@ from melanoma_detector.training.engine import (
     seed_everything,
     train_one_epoch,
 )
+from melanoma_detector.training.mixing import BatchMix
 from melanoma_detector.training.sampling import EpochSampler, TensorBatches, build_image_loader, set_epoch
 
 log = logging.getLogger(__name__)
@@ -475,7 +476,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             module = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
         return module
 
-    def run_phase(phase, module, optimizer, train_loader, val_loader, epochs, set_mode):
+    def run_phase(phase, module, optimizer, train_loader, val_loader, epochs, set_mode, mix=None):
         monitor = PlateauMonitor(
             optimizer, patience=tc.early_stopping_patience,
             lr_patience=tc.reduce_lr_patience if tc.lr_schedule == "plateau" else None,
@@ -511,7 +512,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
                 trained, train_loader, optimizer, device=device, class_w=cw, set_train_mode=set_mode,
                 max_steps=tc.max_steps_per_epoch, progress=progress, desc=f"{phase} {epoch}/{epochs}",
                 amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, dist=dist, distill=distill, aux=aux,
-                ema=ema,
+                ema=ema, mix=mix,
             )
             train_seconds = time.perf_counter() - t0
             # With EMA, the averaged weights are the ones validated, kept and shipped.
@@ -596,6 +597,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             mode = "plain"
         if mode == "cached" and aux is not None:
             log.warning("the auxiliary diagnosis target trains in the plain phase 2 only; the cached phase 2 ignores it")
+        if mode == "cached" and tc.mix != "none":
+            log.warning("--mix blends whole images, in the plain phase 2 only; the cached phase 2 ignores it")
         if mode == "cached":
             from melanoma_detector.training.features import bottom_feature_cache, module_fingerprint
 
@@ -616,7 +619,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             tl = build_image_loader(train_s, pp, tc.batch_size, train=True, seed=tc.seed + 1, augmentation=tc.augmentation,
                                     **loader_kw)
             vl = build_image_loader(val_s[v0:v1], pp, tc.batch_size, train=False, **loader_kw)
-            run_phase("phase2", model, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen))
+            mix = BatchMix(tc.mix, alpha=tc.mix_alpha, prob=tc.mix_prob) if tc.mix != "none" else None
+            run_phase("phase2", model, opt, tl, vl, tc.epochs_finetune, lambda: train_mode(model, frozen), mix=mix)
         for p in model.parameters():
             p.requires_grad = True
         finish_stage("phase2")
