@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from melanoma_detector import DISCLAIMER, __version__
-from melanoma_detector.config import AUGMENTATIONS, EVAL_SPLITS, LR_SCHEDULES
+from melanoma_detector.config import AUGMENTATIONS, EVAL_SPLITS, LR_SCHEDULES, MIX_KINDS
 from melanoma_detector.errors import UserError
 
 
@@ -102,7 +102,7 @@ def _add_train(sub) -> None:
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help="phase 2: validate, keep and ship an exponential moving average of the weights, D per step "
                         "(e.g. 0.999; default 0: off)")
-    p.add_argument("--mix", choices=["none", "mixup", "cutmix"],
+    p.add_argument("--mix", choices=MIX_KINDS,
                    help="plain phase 2: blend a share of the batches with a shuffled copy of themselves (default none)")
     p.add_argument("--mix-alpha", type=float, metavar="A", help="Beta(A, A) for the blend weight (default 0.4)")
     p.add_argument("--mix-prob", type=float, metavar="P", help="share of the batches mixed, 0-1 (default 0.5)")

@@ -10,8 +10,8 @@ docs/model-development.md); mixing is a regulariser that costs one extra loss te
 
 The loss is blended rather than the labels, so every term the trainer adds (class weights,
 distillation's soft targets, the diagnosis target) mixes the same way: lam * loss(a) +
-(1 - lam) * loss(b), with each item's own targets. For distillation that uses each teacher
-logit of the unmixed image, the usual approximation.
+(1 - lam) * loss(b), with each item's own targets. Distillation's soft target for a blend is
+thus the teachers' logits on the two unmixed images, the usual approximation.
 """
 
 from __future__ import annotations
