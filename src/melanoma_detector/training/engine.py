@@ -160,6 +160,7 @@ def train_one_epoch(
     all_logits, all_targets = [], []
     total_steps = len(loader) if max_steps is None else min(len(loader), max_steps)
     has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    terms = {"class_w": class_w, "distill": distill, "aux": aux}
     bar = tqdm(_batches(loader, max_steps), total=total_steps, desc=desc, disable=not progress, leave=False)
     for batch in bar:
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
@@ -171,7 +172,6 @@ def train_one_epoch(
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = model(x if mixed is None else mixed.inputs)
         logits, aux_logits = out if isinstance(out, tuple) else (out, None)
-        terms = {"class_w": class_w, "distill": distill, "aux": aux}
         index = batch[2] if len(batch) > 2 else None
         if mixed is None:
             loss = _item_loss(logits, aux_logits, y, index, **terms)

@@ -62,6 +62,6 @@ class BatchMix:
         y0, y1 = max(cy - ch // 2, 0), min(cy + (ch - ch // 2), h)
         x0, x1 = max(cx - cw // 2, 0), min(cx + (cw - cw // 2), w)
         out = x.clone()
-        out[..., y0:y1, x0:x1] = x[perm_d][..., y0:y1, x0:x1]
+        out[..., y0:y1, x0:x1] = x[perm_d, ..., y0:y1, x0:x1]  # only the box is copied
         # The box may be clipped at the border: the weight is the area actually kept.
         return Mixed(out, perm, 1.0 - (y1 - y0) * (x1 - x0) / (h * w))
