@@ -102,6 +102,9 @@ def _add_train(sub) -> None:
     p.add_argument("--ema-decay", type=float, metavar="D",
                    help="phase 2: validate, keep and ship an exponential moving average of the weights, D per step "
                         "(e.g. 0.999; default 0: off)")
+    p.add_argument("--layer-decay", type=float, metavar="D",
+                   help="phase 2: each unfrozen backbone unit trains at D times the LR of the unit above it, 0-1 "
+                        "(e.g. 0.85; default 1: off)")
     p.add_argument("--mix", choices=MIX_KINDS,
                    help="plain phase 2: blend a share of the batches with a shuffled copy of themselves (default none)")
     p.add_argument("--mix-alpha", type=float, metavar="A", help="Beta(A, A) for the blend weight (default 0.4)")
@@ -151,6 +154,7 @@ def cmd_train(args) -> int:
         "train.lr_frozen": args.lr_frozen,
         "train.lr_finetune": args.lr_finetune,
         "train.unfreeze_fraction": args.unfreeze_fraction,
+        "train.layer_decay": args.layer_decay,
         "train.lr_schedule": args.lr_schedule,
         "train.augmentation": args.augmentation,
         "train.phase2_mode": args.phase2_mode,

@@ -66,6 +66,9 @@ class TrainConfig:
     # loss; its gradient is 2 * l2 * w, i.e. Adam(weight_decay=2 * l2) on those weights only.
     l2: float = 1e-3
     unfreeze_fraction: float = 0.3
+    # Layer-wise LR decay in phase 2: each unfrozen backbone unit below the top one trains at
+    # layer_decay times the LR of the unit above it (models/factory.py); 1 turns it off.
+    layer_decay: float = 1.0
     class_weights: bool = True
     early_stopping_patience: int = 8
     reduce_lr_patience: int = 3
@@ -123,6 +126,8 @@ class TrainConfig:
             raise UserError(f"config train.aux_diagnosis_weight: {self.aux_diagnosis_weight} is not between 0 and 10")
         if not 0 <= self.ema_decay < 1:
             raise UserError(f"config train.ema_decay: {self.ema_decay} is not in [0, 1) (0 = off; e.g. 0.999)")
+        if not 0 < self.layer_decay <= 1:
+            raise UserError(f"config train.layer_decay: {self.layer_decay} is not in (0, 1] (1 = off; e.g. 0.85)")
         if not self.mix_alpha > 0:
             raise UserError(f"config train.mix_alpha: {self.mix_alpha} is not a positive number (e.g. 0.4)")
         if not 0 < self.mix_prob <= 1:

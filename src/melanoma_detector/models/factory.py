@@ -138,6 +138,22 @@ def set_trainable_top(model: MelanomaNet, unfreeze_fraction: float) -> nn.Module
     return None
 
 
+def layer_lr_scales(model: MelanomaNet, unfreeze_fraction: float, decay: float) -> dict[int, float]:
+    """Layer-wise LR decay: id(parameter) -> decay ** (units between its unit and the top unit).
+
+    The top backbone unit (and the head, which is not listed) keeps the full LR; each unit below it
+    trains `decay` times slower than the one above, so the generic low-level filters move least.
+    Empty when decay is 1 or the backbone is not made of sequential units (then every LR is equal).
+    """
+    if decay == 1:
+        return {}
+    parts = split_backbone(model.backbone, unfreeze_fraction)
+    if parts is None:
+        return {}
+    top_units = list(parts[1])
+    return {id(p): decay ** (len(top_units) - 1 - i) for i, unit in enumerate(top_units) for p in unit.parameters()}
+
+
 def train_mode(model: MelanomaNet, frozen: nn.Module | None) -> None:
     """model.train(), but modules without trainable parameters stay in eval mode."""
     model.train()

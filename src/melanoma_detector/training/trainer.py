@@ -33,6 +33,7 @@ from melanoma_detector.models.factory import (
     check_backbone_name,
     create_model,
     default_preprocessing,
+    layer_lr_scales,
     serving_state,
     set_trainable_top,
     split_backbone,
@@ -103,12 +104,22 @@ class PlateauMonitor:
         self.best, self.bad_epochs, self.lr_bad_epochs = state["best"], state["bad_epochs"], state["lr_bad_epochs"]
 
 
-def _adam(modules_l2: list[nn.Parameter], params: list[nn.Parameter], *, lr: float, l2: float):
+def _adam(modules_l2: list[nn.Parameter], params: list[nn.Parameter], *, lr: float, l2: float,
+          lr_scales: dict[int, float] | None = None):
+    """Adam over `params`: Keras' L2 on `modules_l2`, and `lr * lr_scales[id(p)]` where given.
+
+    The unscaled L2 group comes first, so `param_groups[0]` always carries the phase's base LR.
+    """
     l2_ids = {id(p) for p in modules_l2}
-    decay = [p for p in params if id(p) in l2_ids and p.requires_grad]
-    rest = [p for p in params if id(p) not in l2_ids and p.requires_grad]
-    # Adam's coupled weight_decay adds wd * w to the gradient: Keras' l2(l2) penalty => wd = 2 * l2.
-    groups = [{"params": decay, "weight_decay": 2 * l2}, {"params": rest, "weight_decay": 0.0}]
+    lr_scales = lr_scales or {}
+    buckets: dict[tuple[float, float], list[nn.Parameter]] = {(2 * l2, 1.0): [], (0.0, 1.0): []}
+    for p in params:
+        if p.requires_grad:
+            # Adam's coupled weight_decay adds wd * w to the gradient: Keras' l2(l2) penalty => wd = 2 * l2.
+            key = (2 * l2 if id(p) in l2_ids else 0.0, lr_scales.get(id(p), 1.0))
+            buckets.setdefault(key, []).append(p)
+    groups = [{"params": ps, "weight_decay": wd, "lr": lr * scale, "lr_scale": scale}
+              for (wd, scale), ps in buckets.items() if ps or scale == 1.0]
     try:
         # The fused kernel does Adam's few element-wise passes in one: on a CPU the per-tensor
         # loop of the default implementation costs more than the head's forward and backward.
@@ -482,7 +493,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             lr_patience=tc.reduce_lr_patience if tc.lr_schedule == "plateau" else None,
             factor=tc.reduce_lr_factor, min_lr=tc.min_lr,
         )
-        base_lr = optimizer.param_groups[0]["lr"]
+        base_lr = optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
         first = 1
         if previous is not None and previous["stage"] == phase:
             # Also when the stage had started but no epoch of it ended (killed right after the
@@ -505,7 +516,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         for epoch in range(first, epochs + 1):
             if tc.lr_schedule == "cosine":
                 for g in optimizer.param_groups:
-                    g["lr"] = cosine_lr(epoch, epochs, base_lr=base_lr, min_lr=tc.min_lr)
+                    g["lr"] = cosine_lr(epoch, epochs, base_lr=base_lr, min_lr=tc.min_lr) * g.get("lr_scale", 1.0)
             set_epoch(train_loader, phase_offset + epoch)
             t0 = time.perf_counter()
             tr = train_one_epoch(
@@ -590,7 +601,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
     if tc.epochs_finetune > 0 and not run.stage_done("phase2"):
         frozen = set_trainable_top(model, tc.unfreeze_fraction)
         trainable = [p for p in model.parameters() if p.requires_grad]
-        opt = _adam(model.head.l2_parameters(), trainable, lr=tc.lr_finetune, l2=tc.l2)
+        opt = _adam(model.head.l2_parameters(), trainable, lr=tc.lr_finetune, l2=tc.l2,
+                    lr_scales=layer_lr_scales(model, tc.unfreeze_fraction, tc.layer_decay))
         parts = split_backbone(model.backbone, tc.unfreeze_fraction)
         if mode == "cached" and parts is None:
             log.warning("cached phase 2 needs a backbone made of sequential blocks; %s is not: using plain", mc.backbone)
