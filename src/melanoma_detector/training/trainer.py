@@ -604,6 +604,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         opt = _adam(model.head.l2_parameters(), trainable, lr=tc.lr_finetune, l2=tc.l2,
                     lr_scales=layer_lr_scales(model, tc.unfreeze_fraction, tc.layer_decay))
         parts = split_backbone(model.backbone, tc.unfreeze_fraction)
+        if tc.layer_decay != 1 and parts is None:
+            log.warning("--layer-decay needs a backbone made of sequential blocks; %s is not: one LR for all", mc.backbone)
         if mode == "cached" and parts is None:
             log.warning("cached phase 2 needs a backbone made of sequential blocks; %s is not: using plain", mc.backbone)
             mode = "plain"
