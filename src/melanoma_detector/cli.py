@@ -421,6 +421,28 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _add_card(sub) -> None:
+    p = sub.add_parser("card", help="re-render a bundle's MODEL_CARD.md, optionally recording an external evaluation",
+                       description="Re-render MODEL_CARD.md from the bundle's metadata.json. With --external-eval, "
+                                   "first record the figures of `melanoma evaluate` runs on collections the evaluated "
+                                   "model never trained on (the graph is not touched).")
+    p.add_argument("bundle", metavar="BUNDLE", help="bundle folder written by `melanoma export`")
+    p.add_argument("--external-eval", nargs="+", default=[], metavar="EVAL_DIR",
+                   help="output folder(s) of `melanoma evaluate --out`")
+    p.add_argument("--note", help="how the evaluated model relates to this bundle; required when it is not the "
+                                  "bundle itself (e.g. 'the same recipe trained on HAM10000 alone')")
+    p.set_defaults(func=cmd_card)
+
+
+def cmd_card(args) -> int:
+    from melanoma_detector.export.external import record_external
+
+    meta = record_external(args.bundle, args.external_eval, note=args.note)
+    n = len(meta.get("external_validation") or [])
+    print(f"{Path(args.bundle) / 'MODEL_CARD.md'} written; {n} external evaluation(s) recorded")
+    return 0
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="web app: Gradio page + REST API (/api/v1/predict), loopback by default")
     p.add_argument("--host", default="127.0.0.1",
@@ -503,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_predict(sub)
     _add_data(sub)
     _add_export(sub)
+    _add_card(sub)
     _add_serve(sub)
     return parser
 

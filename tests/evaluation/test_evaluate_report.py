@@ -363,6 +363,37 @@ def test_cli_bundle_vs_checkpoint_on_two_sets(tiny_models, datasets, tmp_path, c
     assert meta["model_version"] in " ".join(page.text)
 
 
+def test_cli_card_records_an_external_evaluation_of_the_bundle(tiny_models, datasets, tmp_path, capsys):
+    import shutil
+
+    root, _, bundle = tiny_models
+    ham, _ = datasets
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    seen, unseen = tmp_path / "ev-seen", tmp_path / "ev-unseen"
+    for data, out in ((root, seen), (ham, unseen)):
+        assert main(["evaluate", "--model", str(copy), "--data", str(data), "--out", str(out),
+                     "--resamples", "20", "--no-progress"]) == 0
+    assert json.loads((unseen / "metrics.json").read_text())["model"]["trained_on"] == [str(root)]
+    capsys.readouterr()
+    # the training folder's own test images are not external, even though the model never trained on them
+    assert main(["card", str(copy), "--external-eval", str(seen)]) == 2
+    _one_line_error(capsys, "part of the data", "never saw")
+    assert main(["card", str(copy), "--external-eval", str(unseen)]) == 0
+    meta = json.loads((copy / "metadata.json").read_text())
+    (entry,) = meta["external_validation"]
+    assert entry["same_model"] and entry["unseen_verified"] and entry["note"] is None
+    assert entry["metrics"]["roc_auc"]["value"] == json.loads((unseen / "metrics.json").read_text())["sets"][0][
+        "metrics"]["roc_auc"]["value"]
+    card = (copy / "MODEL_CARD.md").read_text()
+    row = next(line for line in card.splitlines() if line.startswith("| evaldata") or "/ham |" in line)
+    assert "this bundle" in row and f"{entry['metrics']['roc_auc']['value']:.3f}" in row
+    # the graph is untouched, so the bundle still loads and verifies
+    from melanoma_detector.inference.bundle import load_bundle
+
+    assert load_bundle(copy).metadata["graph"]["sha256"] == meta["graph"]["sha256"]
+
+
 def test_cli_split_val_scores_the_runs_val_split_and_says_so(tiny_models, tmp_path):
     root, run, bundle = tiny_models
     out = tmp_path / "ev"

@@ -170,15 +170,28 @@ def model_info(predictor, source: str | Path | None = None, *, tta: bool = False
         info.update(kind="model bundle (ONNX, torch-free)", version=meta.get("model_version"),
                     backbone=meta.get("backbone"), created=meta.get("created"),
                     software=meta.get("software"),
-                    sha256=(meta.get("graph") or {}).get("sha256"))
+                    sha256=(meta.get("graph") or {}).get("sha256"),
+                    trained_on=_trained_on(meta.get("training") or {}))
         if info["path"] is None and getattr(bundle, "root", None) is not None:
             info["path"] = str(bundle.root)
     elif ckpt is not None:
         best = ckpt.get("best") or {}
         info.update(kind="torch checkpoint", backbone=ckpt.get("backbone"),
                     version=f"checkpoint (melanoma-detector {ckpt.get('package_version', '?')})",
-                    best_val_auc=best.get("val_auc"))
+                    best_val_auc=best.get("val_auc"), trained_on=_trained_on(ckpt))
     return info
+
+
+def _trained_on(training: dict[str, Any]) -> list[str]:
+    """The data folders a checkpoint or bundle trained on (every member's, for an ensemble), so that a
+    later reader can tell whether an evaluation was on unseen images."""
+    configs = [m.get("config") or {} for m in training.get("members") or []] or [training.get("config") or {}]
+    paths: list[str] = []
+    for cfg in configs:
+        for p in (cfg.get("data") or {}).get("paths") or []:
+            if str(p) not in paths:
+                paths.append(str(p))
+    return paths
 
 
 # ------------------------------------------------------------------------------ scoring

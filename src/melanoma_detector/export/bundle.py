@@ -219,7 +219,7 @@ def export_bundle(
             **({"members": [{"checkpoint": str(path), "backbone": c["backbone"], "best": c.get("best"),
                              "config": c["config"]} for path, (_, c) in zip(paths, loaded)]}
                if len(loaded) > 1 else {}),
-            "data": DATA_CREDITS if _looks_like_shared(ckpt) else [{"name": ", ".join(ckpt["config"]["data"]["paths"])}],
+            "data": _data_credits(ckpt["config"]["data"]["paths"]),
         },
         "licence": "Model weights trained on HAM10000: CC BY-NC-SA 4.0 (non-commercial use only)"
         if _looks_like_shared(ckpt) else "see the training data's licence",
@@ -276,6 +276,16 @@ def export_bundle(
 
     write_model_card(out, meta)
     return meta
+
+
+def _data_credits(paths: list[str]) -> list[dict[str, str]]:
+    """Credit exactly the known collections a run trained on (a HAM10000-only run must not claim ISIC 2017)."""
+    keys = {"HAM10000": "ham10000", "ISIC 2017 (Task 3 train + val)": "isic2017"}
+    lowered = [str(p).lower() for p in paths]
+    credits = [c for c in DATA_CREDITS if any(keys[c["name"]] in p for p in lowered)]
+    known = tuple(keys.values())
+    others = [str(p) for p in paths if not any(k in str(p).lower() for k in known)]
+    return credits + ([{"name": ", ".join(others)}] if others else [])
 
 
 def _looks_like_shared(ckpt: dict[str, Any]) -> bool:

@@ -23,7 +23,7 @@ ROWS = [
 def _cell(m: dict[str, Any] | None) -> str:
     if not m or m.get("value") is None:
         return "n/a"
-    lo, hi = m.get("ci95", [None, None])
+    lo, hi = (m.get("ci95") or [None, None])[:2]
     ci = f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else ""
     return f"{m['value']:.3f}{ci}"
 
@@ -38,6 +38,45 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     for label, key in ROWS:
         lines.append(f"| {label} | " + " | ".join(_cell(metrics[s].get(key)) for s in sets) + " |")
     return "\n".join(lines) + "\n"
+
+
+def external_table(meta: dict[str, Any]) -> str:
+    """The model card's external-validation section body."""
+    entries = meta.get("external_validation") or []
+    if not entries:
+        return ("_None recorded: every figure above comes from the collections the model trained on. Record one with "
+                "`melanoma card BUNDLE --external-eval EVAL_DIR` after `melanoma evaluate` on images it never saw._\n")
+    lines = [("| Data (never seen by the evaluated model) | Images (melanoma) | Model evaluated | ROC AUC | "
+             "Sensitivity / specificity @ its screening threshold | Specificity @ 95% sensitivity | ECE |"),
+             "|---|---|---|---|---|---|---|"]
+    notes: list[str] = []  # one footnote per distinct proxy (model and note), however many sets it scored
+    for e in entries:
+        m = e["metrics"]
+        if e["same_model"]:
+            who = "this bundle"
+        else:
+            em = e["evaluated_model"]
+            own = f", its own validation AUC {em['best_val_auc']:.3f}" if em.get("best_val_auc") is not None else ""
+            note = f"{e['note']} (evaluated: `{em.get('path')}`{own})"
+            if note not in notes:
+                notes.append(note)
+            who = f"proxy [{notes.index(note) + 1}]: `{e['evaluated_model'].get('backbone')}` trained on " + (
+                ", ".join("/".join(Path(p).parts[-2:]) for p in e["trained_on"]) if e.get("trained_on") else "(not recorded)")
+        where = "/".join(Path(e["data"]).parts[-2:]) + (f" ({e['split']} split)" if e.get("split") else "")
+        lines.append(f"| {where} | {e['n']} ({e['n_malignant']}) | {who}{' + TTA' if e.get('tta') else ''} | "
+                     f"{_cell(m.get('roc_auc'))} | {_value(m.get('sensitivity@screening'))} / "
+                     f"{_value(m.get('specificity@screening'))} | {_value(m.get('specificity_at_95_sensitivity'))} | "
+                     f"{_value(m.get('ece'))} |")
+    text = "\n".join(lines) + "\n"
+    if notes:
+        text += ("\nProxy rows score another model than this bundle, on data this bundle may have trained on; they "
+                 "estimate how the recipe carries to a new collection:\n"
+                 + "\n".join(f"- [{i}] {n}" for i, n in enumerate(notes, 1)) + "\n")
+    return text
+
+
+def _value(m: dict[str, Any] | None) -> str:
+    return "n/a" if not m or m.get("value") is None else f"{m['value']:.3f}"
 
 
 def write_model_card(out_dir: str | Path, meta: dict[str, Any]) -> Path:
@@ -92,6 +131,8 @@ model inherits the non-commercial terms of HAM10000.
 
 ## Metrics (95% bootstrap CIs, 1000 resamples by lesion group)
 {metrics_table(meta.get('metrics', {}))}
+## External validation
+{external_table(meta)}
 ## Input gate
 Refused as `cannot_assess` with a reason: files that do not decode, images under {gate.get('min_side', 64)} px on a
 side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and images whose pooled features are far from the validation distribution (' + ood['method'] + '; threshold ' + f"{ood['threshold']:.2f}" + ', ' + ood['threshold_rule'] + ')' if ood else ' (no out-of-distribution statistics in this bundle)'}.{f' On the test split it refuses {refused:.1%} of dermoscopic images.' if refused is not None else ''}
@@ -102,9 +143,7 @@ side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and i
   never seen full-resolution dermoscopy, and fine structures may be under-used.
 - Skin types V-VI are under-represented in both data sets; performance on darker skin is unknown.
 - Validation and test come from the same collections as training; expect lower performance on other
-  dermatoscopes, clinics and populations. Measured for the project's default recipe trained on HAM10000 alone
-  and scored on 2,000 ISIC 2017 images it never saw: AUC 0.74 against 0.87 on HAM10000's own test split,
-  sensitivity at the screening threshold 0.82 against 0.93, ECE 0.09 (`docs/model-development.md`).
+  dermatoscopes, clinics and populations ({_external_summary(meta)}).
   Calibration and thresholds drift with the source and with prevalence: check them on labelled images from
   your own source before relying on them.
 - Melanoma vs. everything else: basal cell carcinoma and other malignancies count as "benign" here.
@@ -112,6 +151,20 @@ side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and i
     path = Path(out_dir) / "MODEL_CARD.md"
     path.write_text(text)
     return path
+
+
+def _external_summary(meta: dict[str, Any]) -> str:
+    entries = [e for e in meta.get("external_validation") or [] if (e["metrics"].get("roc_auc") or {}).get("value")]
+    if not entries:
+        return "no external validation is recorded in this bundle"
+    parts = []
+    for own, who in ((True, "this bundle"), (False, "proxy models")):
+        aucs = [e["metrics"]["roc_auc"]["value"] for e in entries if bool(e["same_model"]) == own]
+        if aucs:
+            lo, hi = f"{min(aucs):.2f}", f"{max(aucs):.2f}"
+            span = lo if lo == hi else f"{lo}-{hi}"
+            parts.append(f"AUC {span} for {who}")
+    return "see External validation: " + "; ".join(parts) + " on collections they never saw"
 
 
 def _recipe(cfg: dict, best: dict | None, *, indent: str) -> str:

@@ -1,0 +1,128 @@
+"""External validation recorded in a bundle: figures from `melanoma evaluate` on images the evaluated model
+never trained on.
+
+Every figure a bundle gets at export time comes from the collections it trained on. A reader judging the
+model for another clinic needs the out-of-source figures too, and needs them for *this* bundle, so they live
+in its metadata.json (read back by the model card), not in a template. When the bundle itself was evaluated
+the entry says so; otherwise it is a proxy (for example the same recipe trained without the test collection)
+and must carry a note saying how that model relates to the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from melanoma_detector.errors import UserError
+
+METRIC_KEYS = ("roc_auc", "average_precision", "sensitivity@screening", "specificity@screening",
+               "specificity_at_95_sensitivity", "ece")
+
+
+def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any],
+                             note: str | None = None) -> list[dict[str, Any]]:
+    """One entry per data set scored in an evaluate run folder (its metrics.json)."""
+    path = Path(eval_dir) / "metrics.json"
+    try:
+        report = json.loads(path.read_text())
+        model, sets = report["model"], report["sets"]
+    except FileNotFoundError:
+        raise UserError(f"--external-eval {eval_dir}: no metrics.json; accepted: an output folder of "
+                        "`melanoma evaluate --out DIR`") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"--external-eval {eval_dir}: metrics.json is not a `melanoma evaluate` report "
+                        "(needs its 'model' and 'sets' entries)") from None
+    sha = (bundle_meta.get("graph") or {}).get("sha256")
+    same = bool(sha) and model.get("sha256") == sha
+    if not same and not (note or "").strip():
+        raise UserError(f"--external-eval {eval_dir}: it scored {model.get('path')!r}, not this bundle "
+                        f"(graph sha256 {str(sha)[:12]}); a proxy evaluation needs --note saying how that model "
+                        "relates to this bundle, e.g. 'the same recipe trained on HAM10000 alone'")
+    trained_on = model.get("trained_on")
+    if trained_on is None:
+        trained_on = _run_data_paths(model.get("path"))
+    entries = []
+    for s in sets:
+        data = str(s.get("data", ""))
+        if trained_on is None:
+            unseen = None  # reports written before models recorded their training data
+        else:
+            unseen = not _overlaps(data, trained_on)
+            if not unseen:
+                raise UserError(f"--external-eval {eval_dir}: set {s.get('name')!r} ({data}) is part of the data "
+                                f"the evaluated model trained on ({', '.join(trained_on)}); accepted: images that "
+                                "model never saw")
+        entries.append({
+            "data": data,
+            "split": s.get("split"),
+            "n": int(s["n"]),
+            "n_malignant": int(s["n_malignant"]),
+            "metrics": {k: s["metrics"][k] for k in METRIC_KEYS if k in (s.get("metrics") or {})},
+            "thresholds": s.get("thresholds"),
+            "evaluated_model": {k: model.get(k) for k in ("path", "kind", "version", "backbone", "sha256", "best_val_auc")},
+            "trained_on": trained_on,
+            "same_model": same,
+            "unseen_verified": unseen,
+            "note": (note or "").strip() or None,
+            "evaluated": report.get("created"),
+            "tta": bool(model.get("tta")),
+        })
+    if not entries:
+        raise UserError(f"--external-eval {eval_dir}: the report scored no data set")
+    return entries
+
+
+def _run_data_paths(model_path: str | None) -> list[str] | None:
+    """Reports written before evaluate recorded `trained_on`: read it from the run folder's config.yaml."""
+    if not model_path:
+        return None
+    path = Path(model_path)
+    cfg = path / "config.yaml" if path.is_dir() else path.parent / "config.yaml"
+    if not cfg.is_file():
+        return None
+    import yaml
+
+    try:
+        paths = ((yaml.safe_load(cfg.read_text()) or {}).get("data") or {}).get("paths")
+    except yaml.YAMLError:
+        return None
+    return [str(p) for p in paths] if isinstance(paths, list) else None
+
+
+def _overlaps(data: str, trained_on: list[str]) -> bool:
+    """Whether an evaluated folder lies inside (or contains) a training folder. A held-out split of a
+    training collection overlaps too: external means a collection the model never drew from."""
+    d = Path(data).resolve()
+    for t in trained_on:
+        t = Path(t).resolve()
+        if d == t or t in d.parents or d in t.parents:
+            return True
+    return False
+
+
+def add_external(meta: dict[str, Any], entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Record entries in a bundle's metadata, replacing an earlier entry for the same model and data."""
+    def key(e):
+        return (e["data"], e.get("split"), e["evaluated_model"].get("path"), e["evaluated_model"].get("sha256"))
+
+    new = {key(e) for e in entries}
+    kept = [e for e in meta.get("external_validation") or [] if key(e) not in new]
+    meta["external_validation"] = kept + entries
+    return meta
+
+
+def record_external(bundle_dir: str | Path, eval_dirs: list[str | Path], *, note: str | None = None) -> dict[str, Any]:
+    """Add evaluate runs to a bundle's metadata.json and re-render its MODEL_CARD.md. The graph is untouched
+    (its sha256 is checked first), so a bundle can gain external figures long after its export."""
+    from melanoma_detector.export.bundle import _write_metadata
+    from melanoma_detector.export.model_card import write_model_card
+    from melanoma_detector.inference.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    meta = dict(bundle.metadata)
+    for d in eval_dirs:
+        add_external(meta, read_external_evaluation(d, bundle_meta=meta, note=note))
+    _write_metadata(bundle.root, meta)
+    write_model_card(bundle.root, meta)
+    return meta

@@ -1,0 +1,106 @@
+"""External validation entries: read from evaluate reports, refused when they are not external, rendered in
+the model card."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from melanoma_detector.cli import main
+from melanoma_detector.errors import UserError
+from melanoma_detector.export.external import add_external, read_external_evaluation
+from melanoma_detector.export.model_card import write_model_card
+
+REPO = Path(__file__).resolve().parents[2]
+SHA = "ab" * 32
+
+
+def _metric(v, lo, hi):
+    return {"value": v, "ci95": [lo, hi], "n_valid": 100}
+
+
+def _report(tmp_path, name, *, data, trained_on, sha="other", path="runs/proxy", auc=0.74):
+    out = tmp_path / name
+    out.mkdir()
+    model = {"path": path, "kind": "torch checkpoint", "version": "checkpoint", "backbone": "tf_efficientnet_lite0",
+             "sha256": sha, "tta": False, "best_val_auc": 0.88}
+    if trained_on is not None:
+        model["trained_on"] = trained_on
+    sets = [{"name": Path(d).name, "data": d, "split": None, "n": 200, "n_malignant": 40,
+             "thresholds": {"screening": 0.05, "high_specificity": 0.3},
+             "metrics": {"roc_auc": _metric(auc, auc - 0.03, auc + 0.03), "ece": _metric(0.08, 0.06, 0.1),
+                         "sensitivity@screening": _metric(0.82, 0.7, 0.9),
+                         "specificity@screening": _metric(0.48, 0.4, 0.55)}} for d in data]
+    (out / "metrics.json").write_text(json.dumps({"created": "2026-11-30", "model": model, "sets": sets}))
+    return out
+
+
+@pytest.fixture
+def meta():
+    meta = json.loads((REPO / "models" / "default" / "metadata.json").read_text())
+    meta["graph"]["sha256"] = SHA
+    meta.pop("external_validation", None)
+    return meta
+
+
+def test_proxy_needs_a_note_and_is_footnoted(tmp_path, meta):
+    rep = _report(tmp_path, "ev", data=["/d/isic2017/train", "/d/isic2017/val"], trained_on=["/d/ham10000"])
+    with pytest.raises(UserError, match="--note"):
+        read_external_evaluation(rep, bundle_meta=meta)
+    entries = read_external_evaluation(rep, bundle_meta=meta, note="same recipe, HAM10000 alone")
+    assert [e["data"] for e in entries] == ["/d/isic2017/train", "/d/isic2017/val"]
+    assert not any(e["same_model"] for e in entries) and all(e["unseen_verified"] for e in entries)
+    add_external(meta, entries)
+    card = write_model_card(tmp_path, meta).read_text()
+    section = card[card.index("## External validation"):card.index("## Input gate")]
+    assert section.count("proxy [1]") == 2 and "[2]" not in section  # one footnote for one model
+    assert "0.740 (0.710-0.770)" in section and "0.820 / 0.480" in section
+    assert "- [1] same recipe, HAM10000 alone (evaluated: `runs/proxy`, its own validation AUC 0.880)" in section
+    assert "AUC 0.74 for proxy models" in card
+
+
+def test_bundle_itself_needs_no_note_and_rerecording_replaces(tmp_path, meta):
+    rep = _report(tmp_path, "ev", data=["/d/other"], trained_on=["/d/ham10000"], sha=SHA, auc=0.8)
+    add_external(meta, read_external_evaluation(rep, bundle_meta=meta))
+    rep2 = _report(tmp_path, "ev2", data=["/d/other"], trained_on=["/d/ham10000"], sha=SHA, auc=0.81)
+    add_external(meta, read_external_evaluation(rep2, bundle_meta=meta))
+    (entry,) = meta["external_validation"]
+    assert entry["same_model"] and entry["metrics"]["roc_auc"]["value"] == 0.81
+    card = write_model_card(tmp_path, meta).read_text()
+    assert "| d/other | 200 (40) | this bundle |" in card and "AUC 0.81 for this bundle" in card
+
+
+@pytest.mark.parametrize("data", ["/d/ham10000", "/d/ham10000/test", "/d"])
+def test_data_the_model_trained_on_is_refused(tmp_path, meta, data):
+    rep = _report(tmp_path, "ev", data=[data], trained_on=["/d/ham10000"], sha=SHA)
+    with pytest.raises(UserError, match="part of the data"):
+        read_external_evaluation(rep, bundle_meta=meta)
+
+
+def test_old_reports_read_training_data_from_the_run_config(tmp_path, meta):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("data:\n  paths: [/d/ham10000]\n")
+    rep = _report(tmp_path, "ev", data=["/d/ham10000/x"], trained_on=None, path=str(run))
+    with pytest.raises(UserError, match="part of the data"):
+        read_external_evaluation(rep, bundle_meta=meta, note="n")
+    rep = _report(tmp_path, "ev2", data=["/d/isic"], trained_on=None, path=str(tmp_path / "gone"))
+    (entry,) = read_external_evaluation(rep, bundle_meta=meta, note="n")
+    assert entry["unseen_verified"] is None and entry["trained_on"] is None
+
+
+def test_card_without_external_says_so(tmp_path, meta):
+    card = write_model_card(tmp_path, meta).read_text()
+    assert "_None recorded" in card and "no external validation is recorded" in card
+
+
+def test_cli_card_errors_are_one_line(tmp_path, capsys):
+    assert main(["card", str(tmp_path / "nobundle")]) == 2
+    assert "no model bundle" in capsys.readouterr().err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "metrics.json").write_text("{}")
+    assert main(["card", str(REPO / "models" / "default"), "--external-eval", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "not a `melanoma evaluate` report" in err and "\n" not in err
+    assert main(["card", str(REPO / "models" / "default"), "--external-eval", str(tmp_path / "none")]) == 2
+    assert "no metrics.json" in capsys.readouterr().err
