@@ -172,7 +172,9 @@ def test_gradcam_matches_autograd(tiny_bundle):
 def test_data_credits_name_only_the_collections_trained_on():
     from melanoma_detector.export.bundle import _data_credits
 
-    names = lambda paths: [c["name"] for c in _data_credits(paths)]  # noqa: E731
+    def names(paths):
+        return [c["name"] for c in _data_credits(paths)]
+
     assert names(["../shared/data/ham10000"]) == ["HAM10000"]
     assert names(["/x/isic2017"]) == ["ISIC 2017 (Task 3 train + val)"]
     assert names(["/x/HAM10000", "/x/isic2017", "/mine/clinic"]) == ["HAM10000", "ISIC 2017 (Task 3 train + val)",
