@@ -233,7 +233,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--split-file", help="a run's split.csv: evaluate each --data on its test (else val) split")
     p.add_argument("--split", choices=EVAL_SPLITS,
                    help="score this split of split folders / a split file instead of test (else val); val is where "
-                        "a bundle's calibration and thresholds were fitted, so its figures there are optimistic")
+                        "a bundle's calibration and thresholds were fitted, so its figures there are optimistic; "
+                        "all: every image, e.g. a whole external collection")
     p.add_argument("--out", help="output folder (default: ./evaluation)")
     p.add_argument("--prevalence", type=float, metavar="P",
                    help="also report PPV/NPV re-weighted to this melanoma prevalence (0 < P < 1, e.g. 0.02)")

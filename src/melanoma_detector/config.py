@@ -19,7 +19,7 @@ LR_SCHEDULES = ("plateau", "cosine")
 AUGMENTATIONS = ("standard", "strong", "acquisition")
 MIX_KINDS = ("none", "mixup", "cutmix")
 # The splits `melanoma evaluate --split` scores (here so the CLI can list them without imports).
-EVAL_SPLITS = ("test", "val")
+EVAL_SPLITS = ("test", "val", "all")  # "all": every image, whatever split it is on
 
 # The seed notebook's recipe, kept as the defaults.
 SEED_BACKBONE = "efficientnet_b3"

@@ -22,9 +22,17 @@ def test_split_val_selects_the_val_split(grouped_manifest, tmp_path):
     assert sorted(s.key for s in chosen) == sorted(s.key for s in samples if s.split == "val")
 
 
+def test_split_all_scores_every_image_whatever_its_split(grouped_manifest, tmp_path):
+    samples = assign_splits(discover_all([str(grouped_manifest)]), val_fraction=0.2, test_fraction=0.2, seed=1)
+    save_split(samples, tmp_path / "split.csv")
+    chosen = evaluation_samples(grouped_manifest, split_file=tmp_path / "split.csv", split="all")
+    assert sorted(s.key for s in chosen) == sorted(s.key for s in samples)
+    assert {s.split for s in chosen} == {"train", "val", "test"}
+
+
 def test_a_split_that_is_not_there_is_a_one_line_error(grouped_manifest, tmp_path):
     with pytest.raises(DataError, match=r"no val split to evaluate on \(splits present: none"):
         evaluation_samples(grouped_manifest, split="val")  # plain class folders: no splits at all
-    with pytest.raises(DataError, match=r"split 'train'; accepted: test, val"):
+    with pytest.raises(DataError, match=r"split 'train'; accepted: test, val, all"):
         evaluation_samples(grouped_manifest, split="train")
 

@@ -51,7 +51,7 @@ def evaluation_samples(path: str | Path, *, split_file: str | Path | None = None
     """A folder of class subfolders, a root whose test/ holds them, or a manifest.
 
     With split folders, a split column or a `split_file` (a training run's split.csv, matched by
-    key), the test split is used (val when there is no test), or `split` when given.
+    key), the test split is used (val when there is no test), or `split` when given ("all": every image).
     """
     if split is not None and split not in EVAL_SPLITS:
         raise DataError(f"split {split!r}; accepted: {', '.join(EVAL_SPLITS)}")
@@ -61,11 +61,13 @@ def evaluation_samples(path: str | Path, *, split_file: str | Path | None = None
 
         apply_split_file(src.samples, split_file)
     splits = {s.split for s in src.samples}
-    if split is not None and split not in splits:
+    if split == "all":  # a collection scored whole, e.g. an external one that ships its own splits
+        chosen = src.samples
+    elif split is not None and split not in splits:
         present = ", ".join(sorted(x for x in splits if x)) or "none (plain class folders)"
         raise DataError(f"{path}: no {split} split to evaluate on (splits present: {present}); "
                         "give split folders, a split column or a run's --split-file")
-    if splits == {None}:
+    elif splits == {None}:
         chosen = src.samples
     else:
         name = split or ("test" if "test" in splits else "val" if "val" in splits else None)

@@ -62,7 +62,7 @@ def external_table(meta: dict[str, Any]) -> str:
                 notes.append(note)
             who = f"proxy [{notes.index(note) + 1}]: `{e['evaluated_model'].get('backbone')}` trained on " + (
                 ", ".join("/".join(Path(p).parts[-2:]) for p in e["trained_on"]) if e.get("trained_on") else "(not recorded)")
-        where = "/".join(Path(e["data"]).parts[-2:]) + (f" ({e['split']} split)" if e.get("split") else "")
+        where = "/".join(Path(e["data"]).parts[-2:]) + (f" ({e['split']} split)" if e.get("split") not in (None, "all") else "")
         lines.append(f"| {where} | {e['n']} ({e['n_malignant']}) | {who}{' + TTA' if e.get('tta') else ''} | "
                      f"{_cell(m.get('roc_auc'))} | {_value(m.get('sensitivity@screening'))} / "
                      f"{_value(m.get('specificity@screening'))} | {_value(m.get('specificity_at_95_sensitivity'))} | "
