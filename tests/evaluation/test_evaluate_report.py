@@ -298,11 +298,35 @@ def test_subgroups_listed_and_small_ones_flagged(report):
     assert dx["mel"]["roc_auc"] is None and dx["mel"]["sensitivity"]["value"] is not None
     assert dx["mel"]["specificity"] is None
     assert dx["nv"]["specificity"]["value"] is not None and dx["nv"]["sensitivity"] is None
+    assert "roc_auc_vs_malignant" not in dx["mel"] and dx["nv"]["roc_auc_vs_malignant"]["value"] is not None
     sex = {r["value"]: r for r in sub["sex"]}
     assert sex["male"]["roc_auc"]["ci95"][0] is not None
     page = (out / "report.html").read_text()
     assert "⚠ n&lt;30" in page and "class='small'" in page
     assert "No subgroup metadata" in page  # the kaggle set
+
+
+def test_benign_diagnoses_get_their_auc_against_every_melanoma():
+    from sklearn.metrics import roc_auc_score
+
+    from melanoma_detector.evaluation.subgroups import subgroup_metrics
+
+    rng = np.random.default_rng(0)
+    dx = np.array(["mel"] * 40 + ["nv"] * 120 + ["sk"] * 40, dtype=object)
+    y = (dx == "mel").astype(int)
+    # nevi are easy to tell from melanoma, keratoses hard: the per-diagnosis AUCs must show it
+    p = np.where(dx == "mel", rng.uniform(0.4, 1.0, 200), np.where(dx == "nv", rng.uniform(0.0, 0.5, 200),
+                                                                    rng.uniform(0.3, 1.0, 200)))
+    rows = {r["value"]: r for r in subgroup_metrics(y, p, {"dx": list(dx)}, threshold=0.5, n_resamples=50)["dx"]}
+    for d in ("nv", "sk"):
+        keep = (dx == "mel") | (dx == d)
+        auc = rows[d]["roc_auc_vs_malignant"]
+        assert auc["value"] == pytest.approx(roc_auc_score(y[keep], p[keep]))
+        assert auc["ci95"][0] <= auc["value"] <= auc["ci95"][1]
+    assert rows["nv"]["roc_auc_vs_malignant"]["value"] > 0.9 > 0.7 > rows["sk"]["roc_auc_vs_malignant"]["value"]
+    assert "roc_auc_vs_malignant" not in rows["mel"]
+    other = subgroup_metrics(y, p, {"sex": list(dx)}, threshold=0.5, n_resamples=20)["sex"]
+    assert all("roc_auc_vs_malignant" not in r for r in other)  # diagnoses only
 
 
 def test_single_set_keeps_plots_in_out_folder(datasets, tmp_path):

@@ -149,14 +149,17 @@ def _subgroup_html(subgroups: Mapping[str, Sequence[Mapping[str, Any]]], small: 
              f"cases are <span class='flag'>flagged</span>, not hidden: their intervals are wide. "
              f"For <code>dx</code>, most diagnoses are one class (mel is all malignant, nv all "
              f"benign), so the table gives sensitivity for malignant diagnoses and specificity for "
-             f"benign ones.</p>"]
+             f"benign ones, with the AUC of every melanoma in the set against that diagnosis "
+             f"(melanoma vs. nevus, vs. keratosis, ...).</p>"]
     for attr, rows in subgroups.items():
         parts.append(f"<h4>{_e(attr)}</h4>")
         body, classes = [], []
         for r in rows:
             flag = f"⚠ n<{small}" if r["small"] else ""
             body.append([r["value"], r["n"], r["n_malignant"], r["n_benign"], r["n_cannot_assess"],
-                         _ci(r["roc_auc"]), _ci(r["sensitivity"]), _ci(r["specificity"]),
+                         _ci(r["roc_auc"]) if r.get("roc_auc_vs_malignant") is None
+                         else _ci(r["roc_auc_vs_malignant"]) + " vs all melanomas",
+                         _ci(r["sensitivity"]), _ci(r["specificity"]),
                          " ".join(x for x in (flag, r.get("note", "")) if x)])
             classes.append("small" if r["small"] else "")
         parts.append(_table([attr, "n", "malignant", "benign", "cannot assess", "AUC [95% CI]",

@@ -103,7 +103,8 @@ def subgroup_metrics(
     """Per attribute, one row per value: ``value``, ``n`` (assessed cases), ``n_malignant``,
     ``n_benign``, ``n_cannot_assess``, ``roc_auc``, ``sensitivity``, ``specificity`` (each
     ``{"value", "ci95"}`` or ``None`` where the group lacks the class it needs), ``small``
-    (fewer than :data:`SMALL_GROUP` assessed cases) and ``note``.
+    (fewer than :data:`SMALL_GROUP` assessed cases) and ``note``; benign-only diagnoses (``dx``)
+    also get ``roc_auc_vs_malignant``: every malignant case of the set against that diagnosis.
 
     ``values`` holds one value per assessed sample (aligned with ``y``/``p``);
     ``refused_values`` one per image the input gate refused, for their counts.
@@ -136,6 +137,15 @@ def subgroup_metrics(
                     row["sensitivity"] = _pick(ci["sensitivity@screening"])
                 if n - n_mal:
                     row["specificity"] = _pick(ci["specificity@screening"])
+            if attr == "dx" and n and not n_mal and y.any():
+                # A benign diagnosis has no AUC of its own; "melanoma vs this diagnosis" (every malignant
+                # case in the set against this group) says which look-alikes the model confuses, as in
+                # the ISIC challenges' melanoma-vs-nevus and -vs-keratosis figures.
+                both = mask | (y == 1)
+                ci = metrics_with_ci(y[both], p[both], {"screening": threshold},
+                                     groups=None if groups is None else groups[both],
+                                     n_resamples=n_resamples, seed=seed, calibration=False)
+                row["roc_auc_vs_malignant"] = _pick(ci["roc_auc"])
             notes = []
             if row["small"]:
                 notes.append(f"fewer than {SMALL_GROUP} cases: interpret with caution")
