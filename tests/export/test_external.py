@@ -55,7 +55,7 @@ def test_proxy_needs_a_note_and_is_footnoted(tmp_path, meta):
     section = card[card.index("## External validation"):card.index("## Input gate")]
     assert section.count("proxy [1]") == 2 and "[2]" not in section  # one footnote for one model
     assert "0.740 (0.710-0.770)" in section and "0.820 / 0.480" in section
-    assert "- [1] same recipe, HAM10000 alone (evaluated: `runs/proxy`, its own validation AUC 0.880)" in section
+    assert "- [1] same recipe, HAM10000 alone; evaluated: `runs/proxy`, its own validation AUC 0.880" in section
     assert "AUC 0.74 for proxy models" in card
 
 
@@ -104,3 +104,10 @@ def test_cli_card_errors_are_one_line(tmp_path, capsys):
     assert "not a `melanoma evaluate` report" in err and "\n" not in err
     assert main(["card", str(REPO / "models" / "default"), "--external-eval", str(tmp_path / "none")]) == 2
     assert "no metrics.json" in capsys.readouterr().err
+
+
+def test_shipped_model_card_is_rendered_from_its_metadata(tmp_path):
+    """The shipped card is `melanoma card models/default` output, never edited by hand."""
+    shipped = REPO / "models" / "default"
+    meta = json.loads((shipped / "metadata.json").read_text())
+    assert write_model_card(tmp_path, meta).read_text() == (shipped / "MODEL_CARD.md").read_text()

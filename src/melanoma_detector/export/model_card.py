@@ -57,7 +57,7 @@ def external_table(meta: dict[str, Any]) -> str:
         else:
             em = e["evaluated_model"]
             own = f", its own validation AUC {em['best_val_auc']:.3f}" if em.get("best_val_auc") is not None else ""
-            note = f"{e['note']} (evaluated: `{em.get('path')}`{own})"
+            note = f"{e['note']}; evaluated: `{em.get('path')}`{own}"
             if note not in notes:
                 notes.append(note)
             who = f"proxy [{notes.index(note) + 1}]: `{e['evaluated_model'].get('backbone')}` trained on " + (
