@@ -102,6 +102,9 @@ def test_cli_card_errors_are_one_line(tmp_path, capsys):
     assert main(["card", str(REPO / "models" / "default"), "--external-eval", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err.strip()
     assert "not a `melanoma evaluate` report" in err and "\n" not in err
+    (tmp_path / "bad" / "metrics.json").write_text(json.dumps({"model": {}, "sets": [{"name": "x"}]}))
+    assert main(["card", str(REPO / "models" / "default"), "--external-eval", str(tmp_path / "bad")]) == 2
+    assert "needs n, n_malignant and metrics" in capsys.readouterr().err
     assert main(["card", str(REPO / "models" / "default"), "--external-eval", str(tmp_path / "none")]) == 2
     assert "no metrics.json" in capsys.readouterr().err
 

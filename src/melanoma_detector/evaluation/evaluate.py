@@ -325,6 +325,7 @@ def _evaluate_set(predictor, info, es: EvalSet, set_dir: Path, out: Path, *, sco
     return {
         "name": es.name,
         "data": es.data,
+        "data_resolved": str(Path(es.data).expanduser().resolve()),  # `data` as typed is relative to the cwd of the run
         "split": es.split,
         "output_folder": rel(set_dir) if set_dir != out else ".",
         "n_listed": len(es.samples),

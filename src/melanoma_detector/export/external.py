@@ -33,6 +33,10 @@ def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"--external-eval {eval_dir}: metrics.json is not a `melanoma evaluate` report "
                         "(needs its 'model' and 'sets' entries)") from None
+    if not isinstance(model, dict) or not isinstance(sets, list) or not all(
+            isinstance(s, dict) and {"n", "n_malignant", "metrics"} <= s.keys() for s in sets):
+        raise UserError(f"--external-eval {eval_dir}: metrics.json is not a `melanoma evaluate` report "
+                        "(each of its 'sets' needs n, n_malignant and metrics)")
     sha = (bundle_meta.get("graph") or {}).get("sha256")
     same = bool(sha) and model.get("sha256") == sha
     if not same and not (note or "").strip():
@@ -48,7 +52,7 @@ def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any
         if trained_on is None:
             unseen = None  # reports written before models recorded their training data
         else:
-            unseen = not _overlaps(data, trained_on)
+            unseen = not _overlaps(str(s.get("data_resolved") or data), trained_on)
             if not unseen:
                 raise UserError(f"--external-eval {eval_dir}: set {s.get('name')!r} ({data}) is part of the data "
                                 f"the evaluated model trained on ({', '.join(trained_on)}); accepted: images that "
@@ -93,7 +97,7 @@ def _run_data_paths(model_path: str | None) -> list[str] | None:
 def _overlaps(data: str, trained_on: list[str]) -> bool:
     """Whether an evaluated folder lies inside (or contains) a training folder. A held-out split of a
     training collection overlaps too: external means a collection the model never drew from."""
-    d = Path(data).resolve()
+    d = Path(data).expanduser().resolve()
     for t in trained_on:
         t = Path(t).resolve()
         if d == t or t in d.parents or d in t.parents:
