@@ -444,6 +444,58 @@ def cmd_card(args) -> int:
     return 0
 
 
+def _holdout_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _add_recalibrate(sub) -> None:
+    p = sub.add_parser("recalibrate", help="re-fit a bundle's calibration and thresholds on labelled images of "
+                                           "your own source (a new bundle; the graph is unchanged)",
+                       description="Copy a bundle with its temperature, bias, screening and high-specificity "
+                                   "thresholds re-fitted on labelled images of a new source; whole lesion groups "
+                                   "are held out to measure the result against the source bundle's calibration. "
+                                   + DISCLAIMER)
+    p.add_argument("--model", help="source bundle folder (default: the shipped model)")
+    p.add_argument("--data", action="append", required=True, metavar="PATH",
+                   help="labelled images of the target source (class folders, split folders or a CSV manifest; "
+                        "every image is used whatever its split); repeat for several")
+    p.add_argument("--out", required=True, help="new bundle folder (must not exist or be empty)")
+    p.add_argument("--holdout", type=_holdout_fraction, default=0.3,
+                   help="fraction of the images (whole lesion groups, stratified) held out to measure the result "
+                        "(default 0.3; 0 keeps all for fitting and measures nothing)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_recalibrate)
+
+
+def cmd_recalibrate(args) -> int:
+    from melanoma_detector.export.recalibrate import recalibrate_bundle
+    from melanoma_detector.inference.bundle import default_bundle_dir
+
+    meta = recalibrate_bundle(args.model or default_bundle_dir(), args.data, args.out, holdout=args.holdout,
+                              seed=args.seed, n_resamples=args.resamples, progress=not args.no_progress)
+    r = meta["recalibration"]
+    print(f"bundle written to {args.out} (model {meta['model_version']}); fitted on {r['n_fit']} images "
+          f"({r['n_fit_malignant']} melanoma), thresholds {meta['thresholds']}")
+    test, before = meta["metrics"].get("test"), r.get("holdout_before")
+    if test and before:
+        def pair(m, k):
+            return f"{m[k]['value']:.3f}"
+        print(f"held out ({r['n_holdout']} images, {r['n_holdout_malignant']} melanoma): sensitivity / specificity "
+              f"at the screening threshold {pair(before, 'sensitivity@screening')} / "
+              f"{pair(before, 'specificity@screening')} before, {pair(test, 'sensitivity@screening')} / "
+              f"{pair(test, 'specificity@screening')} after; ECE {pair(before, 'ece')} -> {pair(test, 'ece')}")
+    print(DISCLAIMER)
+    return 0
+
+
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="web app: Gradio page + REST API (/api/v1/predict), loopback by default")
     p.add_argument("--host", default="127.0.0.1",
@@ -527,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(sub)
     _add_export(sub)
     _add_card(sub)
+    _add_recalibrate(sub)
     _add_serve(sub)
     return parser
 

@@ -45,6 +45,17 @@ def _split_groups(
     return assignment
 
 
+def holdout_split(samples: list[Sample], fraction: float, *, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """(kept, held out): whole lesion groups held out, stratified by label, about `fraction` of the images."""
+    if not 0 <= fraction < 1:
+        raise DataError(f"holdout fraction {fraction}; accepted: 0 <= fraction < 1")
+    if fraction == 0:
+        return list(samples), []
+    assignment = _split_groups(samples, {"test": fraction}, seed)
+    return ([s for s in samples if assignment[s.group_key] != "test"],
+            [s for s in samples if assignment[s.group_key] == "test"])
+
+
 def assign_splits(
     sources: list[DataSource],
     *,

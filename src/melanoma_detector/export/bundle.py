@@ -265,17 +265,22 @@ def export_bundle(
             meta["splits"] = {"file": str(split_path), "val": len(val), "test": len(test)}
     else:
         log.warning("no split file %s: bundle uses the checkpoint's calibration and has no input-gate statistics", split_path)
-    meta["risk_tiers"] = [
-        {"level": "Low", "min_probability": 0.0, "recommendation": RISK_TEXTS["Low"]},
-        {"level": "Moderate", "min_probability": meta["thresholds"]["screening"], "recommendation": RISK_TEXTS["Moderate"]},
-        {"level": "High", "min_probability": max(meta["thresholds"]["high_specificity"], meta["thresholds"]["screening"]),
-         "recommendation": RISK_TEXTS["High"]},
-    ]
+    meta["risk_tiers"] = risk_tiers(meta["thresholds"])
     _write_metadata(out, meta)
     from melanoma_detector.export.model_card import write_model_card
 
     write_model_card(out, meta)
     return meta
+
+
+def risk_tiers(thresholds: dict[str, float]) -> list[dict[str, Any]]:
+    """Low below the screening threshold, High from the high-specificity one, Moderate between."""
+    return [
+        {"level": "Low", "min_probability": 0.0, "recommendation": RISK_TEXTS["Low"]},
+        {"level": "Moderate", "min_probability": thresholds["screening"], "recommendation": RISK_TEXTS["Moderate"]},
+        {"level": "High", "min_probability": max(thresholds["high_specificity"], thresholds["screening"]),
+         "recommendation": RISK_TEXTS["High"]},
+    ]
 
 
 def _data_credits(paths: list[str]) -> list[dict[str, str]]:

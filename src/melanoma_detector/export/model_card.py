@@ -28,11 +28,11 @@ def _cell(m: dict[str, Any] | None) -> str:
     return f"{m['value']:.3f}{ci}"
 
 
-def metrics_table(metrics: dict[str, Any]) -> str:
+def metrics_table(metrics: dict[str, Any], names: dict[str, str] | None = None) -> str:
     sets = [s for s in ("test", "val") if s in metrics]
     if not sets:
         return "_No data-derived metrics in this bundle (exported without its split's images)._\n"
-    names = {"test": "Test split", "val": "Validation split"}
+    names = names or {"test": "Test split", "val": "Validation split"}
     head = "| Metric | " + " | ".join(f"{names[s]} (n={metrics[s]['n']}, {metrics[s]['n_malignant']} melanoma)" for s in sets) + " |"
     lines = [head, "|---" * (len(sets) + 1) + "|"]
     for label, key in ROWS:
@@ -79,6 +79,28 @@ def _value(m: dict[str, Any] | None) -> str:
     return "n/a" if not m or m.get("value") is None else f"{m['value']:.3f}"
 
 
+def recalibration_text(recal: dict[str, Any], after: dict[str, Any] | None) -> str:
+    """Before/after on the held-out images: what re-fitting calibration and thresholds bought."""
+    src = recal["source_bundle"]
+    head = (f"\nRe-fitted from bundle `{src['model_version']}` (same graph; its own calibration: T = "
+            f"{src['temperature']:.3f}, b = {src['logit_bias']:.3f}, screening threshold {src['thresholds']['screening']:.4f}) "
+            f"on {recal['n_fit']} images ({recal['n_fit_malignant']} melanoma)")
+    before = recal.get("holdout_before")
+    if not before:
+        return head + "; nothing was held out, so no figure measures the result.\n"
+    rows = [("Sensitivity @ screening threshold", "sensitivity@screening"),
+            ("Specificity @ screening threshold", "specificity@screening"),
+            ("Sensitivity @ high-specificity threshold", "sensitivity@high_specificity"),
+            ("Specificity @ high-specificity threshold", "specificity@high_specificity"),
+            ("ECE (15 bins)", "ece"), ("ROC AUC (unchanged by calibration)", "roc_auc")]
+    lines = [head + f"; {recal['n_holdout']} images ({recal['n_holdout_malignant']} melanoma), whole lesion groups, "
+             "were held out to measure it:", "",
+             "| Held-out images | Source bundle's calibration | Re-fitted |", "|---|---|---|"]
+    for label, key in rows:
+        lines.append(f"| {label} | {_cell(before.get(key))} | {_cell((after or {}).get(key))} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_model_card(out_dir: str | Path, meta: dict[str, Any]) -> Path:
     pp = meta["preprocessing"]
     th = meta["thresholds"]
@@ -96,6 +118,10 @@ def write_model_card(out_dir: str | Path, meta: dict[str, Any]) -> Path:
     ood = gate.get("ood")
     test = meta.get("metrics", {}).get("test", {})
     refused = test.get("ood_refused_fraction")
+    recal = meta.get("recalibration")
+    fitted_on = (f"{recal['n_fit']} images of {', '.join(recal['data'])} by `melanoma recalibrate`" if recal
+                 else "the validation split")
+    recal_text = recalibration_text(recal, (meta.get("metrics") or {}).get("test")) if recal else ""
     text = f"""# Model card: melanoma-detector `{meta['model_version']}`
 
 > **{meta['disclaimer']}**
@@ -121,16 +147,16 @@ Split: lesion-grouped (no lesion on two sides), stratified, seeded; HAM10000 70/
 ISIC 2017 train -> train, ISIC 2017 val -> val. **{meta['licence']}.** Anything derived from this
 model inherits the non-commercial terms of HAM10000.
 
-## Calibration and operating points (set on the validation split)
+## Calibration and operating points (set on {fitted_on})
 - Temperature scaling with a bias: p = sigmoid(logit / T + b), T = {meta['temperature']:.3f},
   b = {meta.get('logit_bias', 0.0):.3f} (the bias undoes the prior shift of class-weighted training).
-- Screening threshold (>= 95% sensitivity on validation): p >= {th['screening']:.4f}.
-- High-specificity threshold (>= 90% specificity on validation): p >= {th['high_specificity']:.4f}.
+- Screening threshold (>= 95% sensitivity there): p >= {th['screening']:.4f}.
+- High-specificity threshold (>= 90% specificity there): p >= {th['high_specificity']:.4f}.
 - Risk levels: **Low** below the screening threshold, **Moderate** between the two, **High** above
   the high-specificity threshold.
-
+{recal_text}
 ## Metrics (95% bootstrap CIs, 1000 resamples by lesion group)
-{metrics_table(meta.get('metrics', {}))}
+{metrics_table(meta.get('metrics', {}), {"test": "Held-out recalibration images"} if recal else None)}
 ## External validation
 {external_table(meta)}
 ## Input gate

@@ -1,0 +1,107 @@
+"""`melanoma recalibrate`: a bundle's calibration and thresholds re-fitted on another source, measured on
+held-out lesion groups; the graph and the source bundle untouched."""
+
+import csv
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import make_class_folder
+from melanoma_detector.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from conftest import train_tiny_bundle
+
+    _, _, bundle = train_tiny_bundle(tmp_path_factory, n_train=14, n_test=6, epochs_frozen=2, epochs_finetune=0,
+                                        resamples=20)
+    site = tmp_path_factory.mktemp("site") / "clinic"
+    make_class_folder(site, 40, np.random.default_rng(11), "site")
+    return bundle, site
+
+
+def test_recalibrated_bundle_serves_the_refitted_calibration(tiny, tmp_path, capsys):
+    from melanoma_detector.evaluation.metrics import (
+        apply_calibration,
+        fit_temperature_bias,
+        roc_auc,
+        threshold_for_sensitivity,
+    )
+    from melanoma_detector.inference import Predictor
+
+    bundle, site = tiny
+    before = (bundle / "metadata.json").read_bytes()
+    out = tmp_path / "recal"
+    assert main(["recalibrate", "--model", str(bundle), "--data", str(site), "--out", str(out),
+                 "--holdout", "0.25", "--resamples", "20", "--no-progress"]) == 0
+    stdout = capsys.readouterr().out
+    assert "held out" in stdout and "before" in stdout and "Research software" in stdout
+    assert (bundle / "metadata.json").read_bytes() == before  # the source bundle is never changed
+    meta = json.loads((out / "metadata.json").read_text())
+    src = json.loads(before)
+    assert meta["graph"]["sha256"] == src["graph"]["sha256"]
+    assert meta["model_version"].startswith(src["model_version"] + "+recal.")
+    r = meta["recalibration"]
+    assert r["n_fit"] + r["n_holdout"] + r["n_cannot_assess"] == 80
+    assert r["n_holdout"] == meta["metrics"]["test"]["n"] > 0 and 0.15 < r["n_holdout"] / 80 < 0.35
+    assert r["source_bundle"]["thresholds"] == src["thresholds"]
+    assert meta["risk_tiers"][1]["min_probability"] == meta["thresholds"]["screening"]
+
+    # redo the numbers from the served graph and the bundle's own record of which image did what
+    with (out / "recalibration_split.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    roles = Counter(row["role"] for row in rows)
+    assert roles == {"fit": r["n_fit"], "holdout": r["n_holdout"], **({"cannot_assess": r["n_cannot_assess"]}
+                                                                      if r["n_cannot_assess"] else {})}
+    by_role = {role: [row for row in rows if row["role"] == role] for role in ("fit", "holdout")}
+    assert not {row["group"] for row in by_role["fit"]} & {row["group"] for row in by_role["holdout"]}
+    p = Predictor(out)
+    prep = p.image_prep()
+
+    def raw(part):
+        return np.array([float(p.run(prep.load(row["path"])[0][None])["logit"][0]) for row in part])
+
+    z_fit, y_fit = raw(by_role["fit"]), np.array([int(row["label"]) for row in by_role["fit"]])
+    t, b = fit_temperature_bias(z_fit, y_fit)
+    assert (t, b) == pytest.approx((meta["temperature"], meta["logit_bias"]), rel=1e-4, abs=1e-6)
+    assert threshold_for_sensitivity(y_fit, apply_calibration(z_fit, t, b), 0.95) == pytest.approx(
+        meta["thresholds"]["screening"], rel=1e-4)
+    z_held, y_held = raw(by_role["holdout"]), np.array([int(row["label"]) for row in by_role["holdout"]])
+    assert roc_auc(y_held, apply_calibration(z_held, t, b)) == pytest.approx(meta["metrics"]["test"]["roc_auc"]["value"])
+    served = p.predict(by_role["holdout"][0]["path"])["probability_malignant"]
+    assert served == pytest.approx(float(apply_calibration(z_held[:1], t, b)[0]), abs=1e-6)
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "by `melanoma recalibrate`" in card and "Source bundle's calibration | Re-fitted" in card
+
+
+def test_refuses_to_overwrite_and_one_class_data(tiny, tmp_path, capsys):
+    bundle, site = tiny
+    assert main(["recalibrate", "--model", str(bundle), "--data", str(site), "--out", str(bundle)]) == 2
+    assert "not empty" in capsys.readouterr().err
+    one = tmp_path / "one"
+    make_class_folder(one, 3, np.random.default_rng(2))
+    for f in (one / "malignant").iterdir():
+        f.unlink()
+    assert main(["recalibrate", "--model", str(bundle), "--data", str(one), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "one class" in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["recalibrate", "--data", str(site), "--out", str(tmp_path / "o"), "--holdout", "1.5"])
+    assert exc.value.code == 2 and "fraction in [0, 1)" in capsys.readouterr().err
+
+
+def test_holdout_split_keeps_groups_whole_and_classes_balanced():
+    from melanoma_detector.data.discovery import Sample
+    from melanoma_detector.data.splits import holdout_split
+
+    samples = [Sample(f"/x/{i}.jpg", int(i % 5 == 0), group=f"L{i // 2}", key=f"k{i}") for i in range(200)]
+    kept, held = holdout_split(samples, 0.3, seed=1)
+    assert len(kept) + len(held) == 200 and 50 <= len(held) <= 70
+    assert not {s.group_key for s in kept} & {s.group_key for s in held}
+    share = Counter(s.label for s in held)[1] / len(held)
+    assert abs(share - 0.2) < 0.06
+    assert holdout_split(samples, 0, seed=1) == (samples, [])
