@@ -470,6 +470,10 @@ def _add_recalibrate(sub) -> None:
                    help="fraction of the images (whole lesion groups, stratified) held out to measure the result "
                         "(default 0.3; 0 keeps all for fitting and measures nothing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
+    p.add_argument("--gate", choices=("refit", "keep"), default="refit",
+                   help="refit (default): also re-fit the input gate's out-of-distribution statistics on these "
+                        "images, since a gate fitted on another collection refuses most of a new one; keep: the "
+                        "source bundle's gate, fitting only on the images it accepts")
     p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_recalibrate)
@@ -480,7 +484,8 @@ def cmd_recalibrate(args) -> int:
     from melanoma_detector.inference.bundle import default_bundle_dir
 
     meta = recalibrate_bundle(args.model or default_bundle_dir(), args.data, args.out, holdout=args.holdout,
-                              seed=args.seed, n_resamples=args.resamples, progress=not args.no_progress)
+                              seed=args.seed, gate=args.gate, n_resamples=args.resamples,
+                              progress=not args.no_progress)
     r = meta["recalibration"]
     print(f"bundle written to {args.out} (model {meta['model_version']}); fitted on {r['n_fit']} images "
           f"({r['n_fit_malignant']} melanoma), thresholds {meta['thresholds']}")
@@ -488,6 +493,9 @@ def cmd_recalibrate(args) -> int:
     if test and before:
         def pair(m, k):
             return f"{m[k]['value']:.3f}"
+        if r.get("source_gate_refused_fraction"):
+            print(f"the source bundle's input gate refuses {r['source_gate_refused_fraction']:.0%} of these images"
+                  + ("; the gate was re-fitted" if r["gate"] == "refit" else "; they were left out"))
         print(f"held out ({r['n_holdout']} images, {r['n_holdout_malignant']} melanoma): sensitivity / specificity "
               f"at the screening threshold {pair(before, 'sensitivity@screening')} / "
               f"{pair(before, 'specificity@screening')} before, {pair(test, 'sensitivity@screening')} / "

@@ -77,6 +77,29 @@ def test_recalibrated_bundle_serves_the_refitted_calibration(tiny, tmp_path, cap
     assert "by `melanoma recalibrate`" in card and "Source bundle's calibration | Re-fitted" in card
 
 
+def test_gate_keep_keeps_the_source_gate_and_drops_what_it_refuses(tiny, tmp_path):
+    import hashlib
+
+    bundle, site = tiny
+    out = tmp_path / "keep"
+    assert main(["recalibrate", "--model", str(bundle), "--data", str(site), "--out", str(out), "--gate", "keep",
+                 "--resamples", "20", "--no-progress"]) == 0
+    meta = json.loads((out / "metadata.json").read_text())
+    src = json.loads((bundle / "metadata.json").read_text())
+    assert meta["input_gate"] == src["input_gate"]
+    digest = [hashlib.sha256((b / "ood.npz").read_bytes()).hexdigest() for b in (bundle, out)]
+    assert digest[0] == digest[1]
+    r = meta["recalibration"]
+    assert r["gate"] == "keep" and r["holdout_refused_fraction"] is None
+    assert r["n_cannot_assess"] == round(80 * r["source_gate_refused_fraction"])
+    assert main(["recalibrate", "--model", str(bundle), "--data", str(site), "--out", str(tmp_path / "refit"),
+                 "--holdout", "0", "--no-progress"]) == 0
+    refit = json.loads((tmp_path / "refit" / "metadata.json").read_text())["recalibration"]
+    assert refit["n_fit"] + refit["n_cannot_assess"] == 80 and refit["n_holdout"] == 0
+    # a refitted gate keeps the images the old one refused
+    assert refit["n_fit"] - (r["n_fit"] + r["n_holdout"]) == r["n_cannot_assess"] - refit["n_cannot_assess"]
+
+
 def test_refuses_to_overwrite_and_one_class_data(tiny, tmp_path, capsys):
     bundle, site = tiny
     assert main(["recalibrate", "--model", str(bundle), "--data", str(site), "--out", str(bundle)]) == 2

@@ -85,6 +85,13 @@ def recalibration_text(recal: dict[str, Any], after: dict[str, Any] | None) -> s
     head = (f"\nRe-fitted from bundle `{src['model_version']}` (same graph; its own calibration: T = "
             f"{src['temperature']:.3f}, b = {src['logit_bias']:.3f}, screening threshold {src['thresholds']['screening']:.4f}) "
             f"on {recal['n_fit']} images ({recal['n_fit_malignant']} melanoma)")
+    src_refused = recal.get("source_gate_refused_fraction")
+    if recal.get("gate") == "refit":
+        held = recal.get("holdout_refused_fraction")
+        head += (f". The input gate was re-fitted on the fitting images too (the source bundle's gate refused "
+                 f"{src_refused:.0%} of these images{f'; the new one refuses {held:.0%} of the held-out ones' if held is not None else ''})")
+    elif src_refused:
+        head += f". The source bundle's input gate was kept; it refused {src_refused:.0%} of these images, left out"
     before = recal.get("holdout_before")
     if not before:
         return head + "; nothing was held out, so no figure measures the result.\n"
