@@ -235,7 +235,7 @@ def export_bundle(
         if missing:
             log.warning("split images not found (first: %s); bundle has no data-derived statistics", missing[0])
         else:
-            _write_metadata(out, meta)
+            write_metadata(out, meta)
             predictor = Predictor(out, verify=True)
             v_logits, v_feats = _run_graph(predictor, [r["path"] for r in val])
             y_val = np.array([int(r["label"]) for r in val])
@@ -266,7 +266,7 @@ def export_bundle(
     else:
         log.warning("no split file %s: bundle uses the checkpoint's calibration and has no input-gate statistics", split_path)
     meta["risk_tiers"] = risk_tiers(meta["thresholds"])
-    _write_metadata(out, meta)
+    write_metadata(out, meta)
     from melanoma_detector.export.model_card import write_model_card
 
     write_model_card(out, meta)
@@ -297,7 +297,7 @@ def _looks_like_shared(ckpt: dict[str, Any]) -> bool:
     return any("ham10000" in str(p).lower() for p in ckpt["config"]["data"]["paths"])
 
 
-def _write_metadata(out: Path, meta: dict[str, Any]) -> None:
+def write_metadata(out: Path, meta: dict[str, Any]) -> None:
     def clean(v):
         if isinstance(v, dict):
             return {k: clean(x) for k, x in v.items()}

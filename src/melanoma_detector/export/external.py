@@ -119,7 +119,7 @@ def add_external(meta: dict[str, Any], entries: list[dict[str, Any]]) -> dict[st
 def record_external(bundle_dir: str | Path, eval_dirs: list[str | Path], *, note: str | None = None) -> dict[str, Any]:
     """Add evaluate runs to a bundle's metadata.json and re-render its MODEL_CARD.md. The graph is untouched
     (its sha256 is checked first), so a bundle can gain external figures long after its export."""
-    from melanoma_detector.export.bundle import _write_metadata
+    from melanoma_detector.export.bundle import write_metadata
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.bundle import load_bundle
 
@@ -127,6 +127,6 @@ def record_external(bundle_dir: str | Path, eval_dirs: list[str | Path], *, note
     meta = dict(bundle.metadata)
     for d in eval_dirs:
         add_external(meta, read_external_evaluation(d, bundle_meta=meta, note=note))
-    _write_metadata(bundle.root, meta)
+    write_metadata(bundle.root, meta)
     write_model_card(bundle.root, meta)
     return meta

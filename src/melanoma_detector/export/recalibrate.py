@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 
 SPLIT_FILE = "recalibration_split.csv"
 MIN_MALIGNANT_FIT = 20  # below this a 95%-sensitivity threshold rests on one or two melanomas
-
-
 GATES = ("refit", "keep")
 
 
@@ -44,7 +42,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
         threshold_for_sensitivity,
         threshold_for_specificity,
     )
-    from melanoma_detector.export.bundle import _write_metadata, fit_ood, metrics_with_ci, risk_tiers, write_ood
+    from melanoma_detector.export.bundle import fit_ood, metrics_with_ci, risk_tiers, write_metadata, write_ood
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.bundle import OOD_FILE
     from melanoma_detector.inference.predictor import Predictor
@@ -143,7 +141,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
         shutil.copy2(predictor.bundle.root / ood["file"], out / OOD_FILE)
     meta["recalibration"]["split_file"] = SPLIT_FILE
     _write_split(out / SPLIT_FILE, fit, held, refused)
-    _write_metadata(out, meta)
+    write_metadata(out, meta)
     write_model_card(out, meta)
     return meta
 
