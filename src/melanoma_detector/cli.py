@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 from melanoma_detector import DISCLAIMER, __version__
-from melanoma_detector.config import AUGMENTATIONS, EVAL_SPLITS, LR_SCHEDULES, MIX_KINDS
+from melanoma_detector.config import AUGMENTATIONS, EVAL_SPLITS, LR_SCHEDULES, MIX_KINDS, RECALIBRATION_GATES
 from melanoma_detector.errors import UserError
 
 
@@ -470,7 +470,7 @@ def _add_recalibrate(sub) -> None:
                    help="fraction of the images (whole lesion groups, stratified) held out to measure the result "
                         "(default 0.3; 0 keeps all for fitting and measures nothing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
-    p.add_argument("--gate", choices=("refit", "keep"), default="refit",
+    p.add_argument("--gate", choices=RECALIBRATION_GATES, default="refit",
                    help="refit (default): also re-fit the input gate's out-of-distribution statistics on these "
                         "images, since a gate fitted on another collection refuses most of a new one; keep: the "
                         "source bundle's gate, fitting only on the images it accepts")

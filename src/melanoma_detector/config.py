@@ -20,6 +20,7 @@ AUGMENTATIONS = ("standard", "strong", "acquisition")
 MIX_KINDS = ("none", "mixup", "cutmix")
 # The splits `melanoma evaluate --split` scores (here so the CLI can list them without imports).
 EVAL_SPLITS = ("test", "val", "all")  # "all": every image, whatever split it is on
+RECALIBRATION_GATES = ("refit", "keep")  # `melanoma recalibrate --gate`: re-fit the input gate, or keep it
 
 # The seed notebook's recipe, kept as the defaults.
 SEED_BACKBONE = "efficientnet_b3"

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
+from melanoma_detector.config import RECALIBRATION_GATES as GATES
 from melanoma_detector.errors import DataError, UserError
 
 log = logging.getLogger(__name__)
 
 SPLIT_FILE = "recalibration_split.csv"
 MIN_MALIGNANT_FIT = 20  # below this a 95%-sensitivity threshold rests on one or two melanomas
-GATES = ("refit", "keep")
 
 
 def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: str | Path, *,
