@@ -75,6 +75,7 @@ def test_recalibrated_bundle_serves_the_refitted_calibration(tiny, tmp_path, cap
     assert served == pytest.approx(float(apply_calibration(z_held[:1], t, b)[0]), abs=1e-6)
     card = (out / "MODEL_CARD.md").read_text()
     assert "by `melanoma recalibrate`" in card and "Source bundle's calibration | Re-fitted" in card
+    assert "95% bootstrap CIs, 20 resamples" in card  # the card states the resamples actually drawn
 
 
 def test_gate_keep_keeps_the_source_gate_and_drops_what_it_refuses(tiny, tmp_path):

@@ -223,7 +223,7 @@ def export_bundle(
         },
         "licence": "Model weights trained on HAM10000: CC BY-NC-SA 4.0 (non-commercial use only)"
         if _looks_like_shared(ckpt) else "see the training data's licence",
-        "metrics": {},
+        "metrics": {"n_resamples": n_resamples},
         "disclaimer": DISCLAIMER,
     }
     split_path = Path(split_file) if split_file else ckpt_path.parent / "split.csv"

@@ -29,7 +29,7 @@ def _cell(m: dict[str, Any] | None) -> str:
 
 
 def metrics_table(metrics: dict[str, Any], names: dict[str, str] | None = None) -> str:
-    sets = [s for s in ("test", "val") if s in metrics]
+    sets = [s for s in ("test", "val") if s in metrics]  # other keys (n_resamples) are not sets
     if not sets:
         return "_No data-derived metrics in this bundle (exported without its split's images)._\n"
     names = names or {"test": "Test split", "val": "Validation split"}
@@ -162,7 +162,7 @@ model inherits the non-commercial terms of HAM10000.
 - Risk levels: **Low** below the screening threshold, **Moderate** between the two, **High** above
   the high-specificity threshold.
 {recal_text}
-## Metrics (95% bootstrap CIs, 1000 resamples by lesion group)
+## Metrics (95% bootstrap CIs, {(meta.get('metrics') or {}).get('n_resamples', 1000)} resamples by lesion group)
 {metrics_table(meta.get('metrics', {}), {"test": "Held-out recalibration images"} if recal else None)}
 ## External validation
 {external_table(meta)}

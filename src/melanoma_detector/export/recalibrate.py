@@ -99,7 +99,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
         temperature=temperature, logit_bias=bias, thresholds=thresholds, risk_tiers=risk_tiers(thresholds),
         calibration={"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), re-fitted by "
                                "`melanoma recalibrate` (NLL)", "n": len(fit_i)},
-        metrics={},
+        metrics={"n_resamples": n_resamples},
     )
     out.mkdir(parents=True, exist_ok=True)
     held_refused_fraction = None
