@@ -142,7 +142,7 @@ def subgroup_metrics(
                 # case in the set against this group) says which look-alikes the model confuses, as in
                 # the ISIC challenges' melanoma-vs-nevus and -vs-keratosis figures.
                 both = mask | (y == 1)
-                ci = metrics_with_ci(y[both], p[both], {"screening": threshold},
+                ci = metrics_with_ci(y[both], p[both], {},  # ranking metrics only: no thresholds needed
                                      groups=None if groups is None else groups[both],
                                      n_resamples=n_resamples, seed=seed, calibration=False)
                 row["roc_auc_vs_malignant"] = _pick(ci["roc_auc"])

@@ -20,12 +20,12 @@ ROWS = [
 ]
 
 
-def _cell(m: dict[str, Any] | None) -> str:
+def _cell(m: dict[str, Any] | None, *, ci: bool = True) -> str:
     if not m or m.get("value") is None:
         return "n/a"
-    lo, hi = (m.get("ci95") or [None, None])[:2]
-    ci = f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else ""
-    return f"{m['value']:.3f}{ci}"
+    lo, hi = (m.get("ci95") or [None, None])[:2] if ci else (None, None)
+    interval = f" ({lo:.3f}-{hi:.3f})" if lo is not None and hi is not None else ""
+    return f"{m['value']:.3f}{interval}"
 
 
 def metrics_table(metrics: dict[str, Any], names: dict[str, str] | None = None) -> str:
@@ -64,19 +64,15 @@ def external_table(meta: dict[str, Any]) -> str:
                 ", ".join("/".join(Path(p).parts[-2:]) for p in e["trained_on"]) if e.get("trained_on") else "(not recorded)")
         where = "/".join(Path(e["data"]).parts[-2:]) + (f" ({e['split']} split)" if e.get("split") not in (None, "all") else "")
         lines.append(f"| {where} | {e['n']} ({e['n_malignant']}) | {who}{' + TTA' if e.get('tta') else ''} | "
-                     f"{_cell(m.get('roc_auc'))} | {_value(m.get('sensitivity@screening'))} / "
-                     f"{_value(m.get('specificity@screening'))} | {_value(m.get('specificity_at_95_sensitivity'))} | "
-                     f"{_value(m.get('ece'))} |")
+                     f"{_cell(m.get('roc_auc'))} | {_cell(m.get('sensitivity@screening'), ci=False)} / "
+                     f"{_cell(m.get('specificity@screening'), ci=False)} | {_cell(m.get('specificity_at_95_sensitivity'), ci=False)} | "
+                     f"{_cell(m.get('ece'), ci=False)} |")
     text = "\n".join(lines) + "\n"
     if notes:
         text += ("\nProxy rows score another model than this bundle, on data this bundle may have trained on; they "
                  "estimate how the recipe carries to a new collection:\n"
                  + "\n".join(f"- [{i}] {n}" for i, n in enumerate(notes, 1)) + "\n")
     return text
-
-
-def _value(m: dict[str, Any] | None) -> str:
-    return "n/a" if not m or m.get("value") is None else f"{m['value']:.3f}"
 
 
 def recalibration_text(recal: dict[str, Any], after: dict[str, Any] | None) -> str:
