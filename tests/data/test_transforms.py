@@ -66,3 +66,19 @@ def test_jpeg_recompression_changes_pixels_and_keeps_size_and_mode():
     out = RandomJpeg(p=1.0, quality=(30, 30))(img)
     assert out.size == img.size and out.mode == "RGB"
     assert np.abs(np.asarray(out, np.int16) - np.asarray(img, np.int16)).mean() > 5
+
+
+@pytest.mark.parametrize("resize_mode, red_share", [("crop", 0.0), ("squash", 0.25)])
+def test_squash_training_keeps_the_whole_field_like_serving(resize_mode, red_share):
+    # A 3:1 strip whose left quarter is red: a centre crop (what "crop" serves) loses the red
+    # quarter, a squash (what "squash" serves) keeps it; training must see what serving sees.
+    arr = np.zeros((40, 120, 3), dtype=np.uint8)
+    arr[..., 2] = 255
+    arr[:, :30] = (255, 0, 0)
+    pp = Preprocessing(input_size=64, mean=(0.0,) * 3, std=(1.0,) * 3, resize_mode=resize_mode)
+    random.seed(0)
+    torch.manual_seed(0)
+    for _ in range(8):
+        x = build_transforms(pp, train=True, scale=(1.0, 1.0))(Image.fromarray(arr))
+        red = float(((x[0] > 0.6) & (x[2] < 0.4)).float().mean())
+        assert red == pytest.approx(red_share, abs=0.05)

@@ -100,7 +100,14 @@ def build_transforms(pp: Preprocessing, *, train: bool, augmentation: str = "sta
     from torchvision import transforms as T
 
     strong, acquisition = augmentation == "strong", augmentation == "acquisition"
-    steps = [
+    steps = []
+    if pp.resize_mode == "squash":
+        # Served images are squashed to a square (HAM10000's 4:3 as ISIC 2017's originals were):
+        # crop from the squashed image, so the served geometry is the centre of what training saw,
+        # not one end of RandomResizedCrop's aspect-ratio range.
+        scaled = int(round(pp.input_size / pp.crop_pct))
+        steps.append(T.Resize((scaled, scaled), interpolation=T.InterpolationMode(pp.interpolation)))
+    steps += [
         T.RandomResizedCrop(
             pp.input_size,
             scale=scale,

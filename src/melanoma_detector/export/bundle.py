@@ -128,27 +128,12 @@ def write_ood(out: Path, ood: dict[str, Any]) -> dict[str, Any]:
 
 def metrics_with_ci(y: np.ndarray, p: np.ndarray, groups: list[str], thresholds: dict[str, float],
                     *, n_resamples: int = 1000) -> dict[str, Any]:
-    from melanoma_detector.evaluation import metrics as M
+    """The bundle's metric block: its counts, then every metric of `melanoma evaluate` with a 95% interval
+    from whole lesion groups resampled (seed 0), by the same code, so a card and a report agree."""
+    from melanoma_detector.evaluation.bootstrap import metrics_with_ci as bootstrap_metrics
 
-    def at(th):
-        return lambda yy, pp: M.binary_metrics(yy, pp, threshold=th)
-
-    fns = {
-        "roc_auc": M.roc_auc,
-        "average_precision": M.average_precision,
-        "partial_auc_above_80tpr": lambda yy, pp: M.partial_auc_above_tpr(yy, pp, 0.80),
-        "specificity_at_95_sensitivity": lambda yy, pp: M.specificity_at_sensitivity(yy, pp, 0.95),
-        "brier": M.brier_score,
-        "ece": lambda yy, pp: M.expected_calibration_error(yy, pp, 15),
-    }
-    for name, th in thresholds.items():
-        for key in ("sensitivity", "specificity", "ppv", "npv", "balanced_accuracy", "accuracy"):
-            fns[f"{key}@{name}"] = (lambda k, f: (lambda yy, pp: f(yy, pp)[k]))(key, at(th))
-    out: dict[str, Any] = {"n": int(len(y)), "n_malignant": int(y.sum()), "n_groups": len(set(groups))}
-    codes = np.unique(np.asarray(groups), return_inverse=True)[1]
-    for name, fn in fns.items():
-        ci = M.bootstrap_ci(y, p, fn, n_resamples=n_resamples, seed=0, groups=codes)
-        out[name] = {"value": fn(y, p), "ci95": [ci.low, ci.high]}
+    out: dict[str, Any] = {"n": int(len(y)), "n_malignant": int(np.sum(y)), "n_groups": len(set(groups))}
+    out.update(bootstrap_metrics(y, p, thresholds, groups=np.asarray(groups), n_resamples=n_resamples, seed=0))
     return out
 
 

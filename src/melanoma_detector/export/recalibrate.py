@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,14 +36,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     HAM10000-only bundle), which would leave the new source nothing to serve. `"keep"` keeps the source gate and
     fits only on the images it accepts."""
     from melanoma_detector.data.discovery import discover_all, require_both_classes
-    from melanoma_detector.data.splits import holdout_split
-    from melanoma_detector.evaluation.metrics import (
-        apply_calibration,
-        fit_temperature_bias,
-        threshold_for_sensitivity,
-        threshold_for_specificity,
-    )
-    from melanoma_detector.export.bundle import fit_ood, metrics_with_ci, risk_tiers, write_metadata, write_ood
+    from melanoma_detector.export.bundle import fit_ood, write_metadata, write_ood
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.bundle import OOD_FILE
     from melanoma_detector.inference.predictor import Predictor
@@ -50,8 +44,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     if gate not in GATES:
         raise UserError(f"gate {gate!r}; accepted: {', '.join(GATES)}")
     out = Path(out_dir)
-    src_root = Path(bundle_dir).resolve()
-    if out.exists() and (out.resolve() == src_root or any(out.iterdir())):
+    if out.exists() and (out.resolve() == Path(bundle_dir).resolve() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not empty; accepted: a new folder (the source bundle is never "
                         "changed)")
     samples = [s for src in discover_all([str(d) for d in data]) for s in src.samples]
@@ -59,23 +52,85 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     predictor = Predictor(bundle_dir)
     src_meta = predictor.bundle.metadata
 
-    logits, feats, kept, refused = _score(predictor, samples, progress=progress)
-    src_far = (predictor.ood_distance(feats) > predictor.ood["threshold"] if predictor.ood is not None
-               else np.zeros(len(kept), bool))
+    sc = _score(predictor, samples, progress=progress)
+    src_far = (predictor.ood_distance(sc.feats) > predictor.ood["threshold"] if predictor.ood is not None
+               else np.zeros(len(sc.kept), bool))
     if gate == "keep" and src_far.any():
-        refused += [(str(s.path), "out of distribution for the input gate") for s, f in zip(kept, src_far) if f]
-        logits, feats = logits[~src_far], feats[~src_far]
-        kept = [s for s, f in zip(kept, src_far) if not f]
-    if refused:
-        log.warning("%d image(s) cannot be assessed and are left out, e.g. %s: %s", len(refused), *refused[0])
-    if not kept:
+        sc.refused += [(str(s.path), "out of distribution for the input gate") for s, f in zip(sc.kept, src_far) if f]
+        sc = _Scored(sc.logits[~src_far], sc.feats[~src_far], [s for s, f in zip(sc.kept, src_far) if not f],
+                     sc.refused)
+    if sc.refused:
+        log.warning("%d image(s) cannot be assessed and are left out, e.g. %s: %s", len(sc.refused), *sc.refused[0])
+    if not sc.kept:
         raise DataError("recalibration data: the source bundle's input gate refuses every image; use --gate refit")
+    fit_i, held_i = _split(sc.kept, holdout, seed)
+    y = np.array([s.label for s in sc.kept], dtype=np.int64)
+    temperature, bias, thresholds = _fit_operating_points(sc.logits[fit_i], y[fit_i])
+
+    out.mkdir(parents=True, exist_ok=True)
+    held_refused_fraction = new_gate = None
+    if gate == "refit":
+        new_ood = fit_ood(sc.feats[fit_i])
+        new_gate = write_ood(out, new_ood)
+        predictor.set_ood(new_ood)
+        if len(held_i):
+            # the served bundle answers only what its gate accepts: measure on exactly those
+            far = predictor.ood_distance(sc.feats[held_i]) > new_ood["threshold"]
+            held_refused_fraction = float(far.mean())
+            sc.refused += [(str(sc.kept[i].path), "held out; out of distribution for the re-fitted gate")
+                           for i in held_i[far]]
+            held_i = held_i[~far]
+    meta = _new_metadata(src_meta, temperature, bias, thresholds, n_fit=len(fit_i), n_resamples=n_resamples)
+    if new_gate is not None:
+        meta["input_gate"] = {**(meta.get("input_gate") or {}), "ood": new_gate}
+    meta["recalibration"] = {
+        "source_bundle": {"path": str(bundle_dir), "model_version": src_meta.get("model_version"),
+                          "temperature": src_meta.get("temperature"), "logit_bias": src_meta.get("logit_bias", 0.0),
+                          "thresholds": src_meta.get("thresholds"), "metrics": src_meta.get("metrics", {})},
+        "data": [str(d) for d in data],
+        "n_fit": len(fit_i), "n_fit_malignant": int(y[fit_i].sum()),
+        "n_holdout": len(held_i), "n_holdout_malignant": int(y[held_i].sum()) if len(held_i) else 0,
+        "holdout_fraction": holdout, "seed": seed, "n_cannot_assess": len(sc.refused),
+        "gate": gate, "source_gate_refused_fraction": float(src_far.mean()),
+        "holdout_refused_fraction": held_refused_fraction,
+        "split_file": SPLIT_FILE,
+    }
+    if len(held_i):
+        before, after = _measure_holdout(sc.logits[held_i], y[held_i], [sc.kept[i].group_key for i in held_i],
+                                         src_meta, temperature, bias, thresholds, n_resamples=n_resamples)
+        # the card's test column: these images were never used to fit anything in this bundle
+        meta["metrics"]["test"], meta["recalibration"]["holdout_before"] = after, before
+
+    shutil.copy2(predictor.bundle.graph_path, out / predictor.bundle.graph_path.name)
+    ood = (src_meta.get("input_gate") or {}).get("ood") or {}
+    if gate == "keep" and ood.get("file"):
+        shutil.copy2(predictor.bundle.root / ood["file"], out / OOD_FILE)
+    _write_split(out / SPLIT_FILE, [sc.kept[i] for i in fit_i], [sc.kept[i] for i in held_i], sc.refused)
+    write_metadata(out, meta)
+    write_model_card(out, meta)
+    return meta
+
+
+@dataclass
+class _Scored:
+    """What one pass of the graph over the recalibration images gave: rows of `logits` and `feats` belong to
+    `kept`; `refused` lists (path, reason) of the images left out."""
+
+    logits: np.ndarray
+    feats: np.ndarray
+    kept: list
+    refused: list[tuple[str, str]]
+
+
+def _split(kept: list, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of `kept` to fit on and to hold out (whole lesion groups, stratified); both must hold both classes."""
+    from melanoma_detector.data.splits import holdout_split
+
     fit, held = holdout_split(kept, holdout, seed=seed)
-    idx = {id(s): i for i, s in enumerate(kept)}
-    fit_i = np.array([idx[id(s)] for s in fit], dtype=np.int64)
-    held_i = np.array([idx[id(s)] for s in held], dtype=np.int64)
+    row = {id(s): i for i, s in enumerate(kept)}
+    fit_i = np.array([row[id(s)] for s in fit], dtype=np.int64)
+    held_i = np.array([row[id(s)] for s in held], dtype=np.int64)
     y = np.array([s.label for s in kept], dtype=np.int64)
-    groups = [s.group_key for s in kept]
     if len(np.unique(y[fit_i])) < 2:
         raise DataError("recalibration data: the fitting part holds one class only; give images of both classes")
     if holdout and len(np.unique(y[held_i])) < 2:
@@ -85,11 +140,29 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     if n_mal_fit < MIN_MALIGNANT_FIT:
         log.warning("only %d melanoma(s) to fit on: the 95%%-sensitivity threshold rests on the lowest-scored few; "
                     "treat it as provisional", n_mal_fit)
+    return fit_i, held_i
 
-    temperature, bias = fit_temperature_bias(logits[fit_i], y[fit_i])
-    p_fit = apply_calibration(logits[fit_i], temperature, bias)
-    thresholds = {"screening": float(threshold_for_sensitivity(y[fit_i], p_fit, 0.95)),
-                  "high_specificity": float(threshold_for_specificity(y[fit_i], p_fit, 0.90))}
+
+def _fit_operating_points(logits: np.ndarray, y: np.ndarray) -> tuple[float, float, dict[str, float]]:
+    """Temperature and bias by NLL, then the two thresholds on the calibrated probabilities, as export fits them."""
+    from melanoma_detector.evaluation.metrics import (
+        apply_calibration,
+        fit_temperature_bias,
+        threshold_for_sensitivity,
+        threshold_for_specificity,
+    )
+
+    temperature, bias = fit_temperature_bias(logits, y)
+    p = apply_calibration(logits, temperature, bias)
+    return temperature, bias, {"screening": float(threshold_for_sensitivity(y, p, 0.95)),
+                               "high_specificity": float(threshold_for_specificity(y, p, 0.90))}
+
+
+def _new_metadata(src_meta: dict[str, Any], temperature: float, bias: float, thresholds: dict[str, float], *,
+                  n_fit: int, n_resamples: int) -> dict[str, Any]:
+    """The source bundle's metadata with the re-fitted calibration; its metrics and external validation
+    described the source calibration, so they are dropped rather than carried over."""
+    from melanoma_detector.export.bundle import risk_tiers
 
     meta = {k: v for k, v in src_meta.items() if k not in ("metrics", "external_validation")}
     stamp = _dt.datetime.now(_dt.timezone.utc)
@@ -98,52 +171,23 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
         created=stamp.isoformat(timespec="seconds"),
         temperature=temperature, logit_bias=bias, thresholds=thresholds, risk_tiers=risk_tiers(thresholds),
         calibration={"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), re-fitted by "
-                               "`melanoma recalibrate` (NLL)", "n": len(fit_i)},
+                               "`melanoma recalibrate` (NLL)", "n": n_fit},
         metrics={"n_resamples": n_resamples},
     )
-    out.mkdir(parents=True, exist_ok=True)
-    held_refused_fraction = None
-    if gate == "refit":
-        new_ood = fit_ood(feats[fit_i])
-        meta["input_gate"] = {**(meta.get("input_gate") or {}), "ood": write_ood(out, new_ood)}
-        predictor.set_ood(new_ood)
-        if len(held_i):
-            # the served bundle answers only what its gate accepts: measure on exactly those
-            far = predictor.ood_distance(feats[held_i]) > new_ood["threshold"]
-            held_refused_fraction = float(far.mean())
-            refused += [(str(kept[i].path), "held out; out of distribution for the re-fitted gate") for i in held_i[far]]
-            held_i = held_i[~far]
-            held = [kept[i] for i in held_i]
-    meta["recalibration"] = {
-        "source_bundle": {"path": str(bundle_dir), "model_version": src_meta.get("model_version"),
-                          "temperature": src_meta.get("temperature"), "logit_bias": src_meta.get("logit_bias", 0.0),
-                          "thresholds": src_meta.get("thresholds"), "metrics": src_meta.get("metrics", {})},
-        "data": [str(d) for d in data],
-        "n_fit": len(fit_i), "n_fit_malignant": n_mal_fit,
-        "n_holdout": len(held_i), "n_holdout_malignant": int(y[held_i].sum()) if len(held_i) else 0,
-        "holdout_fraction": holdout, "seed": seed, "n_cannot_assess": len(refused),
-        "gate": gate, "source_gate_refused_fraction": float(src_far.mean()),
-        "holdout_refused_fraction": held_refused_fraction,
-    }
-    if len(held_i):
-        g = [groups[i] for i in held_i]
-        old = apply_calibration(logits[held_i], float(src_meta.get("temperature", 1.0)),
-                                float(src_meta.get("logit_bias", 0.0)))
-        new = apply_calibration(logits[held_i], temperature, bias)
-        # the card's test column: these images were never used to fit anything in this bundle
-        meta["metrics"]["test"] = metrics_with_ci(y[held_i], new, g, thresholds, n_resamples=n_resamples)
-        meta["recalibration"]["holdout_before"] = metrics_with_ci(
-            y[held_i], old, g, dict(src_meta["thresholds"]), n_resamples=n_resamples)
-
-    shutil.copy2(predictor.bundle.graph_path, out / predictor.bundle.graph_path.name)
-    ood = (src_meta.get("input_gate") or {}).get("ood") or {}
-    if gate == "keep" and ood.get("file"):
-        shutil.copy2(predictor.bundle.root / ood["file"], out / OOD_FILE)
-    meta["recalibration"]["split_file"] = SPLIT_FILE
-    _write_split(out / SPLIT_FILE, fit, held, refused)
-    write_metadata(out, meta)
-    write_model_card(out, meta)
     return meta
+
+
+def _measure_holdout(logits: np.ndarray, y: np.ndarray, groups: list[str], src_meta: dict[str, Any],
+                     temperature: float, bias: float, thresholds: dict[str, float], *,
+                     n_resamples: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The held-out images' metrics under the source bundle's calibration and thresholds, then under the new ones."""
+    from melanoma_detector.evaluation.metrics import apply_calibration
+    from melanoma_detector.export.bundle import metrics_with_ci
+
+    old = apply_calibration(logits, float(src_meta.get("temperature", 1.0)), float(src_meta.get("logit_bias", 0.0)))
+    new = apply_calibration(logits, temperature, bias)
+    return (metrics_with_ci(y, old, groups, dict(src_meta["thresholds"]), n_resamples=n_resamples),
+            metrics_with_ci(y, new, groups, thresholds, n_resamples=n_resamples))
 
 
 def _write_split(path: Path, fit, held, refused) -> None:
@@ -160,7 +204,7 @@ def _write_split(path: Path, fit, held, refused) -> None:
             w.writerow([p, "", "", "cannot_assess", why])
 
 
-def _score(predictor, samples, *, progress: bool) -> tuple[np.ndarray, np.ndarray, list, list[tuple[str, str]]]:
+def _score(predictor, samples, *, progress: bool) -> _Scored:
     """Logits and gate features of every image that decodes and passes the size/uniformity gate; the others as
     (path, reason)."""
     from tqdm import tqdm
@@ -191,6 +235,6 @@ def _score(predictor, samples, *, progress: bool) -> tuple[np.ndarray, np.ndarra
     flush()
     if not kept:
         raise DataError("recalibration data: no image could be assessed")
-    return np.asarray(logits, np.float64), np.asarray(feats, np.float64), kept, refused
+    return _Scored(np.asarray(logits, np.float64), np.asarray(feats, np.float64), kept, refused)
 
 
