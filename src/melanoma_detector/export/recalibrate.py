@@ -36,7 +36,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     HAM10000-only bundle), which would leave the new source nothing to serve. `"keep"` keeps the source gate and
     fits only on the images it accepts."""
     from melanoma_detector.data.discovery import discover_all, require_both_classes
-    from melanoma_detector.export.bundle import fit_ood, write_metadata, write_ood
+    from melanoma_detector.export.bundle import write_metadata
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.bundle import OOD_FILE
     from melanoma_detector.inference.predictor import Predictor
@@ -70,16 +70,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     out.mkdir(parents=True, exist_ok=True)
     held_refused_fraction = new_gate = None
     if gate == "refit":
-        new_ood = fit_ood(sc.feats[fit_i])
-        new_gate = write_ood(out, new_ood)
-        predictor.set_ood(new_ood)
-        if len(held_i):
-            # the served bundle answers only what its gate accepts: measure on exactly those
-            far = predictor.ood_distance(sc.feats[held_i]) > new_ood["threshold"]
-            held_refused_fraction = float(far.mean())
-            sc.refused += [(str(sc.kept[i].path), "held out; out of distribution for the re-fitted gate")
-                           for i in held_i[far]]
-            held_i = held_i[~far]
+        new_gate, held_i, held_refused_fraction = _refit_gate(predictor, sc, fit_i, held_i, out)
     meta = _new_metadata(src_meta, temperature, bias, thresholds, n_fit=len(fit_i), n_resamples=n_resamples)
     if new_gate is not None:
         meta["input_gate"] = {**(meta.get("input_gate") or {}), "ood": new_gate}
@@ -120,6 +111,22 @@ class _Scored:
     feats: np.ndarray
     kept: list
     refused: list[tuple[str, str]]
+
+
+def _refit_gate(predictor, sc: _Scored, fit_i: np.ndarray, held_i: np.ndarray,
+                out: Path) -> tuple[dict[str, Any], np.ndarray, float | None]:
+    """Fit the input gate on the fitting images, write it to `out` and serve with it; the held-out rows it
+    refuses are left out (and recorded), because the served bundle answers only what its gate accepts."""
+    from melanoma_detector.export.bundle import fit_ood, write_ood
+
+    new_ood = fit_ood(sc.feats[fit_i])
+    entry = write_ood(out, new_ood)
+    predictor.set_ood(new_ood)
+    if not len(held_i):
+        return entry, held_i, None
+    far = predictor.ood_distance(sc.feats[held_i]) > new_ood["threshold"]
+    sc.refused += [(str(sc.kept[i].path), "held out; out of distribution for the re-fitted gate") for i in held_i[far]]
+    return entry, held_i[~far], float(far.mean())
 
 
 def _split(kept: list, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
