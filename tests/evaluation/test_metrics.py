@@ -436,3 +436,16 @@ def test_delong_z_close_to_paired_bootstrap():
     z_boot = r["diff"] / np.std(diffs, ddof=1)
     assert r["z"] == pytest.approx(z_boot, rel=0.2)
     assert r["se"] == pytest.approx(np.std(diffs, ddof=1), rel=0.15)
+
+
+def test_fit_operating_points_meets_both_targets_on_its_own_images():
+    from melanoma_detector.evaluation.metrics import apply_calibration, fit_operating_points
+
+    rng = np.random.default_rng(3)
+    y = (rng.random(600) < 0.2).astype(int)
+    z = rng.normal(1.5 * y, 1.0)
+    t, b, th = fit_operating_points(z, y)
+    p = apply_calibration(z, t, b)
+    assert np.mean(p[y == 1] >= th["screening"]) >= 0.95
+    assert np.mean(p[y == 0] < th["high_specificity"]) >= 0.90
+    assert th["screening"] < th["high_specificity"]

@@ -35,6 +35,7 @@ __all__ = [
     "confusion_at_threshold",
     "delong_test",
     "expected_calibration_error",
+    "fit_operating_points",
     "fit_temperature",
     "fit_temperature_bias",
     "partial_auc_above_tpr",
@@ -442,6 +443,21 @@ def apply_calibration(logits: ArrayLike, temperature: float, bias: float = 0.0) 
     """Calibrated probabilities ``sigmoid(logits / T + b)``."""
     z = _scores(logits, name="logits") / float(temperature) + float(bias)
     return special.expit(z)
+
+
+# The operating points every bundle serves: the screening threshold keeps this share of the melanomas, the
+# high-specificity one this share of the benign lesions, on the images calibration is fitted on.
+SCREENING_SENSITIVITY = 0.95
+HIGH_SPECIFICITY = 0.90
+
+
+def fit_operating_points(logits: ArrayLike, y: ArrayLike) -> tuple[float, float, dict[str, float]]:
+    """Temperature and bias by NLL, then the screening and high-specificity thresholds on the calibrated
+    probabilities: what training, export and recalibration all fit on their calibration images."""
+    temperature, bias = fit_temperature_bias(logits, y)
+    p = apply_calibration(logits, temperature, bias)
+    return temperature, bias, {"screening": float(threshold_for_sensitivity(y, p, SCREENING_SENSITIVITY)),
+                               "high_specificity": float(threshold_for_specificity(y, p, HIGH_SPECIFICITY))}
 
 
 def apply_temperature(

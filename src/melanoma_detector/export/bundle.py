@@ -148,9 +148,7 @@ def export_bundle(
 ) -> dict[str, Any]:
     from melanoma_detector.evaluation.metrics import (
         apply_calibration,
-        fit_temperature_bias,
-        threshold_for_sensitivity,
-        threshold_for_specificity,
+        fit_operating_points,
     )
     from melanoma_detector.export.onnx_export import OUTPUT_NAMES, export_onnx
     from melanoma_detector.inference.predictor import Predictor
@@ -224,12 +222,8 @@ def export_bundle(
             predictor = Predictor(out, verify=True)
             v_logits, v_feats = _run_graph(predictor, [r["path"] for r in val])
             y_val = np.array([int(r["label"]) for r in val])
-            temperature, logit_bias = fit_temperature_bias(v_logits, y_val)
+            temperature, logit_bias, thresholds = fit_operating_points(v_logits, y_val)
             p_val = apply_calibration(v_logits, temperature, logit_bias)
-            thresholds = {
-                "screening": float(threshold_for_sensitivity(y_val, p_val, 0.95)),
-                "high_specificity": float(threshold_for_specificity(y_val, p_val, 0.90)),
-            }
             meta.update(temperature=temperature, logit_bias=logit_bias, thresholds=thresholds)
             meta["calibration"] = {"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), "
                                              "fitted on the validation split (NLL)", "n": int(len(val))}

@@ -36,6 +36,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     HAM10000-only bundle), which would leave the new source nothing to serve. `"keep"` keeps the source gate and
     fits only on the images it accepts."""
     from melanoma_detector.data.discovery import discover_all, require_both_classes
+    from melanoma_detector.evaluation.metrics import fit_operating_points
     from melanoma_detector.export.bundle import write_metadata
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.bundle import OOD_FILE
@@ -65,7 +66,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
         raise DataError("recalibration data: the source bundle's input gate refuses every image; use --gate refit")
     fit_i, held_i = _split(sc.kept, holdout, seed)
     y = np.array([s.label for s in sc.kept], dtype=np.int64)
-    temperature, bias, thresholds = _fit_operating_points(sc.logits[fit_i], y[fit_i])
+    temperature, bias, thresholds = fit_operating_points(sc.logits[fit_i], y[fit_i])
 
     out.mkdir(parents=True, exist_ok=True)
     held_refused_fraction = new_gate = None
@@ -148,21 +149,6 @@ def _split(kept: list, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarra
         log.warning("only %d melanoma(s) to fit on: the 95%%-sensitivity threshold rests on the lowest-scored few; "
                     "treat it as provisional", n_mal_fit)
     return fit_i, held_i
-
-
-def _fit_operating_points(logits: np.ndarray, y: np.ndarray) -> tuple[float, float, dict[str, float]]:
-    """Temperature and bias by NLL, then the two thresholds on the calibrated probabilities, as export fits them."""
-    from melanoma_detector.evaluation.metrics import (
-        apply_calibration,
-        fit_temperature_bias,
-        threshold_for_sensitivity,
-        threshold_for_specificity,
-    )
-
-    temperature, bias = fit_temperature_bias(logits, y)
-    p = apply_calibration(logits, temperature, bias)
-    return temperature, bias, {"screening": float(threshold_for_sensitivity(y, p, 0.95)),
-                               "high_specificity": float(threshold_for_specificity(y, p, 0.90))}
 
 
 def _new_metadata(src_meta: dict[str, Any], temperature: float, bias: float, thresholds: dict[str, float], *,

@@ -655,9 +655,7 @@ def _finalize(model, best, base, splits, pp, config, out_dir, *, device, amp_dty
     from melanoma_detector.evaluation.metrics import (
         apply_calibration,
         binary_metrics,
-        fit_temperature_bias,
-        threshold_for_sensitivity,
-        threshold_for_specificity,
+        fit_operating_points,
     )
 
     workers = config.data.num_workers
@@ -667,12 +665,8 @@ def _finalize(model, best, base, splits, pp, config, out_dir, *, device, amp_dty
         return predict_logits(model, loader, device=device, progress=progress, desc=desc, amp_dtype=amp_dtype)
 
     val_logits, val_y = logits_of(splits["val"], "final val")
-    temperature, logit_bias = fit_temperature_bias(val_logits, val_y)
+    temperature, logit_bias, thresholds = fit_operating_points(val_logits, val_y)
     p_val = apply_calibration(val_logits, temperature, logit_bias)
-    thresholds = {
-        "screening": float(threshold_for_sensitivity(val_y, p_val, 0.95)),
-        "high_specificity": float(threshold_for_specificity(val_y, p_val, 0.90)),
-    }
     metrics = {"val": binary_metrics(val_y, p_val, threshold=thresholds["screening"])}
     if splits["test"] and len({s.label for s in splits["test"]}) == 2:
         tl_, ty = logits_of(splits["test"], "final test")
