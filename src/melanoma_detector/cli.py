@@ -91,9 +91,9 @@ def _add_train(sub) -> None:
     p.add_argument("--workers", type=_non_negative_int, help="DataLoader worker processes")
     p.add_argument("--seed", type=int)
     p.add_argument("--max-steps-per-epoch", type=_positive_int, help="cap steps per epoch (smoke runs)")
-    p.add_argument("--distill-from", nargs="+", metavar="RUN_DIR",
-                   help="knowledge distillation: also train towards the mean logit of these trained runs (teachers "
-                        "trained on the same split) on each training image")
+    p.add_argument("--distill-from", nargs="+", metavar="RUN_OR_BUNDLE",
+                   help="knowledge distillation: also train towards the mean logit of these trained runs or model "
+                        "bundles (teachers trained on the same split) on each training image")
     p.add_argument("--distill-weight", type=float, help="weight of the teachers' soft targets, 0-1 (default 0.5)")
     p.add_argument("--distill-temperature", type=float, help="softening temperature for distillation (default 2)")
     p.add_argument("--aux-diagnosis-weight", type=float, metavar="W",

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -179,3 +180,15 @@ def test_data_credits_name_only_the_collections_trained_on():
     assert names(["/x/isic2017"]) == ["ISIC 2017 (Task 3 train + val)"]
     assert names(["/x/HAM10000", "/x/isic2017", "/mine/clinic"]) == ["HAM10000", "ISIC 2017 (Task 3 train + val)",
                                                                      "/mine/clinic"]
+
+
+def test_shipped_bundle_records_the_training_images_of_the_committed_split():
+    """Its members trained with `--split-file configs/splits/default.csv` (their configs say so), so a
+    student on that split may distil from `models/default`."""
+    from melanoma_detector.data.splits import split_csv_fingerprint
+
+    repo = Path(__file__).resolve().parents[2]
+    meta = json.loads((repo / "models" / "default" / "metadata.json").read_text())
+    members = meta["training"].get("members") or [meta["training"]]
+    assert all(Path(m["config"]["data"]["split_file"]).name == "default.csv" for m in members)
+    assert meta["training"]["train_keys_sha256"] == split_csv_fingerprint(repo / "configs" / "splits" / "default.csv")

@@ -1,6 +1,7 @@
 """Knowledge distillation: the loss, the teachers' leak check and a run that distils."""
 
 import csv
+import json
 import logging
 
 import numpy as np
@@ -10,8 +11,9 @@ from torch import nn
 
 from conftest import train_tiny
 from melanoma_detector.data.discovery import Sample
+from melanoma_detector.data.splits import split_csv_fingerprint
 from melanoma_detector.errors import UserError
-from melanoma_detector.training.distill import check_no_teacher_leak
+from melanoma_detector.training.distill import check_no_teacher_leak, teacher_logits
 from melanoma_detector.training.engine import Distillation, train_one_epoch, weighted_bce
 from melanoma_detector.training.sampling import TensorBatches
 
@@ -111,3 +113,36 @@ def test_bad_distillation_options_are_one_line_errors(seed_layout, tmp_path, cap
     assert "no checkpoint there" in capsys.readouterr().err
     assert _train(seed_layout, tmp_path / "b", tmp_path / "cache", "--distill-weight", "1.5") == 2
     assert "distill_weight" in capsys.readouterr().err
+
+
+def test_a_bundle_teaches_as_its_checkpoint_does_and_only_students_of_its_own_training_images(
+        seed_layout, tmp_path, capsys):
+    from melanoma_detector.cli import main
+
+    teacher = tmp_path / "teacher"
+    assert _train(seed_layout, teacher, tmp_path / "cache") == 0
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--model", str(teacher), "--out", str(bundle), "--resamples", "20"]) == 0
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["training"]["train_keys_sha256"] == split_csv_fingerprint(teacher / "split.csv")
+
+    rows = list(csv.DictReader((teacher / "split.csv").open()))
+    samples = [Sample(path=r["path"], label=int(r["label"]), split=r["split"], key=r["key"]) for r in rows]
+    cpu = torch.device("cpu")
+    from_graph = teacher_logits([bundle], samples, device=cpu, batch_size=5)
+    from_checkpoint = teacher_logits([teacher], samples, device=cpu, batch_size=5)
+    assert from_graph.shape == (len(samples),) and np.abs(from_graph - from_checkpoint).max() < 1e-4
+
+    split = str(teacher / "split.csv")
+    assert _train(seed_layout, tmp_path / "student", tmp_path / "cache", "--split-file", split,
+                  "--distill-from", str(bundle)) == 0
+    capsys.readouterr()
+    # Another seed draws other training images: the bundle may have seen this run's val images.
+    assert _train(seed_layout, tmp_path / "leaky", tmp_path / "cache", "--seed", "11",
+                  "--distill-from", str(bundle)) == 2
+    assert "other images than this run's training split" in capsys.readouterr().err
+    meta["training"].pop("train_keys_sha256")
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    assert _train(seed_layout, tmp_path / "unknown", tmp_path / "cache", "--split-file", split,
+                  "--distill-from", str(bundle)) == 2
+    assert "records no fingerprint of its training images" in capsys.readouterr().err

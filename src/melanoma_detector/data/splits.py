@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import random
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 
 from melanoma_detector.data.discovery import DataSource, Sample
@@ -135,6 +137,23 @@ def apply_split_file(samples: list[Sample], path: str | Path) -> list[Sample]:
         s.split = mapping[s.key]
     check_no_group_leak(samples)
     return samples
+
+
+def train_fingerprint(train_keys: Iterable[str]) -> str:
+    """sha256 of a training set's image keys (order-free). A model bundle records it so that a run
+    distilling from the bundle can check the teacher trained on exactly its own training images,
+    hence never on its val/test images, without the bundle carrying its whole split."""
+    return hashlib.sha256("\n".join(sorted(set(train_keys))).encode()).hexdigest()
+
+
+def split_csv_fingerprint(path: str | Path) -> str | None:
+    """`train_fingerprint` of the train rows of a split CSV (a run's split.csv or a --split-file);
+    None when the file is missing."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    with p.open(newline="") as fh:
+        return train_fingerprint(row["key"] for row in csv.DictReader(fh) if row.get("split") == "train")
 
 
 def split_counts(samples: list[Sample]) -> dict[str, dict[str, int]]:

@@ -179,6 +179,11 @@ def export_bundle(
     fractions = [float(c["config"]["train"].get("unfreeze_fraction", 0.3)) for _, c in loaded]
     sha = export_onnx([m for m, _ in loaded], out / "model.onnx", input_size=int(pp["input_size"]),
                       gate_fraction=fractions)
+    from melanoma_detector.data.splits import split_csv_fingerprint
+
+    # Recorded only when every member trained on the same images: `--distill-from BUNDLE` checks it.
+    fingerprints = {split_csv_fingerprint(p.parent / "split.csv") for p in paths}
+    train_keys_sha256 = fingerprints.pop() if len(fingerprints) == 1 else None
     backbone = ckpt["backbone"] if len(loaded) == 1 else \
         "mean-logit ensemble of " + " + ".join(c["backbone"] for _, c in loaded)
     thresholds = dict(ckpt.get("thresholds") or {"screening": 0.5, "high_specificity": 0.5})
@@ -203,6 +208,7 @@ def export_bundle(
                              "config": c["config"]} for path, (_, c) in zip(paths, loaded)]}
                if len(loaded) > 1 else {}),
             "data": _data_credits(ckpt["config"]["data"]["paths"]),
+            "train_keys_sha256": train_keys_sha256,
         },
         "licence": "Model weights trained on HAM10000: CC BY-NC-SA 4.0 (non-commercial use only)"
         if _looks_like_shared(ckpt) else "see the training data's licence",

@@ -5,10 +5,15 @@ Why: an ensemble of small models scores better than any member, but the bundle h
 only two of them (50 MB fp32). A student trained towards the ensemble's soft predictions can
 carry part of that gain in one model's size.
 
+A teacher is a run folder (or its checkpoint.pt) or a model bundle (`melanoma export`'s folder,
+such as the shipped `models/default`): a bundle's ONNX graph gives the logits, so the shipped
+ensemble can teach without its members' checkpoints.
+
 The teachers see each training image once, un-augmented, with their own preprocessing; the
 student sees augmented views of it. A teacher must never have trained on this run's validation
 or test images (or on another image of the same lesion): its soft targets would then carry
-what it learnt from them. `check_no_teacher_leak` refuses such a teacher.
+what it learnt from them. `check_no_teacher_leak` refuses such a teacher: a run by its split.csv,
+a bundle by the fingerprint of its training images, which must be this run's own.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 import torch
 
 from melanoma_detector.data.discovery import Sample
+from melanoma_detector.data.splits import train_fingerprint
 from melanoma_detector.errors import UserError
 from melanoma_detector.fileio import atomic_path
 from melanoma_detector.models.checkpoint import (
@@ -37,17 +43,40 @@ from melanoma_detector.training.sampling import build_image_loader
 log = logging.getLogger(__name__)
 
 
+def is_bundle_teacher(teacher: str | Path) -> bool:
+    p = Path(teacher)
+    return (p / "metadata.json").is_file() or (p.name == "metadata.json" and p.is_file())
+
+
 def teacher_checkpoint_path(teacher: str | Path) -> Path:
     p = checkpoint_file(teacher)
     if not p.is_file():
-        raise UserError(f"--distill-from {teacher}: no checkpoint there (accepted: a run folder of `melanoma train` "
-                        f"or its checkpoint.pt)")
+        raise UserError(f"--distill-from {teacher}: no checkpoint there (accepted: a run folder of `melanoma train`, "
+                        f"its checkpoint.pt, or a model bundle folder of `melanoma export`)")
     return p
 
 
-def check_no_teacher_leak(teacher: str | Path, held_out: Sequence[Sample]) -> None:
+def _check_bundle_teacher(teacher: str | Path, train_keys: Sequence[str]) -> None:
+    from melanoma_detector.inference.bundle import load_bundle
+
+    recorded = (load_bundle(teacher, verify=False).metadata.get("training") or {}).get("train_keys_sha256")
+    if not recorded:
+        raise UserError(f"--distill-from {teacher}: the bundle records no fingerprint of its training images "
+                        f"(training.train_keys_sha256), so it cannot be checked that it never trained on this run's "
+                        f"val/test images; accepted: a bundle exported from runs on one split, or a run folder")
+    if recorded != train_fingerprint(train_keys):
+        raise UserError(f"--distill-from {teacher}: the bundle trained on other images than this run's training "
+                        f"split, so it may have seen this run's val/test images; accepted: a bundle whose members "
+                        f"trained on this run's split (the same --split-file)")
+
+
+def check_no_teacher_leak(teacher: str | Path, held_out: Sequence[Sample], *, train_keys: Sequence[str] = ()) -> None:
     """Refuse a teacher whose training split holds any of `held_out` (this run's val and test
-    images), by image key or by lesion group. The teacher's split.csv must sit in its run folder."""
+    images), by image key or by lesion group. A run teacher's split.csv must sit in its run folder;
+    a bundle teacher must have trained on exactly `train_keys`, this run's training images."""
+    if is_bundle_teacher(teacher):
+        _check_bundle_teacher(teacher, train_keys)
+        return
     split_csv = teacher_checkpoint_path(teacher).parent / "split.csv"
     if not split_csv.is_file():
         raise UserError(f"--distill-from {teacher}: no split.csv beside its checkpoint, so it cannot be checked that "
@@ -71,6 +100,23 @@ def _teacher_id(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _bundle_logits(bundle_dir: str | Path, samples: Sequence[Sample], *, batch_size: int, progress: bool) -> np.ndarray:
+    """The bundle graph's raw (uncalibrated) logit per sample, preprocessed as the bundle serves."""
+    from tqdm import tqdm
+
+    from melanoma_detector.data.io import load_image
+    from melanoma_detector.inference.predictor import Predictor
+    from melanoma_detector.preprocess import preprocess_image
+
+    predictor = Predictor(bundle_dir, threads=torch.get_num_threads())
+    out = []
+    for start in tqdm(range(0, len(samples), batch_size), desc=f"teacher {Path(bundle_dir).name}", disable=not progress,
+                      leave=False):
+        batch = [preprocess_image(load_image(s.path), predictor.pp) for s in samples[start:start + batch_size]]
+        out.append(predictor.run(np.stack(batch))["logit"].reshape(-1))
+    return np.concatenate(out).astype(np.float64)
+
+
 def teacher_logits(
     teachers: Sequence[str | Path], samples: Sequence[Sample], *, device: torch.device, batch_size: int = 64,
     workers: int = 0, progress: bool = False, cache_dir: Path | None = None,
@@ -79,8 +125,11 @@ def teacher_logits(
     preprocessing), as float32 of shape (len(samples),). Cached in `cache_dir` when given, keyed
     by the teachers' checkpoint files and the samples, so a resumed run or another student of the
     same teachers does not pay for it again (three 192 px teachers: ~13 min on 2 CPU cores)."""
-    paths = [teacher_checkpoint_path(t) for t in teachers]
-    key = hashlib.sha256(repr(([_teacher_id(p) for p in paths], [s.key or s.path for s in samples])).encode()).hexdigest()
+    from melanoma_detector.inference.bundle import load_bundle
+
+    paths = [Path(t) if is_bundle_teacher(t) else teacher_checkpoint_path(t) for t in teachers]
+    ids = [f"bundle:{load_bundle(p).metadata['graph']['sha256']}" if is_bundle_teacher(p) else _teacher_id(p) for p in paths]
+    key = hashlib.sha256(repr((ids, [s.key or s.path for s in samples])).encode()).hexdigest()
     cache_file = Path(cache_dir) / f"teacher-logits-{key[:16]}.npz" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
         with np.load(cache_file) as cached:
@@ -89,6 +138,10 @@ def teacher_logits(
                 return cached["logits"]
     total = np.zeros(len(samples), np.float64)
     for p in paths:
+        if is_bundle_teacher(p):
+            total += _bundle_logits(p, samples, batch_size=batch_size, progress=progress)
+            log.info("distillation teacher: bundle %s: logits of %d training images", p, len(samples))
+            continue
         ckpt = read_checkpoint(p)
         model = model_from_checkpoint(ckpt).to(device)
         if device.type in ("cpu", "cuda"):

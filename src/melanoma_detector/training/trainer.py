@@ -443,7 +443,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         from melanoma_detector.training.distill import check_no_teacher_leak, teacher_logits
 
         for teacher in tc.distill_from:
-            check_no_teacher_leak(teacher, [*val_s, *splits["test"]])
+            check_no_teacher_leak(teacher, [*val_s, *splits["test"]], train_keys=[s.key for s in train_s])
         # Rank 0 computes (or reads from the cache) and shares: the teachers' passes run once.
         z_teacher = broadcast_object(
             teacher_logits(tc.distill_from, train_s, device=device, batch_size=64, workers=config.data.num_workers,
