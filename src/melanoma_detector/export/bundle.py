@@ -60,21 +60,6 @@ def _read_split(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def _run_graph(predictor, paths: list[str], batch_size: int = 32, feature: str = "gate_features") -> tuple[np.ndarray, np.ndarray]:
-    from tqdm import tqdm
-
-    from melanoma_detector.data.io import load_image
-    from melanoma_detector.preprocess import preprocess_image
-
-    logits, feats = [], []
-    for start in tqdm(range(0, len(paths), batch_size), desc="bundle pass", leave=False):
-        batch = np.stack([preprocess_image(load_image(p), predictor.pp) for p in paths[start : start + batch_size]])
-        out = predictor.run(batch)
-        logits.append(out["logit"])
-        feats.append(out[feature])
-    return np.concatenate(logits).astype(np.float64), np.concatenate(feats).astype(np.float64)
-
-
 def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
     """Ledoit-Wolf shrunk covariance (Ledoit & Wolf 2004): (1 - a) S + a mu I."""
     n, p = x.shape
@@ -151,7 +136,7 @@ def export_bundle(
         fit_operating_points,
     )
     from melanoma_detector.export.onnx_export import OUTPUT_NAMES, export_onnx
-    from melanoma_detector.inference.predictor import Predictor
+    from melanoma_detector.inference.predictor import Predictor, run_graph
     from melanoma_detector.models.checkpoint import checkpoint_file, load_checkpoint
 
     paths = [checkpoint_file(c) for c in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
@@ -226,7 +211,8 @@ def export_bundle(
         else:
             write_metadata(out, meta)
             predictor = Predictor(out, verify=True)
-            v_logits, v_feats = _run_graph(predictor, [r["path"] for r in val])
+            v = run_graph(predictor, [r["path"] for r in val], outputs=("logit", "gate_features"))
+            v_logits, v_feats = v["logit"], v["gate_features"]
             y_val = np.array([int(r["label"]) for r in val])
             temperature, logit_bias, thresholds = fit_operating_points(v_logits, y_val)
             p_val = apply_calibration(v_logits, temperature, logit_bias)
@@ -238,7 +224,8 @@ def export_bundle(
             groups_val = [r.get("group") or r["key"] for r in val]
             meta["metrics"]["val"] = metrics_with_ci(y_val, p_val, groups_val, thresholds, n_resamples=n_resamples)
             if test:
-                t_logits, t_feats = _run_graph(predictor, [r["path"] for r in test])
+                t = run_graph(predictor, [r["path"] for r in test], outputs=("logit", "gate_features"))
+                t_logits, t_feats = t["logit"], t["gate_features"]
                 y_test = np.array([int(r["label"]) for r in test])
                 p_test = apply_calibration(t_logits, temperature, logit_bias)
                 groups = [r.get("group") or r["key"] for r in test]

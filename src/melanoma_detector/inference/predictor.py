@@ -249,6 +249,21 @@ class Predictor:
         return self.bundle.metadata.get("disclaimer", DISCLAIMER)
 
 
+def run_graph(predictor: Predictor, paths: Sequence[str], *, outputs: Sequence[str] = ("logit",), batch_size: int = 32,
+              progress: bool = True, desc: str = "bundle pass") -> dict[str, np.ndarray]:
+    """Raw graph outputs (float64; "logit" uncalibrated) for images that must all be scored, as
+    export and distillation need: no input gate, and a bad file raises instead of being skipped."""
+    from tqdm import tqdm
+
+    got: dict[str, list[np.ndarray]] = {name: [] for name in outputs}
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, disable=not progress, leave=False):
+        out = predictor.run(np.stack([preprocess_image(load_image(p), predictor.pp)
+                                      for p in paths[start:start + batch_size]]))
+        for name in outputs:
+            got[name].append(out[name])
+    return {name: np.concatenate(parts).astype(np.float64) for name, parts in got.items()}
+
+
 def gradcam(fmap: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Grad-CAM: ReLU of the gradient-weighted sum of feature-map channels, scaled to [0, 1]."""
     cam = np.maximum(np.tensordot(weights, fmap, axes=(0, 0)), 0)

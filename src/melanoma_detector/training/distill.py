@@ -100,30 +100,13 @@ def _teacher_id(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
-def _bundle_logits(bundle_dir: str | Path, samples: Sequence[Sample], *, batch_size: int, progress: bool) -> np.ndarray:
-    """The bundle graph's raw (uncalibrated) logit per sample, preprocessed as the bundle serves."""
-    from tqdm import tqdm
-
-    from melanoma_detector.data.io import load_image
-    from melanoma_detector.inference.predictor import Predictor
-    from melanoma_detector.preprocess import preprocess_image
-
-    predictor = Predictor(bundle_dir, threads=torch.get_num_threads())
-    out = []
-    for start in tqdm(range(0, len(samples), batch_size), desc=f"teacher {Path(bundle_dir).name}", disable=not progress,
-                      leave=False):
-        batch = [preprocess_image(load_image(s.path), predictor.pp) for s in samples[start:start + batch_size]]
-        out.append(predictor.run(np.stack(batch))["logit"].reshape(-1))
-    return np.concatenate(out).astype(np.float64)
-
-
 def teacher_logits(
     teachers: Sequence[str | Path], samples: Sequence[Sample], *, device: torch.device, batch_size: int = 64,
     workers: int = 0, progress: bool = False, cache_dir: Path | None = None,
 ) -> np.ndarray:
     """Mean raw logit of `teachers` on `samples` (evaluation transform, each teacher's own
-    preprocessing), as float32 of shape (len(samples),). Cached in `cache_dir` when given, keyed
-    by the teachers' checkpoint files and the samples, so a resumed run or another student of the
+    preprocessing; a bundle's through its graph), as float32 of shape (len(samples),). Cached in
+    `cache_dir` when given, keyed by the teachers' checkpoint files (a bundle's graph sha256) and the samples, so a resumed run or another student of the
     same teachers does not pay for it again (three 192 px teachers: ~13 min on 2 CPU cores)."""
     from melanoma_detector.inference.bundle import load_bundle
 
@@ -139,7 +122,10 @@ def teacher_logits(
     total = np.zeros(len(samples), np.float64)
     for p in paths:
         if is_bundle_teacher(p):
-            total += _bundle_logits(p, samples, batch_size=batch_size, progress=progress)
+            from melanoma_detector.inference.predictor import Predictor, run_graph
+
+            total += run_graph(Predictor(p, threads=torch.get_num_threads()), [s.path for s in samples],
+                               batch_size=batch_size, progress=progress, desc=f"teacher {p.name}")["logit"].reshape(-1)
             log.info("distillation teacher: bundle %s: logits of %d training images", p, len(samples))
             continue
         ckpt = read_checkpoint(p)
