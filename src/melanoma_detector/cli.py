@@ -194,19 +194,15 @@ def _print_train_summary(summary) -> None:
               f"at screening threshold {summary['thresholds']['screening']:.3f}")
 
 
-def _is_bundle(path: Path) -> bool:
-    return (path / "metadata.json").is_file() or path.name == "metadata.json"
-
-
 def _make_predictor(model: str | None, *, tta: bool = False):
     """A bundle (default: the shipped one) goes through the torch-free Predictor; a checkpoint
     (.pt or run folder) through torch."""
-    from melanoma_detector.inference.bundle import default_bundle_dir
+    from melanoma_detector.inference.bundle import default_bundle_dir, is_bundle_path
 
     path = Path(model) if model else default_bundle_dir()
-    if model is None and not _is_bundle(path):
+    if model is None and not is_bundle_path(path):
         raise UserError(f"no default model bundle at {path}; pass --model (a bundle folder, checkpoint or run folder)")
-    if _is_bundle(path):
+    if is_bundle_path(path):
         from melanoma_detector.inference.predictor import Predictor
 
         predictor = Predictor(path)

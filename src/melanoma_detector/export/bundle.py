@@ -131,6 +131,7 @@ def export_bundle(
     n_resamples: int = 1000,
     version: str | None = None,
 ) -> dict[str, Any]:
+    from melanoma_detector.data.splits import split_csv_fingerprint
     from melanoma_detector.evaluation.metrics import (
         apply_calibration,
         fit_operating_points,
@@ -164,8 +165,6 @@ def export_bundle(
     fractions = [float(c["config"]["train"].get("unfreeze_fraction", 0.3)) for _, c in loaded]
     sha = export_onnx([m for m, _ in loaded], out / "model.onnx", input_size=int(pp["input_size"]),
                       gate_fraction=fractions)
-    from melanoma_detector.data.splits import split_csv_fingerprint
-
     # Recorded only when every member trained on the same images: `--distill-from BUNDLE` checks it.
     fingerprints = {split_csv_fingerprint(p.parent / "split.csv") for p in paths}
     train_keys_sha256 = fingerprints.pop() if len(fingerprints) == 1 else None

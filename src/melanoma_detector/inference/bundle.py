@@ -95,6 +95,12 @@ class Bundle:
         return str(self.metadata.get("model_version", "unknown"))
 
 
+def is_bundle_path(path: str | Path) -> bool:
+    """A bundle folder or its metadata.json, as opposed to a run folder or checkpoint."""
+    p = Path(path)
+    return (p / "metadata.json").is_file() or p.name == "metadata.json"
+
+
 def load_bundle(path: str | Path | None = None, *, verify: bool = True) -> Bundle:
     root = Path(path) if path is not None else default_bundle_dir()
     if root.is_file() and root.name == "metadata.json":

@@ -31,6 +31,7 @@ from melanoma_detector.data.discovery import Sample
 from melanoma_detector.data.splits import train_fingerprint
 from melanoma_detector.errors import UserError
 from melanoma_detector.fileio import atomic_path
+from melanoma_detector.inference.bundle import is_bundle_path, load_bundle
 from melanoma_detector.models.checkpoint import (
     checkpoint_file,
     checkpoint_preprocessing,
@@ -43,11 +44,6 @@ from melanoma_detector.training.sampling import build_image_loader
 log = logging.getLogger(__name__)
 
 
-def is_bundle_teacher(teacher: str | Path) -> bool:
-    p = Path(teacher)
-    return (p / "metadata.json").is_file() or (p.name == "metadata.json" and p.is_file())
-
-
 def teacher_checkpoint_path(teacher: str | Path) -> Path:
     p = checkpoint_file(teacher)
     if not p.is_file():
@@ -57,8 +53,6 @@ def teacher_checkpoint_path(teacher: str | Path) -> Path:
 
 
 def _check_bundle_teacher(teacher: str | Path, train_keys: Sequence[str]) -> None:
-    from melanoma_detector.inference.bundle import load_bundle
-
     recorded = (load_bundle(teacher, verify=False).metadata.get("training") or {}).get("train_keys_sha256")
     if not recorded:
         raise UserError(f"--distill-from {teacher}: the bundle records no fingerprint of its training images "
@@ -74,7 +68,7 @@ def check_no_teacher_leak(teacher: str | Path, held_out: Sequence[Sample], *, tr
     """Refuse a teacher whose training split holds any of `held_out` (this run's val and test
     images), by image key or by lesion group. A run teacher's split.csv must sit in its run folder;
     a bundle teacher must have trained on exactly `train_keys`, this run's training images."""
-    if is_bundle_teacher(teacher):
+    if is_bundle_path(teacher):
         _check_bundle_teacher(teacher, train_keys)
         return
     split_csv = teacher_checkpoint_path(teacher).parent / "split.csv"
@@ -108,10 +102,8 @@ def teacher_logits(
     preprocessing; a bundle's through its graph), as float32 of shape (len(samples),). Cached in
     `cache_dir` when given, keyed by the teachers' checkpoint files (a bundle's graph sha256) and the samples, so a resumed run or another student of the
     same teachers does not pay for it again (three 192 px teachers: ~13 min on 2 CPU cores)."""
-    from melanoma_detector.inference.bundle import load_bundle
-
-    paths = [Path(t) if is_bundle_teacher(t) else teacher_checkpoint_path(t) for t in teachers]
-    ids = [f"bundle:{load_bundle(p).metadata['graph']['sha256']}" if is_bundle_teacher(p) else _teacher_id(p) for p in paths]
+    paths = [Path(t) if is_bundle_path(t) else teacher_checkpoint_path(t) for t in teachers]
+    ids = [f"bundle:{load_bundle(p).metadata['graph']['sha256']}" if is_bundle_path(p) else _teacher_id(p) for p in paths]
     key = hashlib.sha256(repr((ids, [s.key or s.path for s in samples])).encode()).hexdigest()
     cache_file = Path(cache_dir) / f"teacher-logits-{key[:16]}.npz" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
@@ -121,7 +113,7 @@ def teacher_logits(
                 return cached["logits"]
     total = np.zeros(len(samples), np.float64)
     for p in paths:
-        if is_bundle_teacher(p):
+        if is_bundle_path(p):
             from melanoma_detector.inference.predictor import Predictor, run_graph
 
             total += run_graph(Predictor(p, threads=torch.get_num_threads()), [s.path for s in samples],
