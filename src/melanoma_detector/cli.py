@@ -109,6 +109,9 @@ def _add_train(sub) -> None:
                    help="plain phase 2: blend a share of the batches with a shuffled copy of themselves (default none)")
     p.add_argument("--mix-alpha", type=float, metavar="A", help="Beta(A, A) for the blend weight (default 0.4)")
     p.add_argument("--mix-prob", type=float, metavar="P", help="share of the batches mixed, 0-1 (default 0.5)")
+    p.add_argument("--rank-weight", type=float, metavar="W",
+                   help="add W times a pairwise ranking loss (a smooth surrogate of 1 - AUC over each batch's "
+                        "melanoma/benign pairs), 0-10 (default 0: off)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (and report how many) instead of stopping")
     p.add_argument("--no-progress", action="store_true")
@@ -175,6 +178,7 @@ def cmd_train(args) -> int:
         "train.mix": args.mix,
         "train.mix_alpha": args.mix_alpha,
         "train.mix_prob": args.mix_prob,
+        "train.rank_weight": args.rank_weight,
     }
     config = load_config(args.config, overrides)
     if not 0 <= config.train.unfreeze_fraction <= 1:

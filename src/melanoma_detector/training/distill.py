@@ -100,10 +100,13 @@ def teacher_logits(
 ) -> np.ndarray:
     """Mean raw logit of `teachers` on `samples` (evaluation transform, each teacher's own
     preprocessing; a bundle's through its graph), as float32 of shape (len(samples),). Cached in
-    `cache_dir` when given, keyed by the teachers' checkpoint files (a bundle's graph sha256) and the samples, so a resumed run or another student of the
-    same teachers does not pay for it again (three 192 px teachers: ~13 min on 2 CPU cores)."""
+    `cache_dir` when given, keyed by the teachers' checkpoint files (a bundle's graph sha256) and
+    the samples, so a resumed run or another student of the same teachers does not pay for it
+    again (three 192 px teachers: ~13 min on 2 CPU cores)."""
     paths = [Path(t) if is_bundle_path(t) else teacher_checkpoint_path(t) for t in teachers]
-    ids = [f"bundle:{load_bundle(p).metadata['graph']['sha256']}" if is_bundle_path(p) else _teacher_id(p) for p in paths]
+    # Loaded (and their graphs hashed against their metadata) once, for the key and the scoring.
+    bundles = {p: load_bundle(p) for p in paths if is_bundle_path(p)}
+    ids = [f"bundle:{bundles[p].metadata['graph']['sha256']}" if p in bundles else _teacher_id(p) for p in paths]
     key = hashlib.sha256(repr((ids, [s.key or s.path for s in samples])).encode()).hexdigest()
     cache_file = Path(cache_dir) / f"teacher-logits-{key[:16]}.npz" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
@@ -113,10 +116,10 @@ def teacher_logits(
                 return cached["logits"]
     total = np.zeros(len(samples), np.float64)
     for p in paths:
-        if is_bundle_path(p):
+        if p in bundles:
             from melanoma_detector.inference.predictor import Predictor, run_graph
 
-            total += run_graph(Predictor(p, threads=torch.get_num_threads()), [s.path for s in samples],
+            total += run_graph(Predictor(bundles[p], threads=torch.get_num_threads()), [s.path for s in samples],
                                batch_size=batch_size, progress=progress, desc=f"teacher {p.name}")["logit"].reshape(-1)
             log.info("distillation teacher: bundle %s: logits of %d training images", p, len(samples))
             continue

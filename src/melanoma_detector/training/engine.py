@@ -70,6 +70,20 @@ def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: tuple[flo
     return loss.mean()
 
 
+def pairwise_rank_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """RankNet's pairwise logistic loss, mean of softplus(z_benign - z_melanoma) over every
+    (melanoma, benign) pair of the batch: a smooth surrogate of 1 - AUC. Per-item losses score
+    each image alone; this term looks only at the order of the two classes, so its gradient
+    comes from the benign images that outscore a melanoma, however confident each is. A batch
+    without both classes contributes zero (kept in the graph, so backward still runs)."""
+    z = logits.float().reshape(-1)
+    positive = targets.reshape(-1) > 0.5
+    pos, neg = z[positive], z[~positive]
+    if pos.numel() == 0 or neg.numel() == 0:
+        return z.sum() * 0.0
+    return nn.functional.softplus(neg[None, :] - pos[:, None]).mean()
+
+
 @dataclass(frozen=True)
 class Distillation:
     """Soft targets for training: `teacher_logits[i]` is the teachers' logit for dataset item i
@@ -116,10 +130,12 @@ def _batches(loader, max_steps: int | None):
         yield batch
 
 
-def _item_loss(logits, aux_logits, targets, index, *, class_w, distill, aux) -> torch.Tensor:
+def _item_loss(logits, aux_logits, targets, index, *, class_w, distill, aux, rank_weight) -> torch.Tensor:
     """The loss of a batch against per-item `targets` and dataset `index` (which item's soft and
     diagnosis targets apply)."""
     loss = weighted_bce(logits, targets, class_w) if distill is None else distill.loss(logits, targets, index, class_w)
+    if rank_weight:
+        loss = loss + rank_weight * pairwise_rank_loss(logits, targets)
     if aux is not None and aux_logits is not None:
         loss = loss + aux.loss(aux_logits, index)
     return loss
@@ -144,13 +160,15 @@ def train_one_epoch(
     aux: AuxDiagnosis | None = None,
     ema: WeightEma | None = None,
     mix: BatchMix | None = None,
+    rank_weight: float = 0.0,
 ) -> dict[str, float]:
     """One pass over `loader` ((inputs, targets, index) batches); returns {"loss", "auc", "n"}.
     With `distill`, the loss also pulls the model towards the teachers' soft targets; with `aux`
     (and a model that returns (logit, diagnosis logits) in train mode) it adds the diagnosis term;
     `ema` folds the weights into its average after every step. `mix` blends selected batches with
     a shuffled copy (mixup / cutmix) and the loss the same way; the reported training AUC then
-    scores the model on the mixed inputs against the original items' labels.
+    scores the model on the mixed inputs against the original items' labels. `rank_weight` adds
+    that multiple of `pairwise_rank_loss` over the batch (against each blend's labels when mixed).
 
     Under DDP, `model` is the DistributedDataParallel wrapper and loss / AUC cover all ranks."""
     from tqdm import tqdm
@@ -160,7 +178,7 @@ def train_one_epoch(
     all_logits, all_targets = [], []
     total_steps = len(loader) if max_steps is None else min(len(loader), max_steps)
     has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
-    terms = {"class_w": class_w, "distill": distill, "aux": aux}
+    terms = {"class_w": class_w, "distill": distill, "aux": aux, "rank_weight": rank_weight}
     bar = tqdm(_batches(loader, max_steps), total=total_steps, desc=desc, disable=not progress, leave=False)
     for batch in bar:
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)

@@ -523,7 +523,7 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
                 trained, train_loader, optimizer, device=device, class_w=cw, set_train_mode=set_mode,
                 max_steps=tc.max_steps_per_epoch, progress=progress, desc=f"{phase} {epoch}/{epochs}",
                 amp_dtype=amp_dtype, scaler=scaler, channels_last=channels_last, dist=dist, distill=distill, aux=aux,
-                ema=ema, mix=mix,
+                ema=ema, mix=mix, rank_weight=tc.rank_weight,
             )
             train_seconds = time.perf_counter() - t0
             # With EMA, the averaged weights are the ones validated, kept and shipped.
