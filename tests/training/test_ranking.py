@@ -27,7 +27,7 @@ def test_it_falls_as_the_classes_separate_and_ignores_a_shift_of_all_scores():
     assert mis_ranked > tied > ranked
     assert tied.item() == pytest.approx(math.log(2))
     assert ranked.item() < 1e-4
-    # Only the order matters: unlike the per-item loss, a common shift changes nothing.
+    # Only differences between the classes count: unlike the per-item loss, a common shift changes nothing.
     shifted = torch.tensor([5.0, -5.0, -6.0]) + 7.0
     assert pairwise_rank_loss(shifted, targets).item() == pytest.approx(ranked.item(), abs=1e-9)
 

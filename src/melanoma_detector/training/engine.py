@@ -73,9 +73,9 @@ def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: tuple[flo
 def pairwise_rank_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """RankNet's pairwise logistic loss, mean of softplus(z_benign - z_melanoma) over every
     (melanoma, benign) pair of the batch: a smooth surrogate of 1 - AUC. Per-item losses score
-    each image alone; this term looks only at the order of the two classes, so its gradient
-    comes from the benign images that outscore a melanoma, however confident each is. A batch
-    without both classes contributes zero (kept in the graph, so backward still runs)."""
+    each image alone; this term sees only score differences between the classes, so its gradient
+    is largest for the benign images that outscore a melanoma, whatever their absolute scores. A
+    batch without both classes contributes zero (kept in the graph, so backward still runs)."""
     z = logits.float().reshape(-1)
     positive = targets.reshape(-1) > 0.5
     pos, neg = z[positive], z[~positive]
@@ -132,7 +132,7 @@ def _batches(loader, max_steps: int | None):
 
 def _item_loss(logits, aux_logits, targets, index, *, class_w, distill, aux, rank_weight) -> torch.Tensor:
     """The loss of a batch against per-item `targets` and dataset `index` (which item's soft and
-    diagnosis targets apply)."""
+    diagnosis targets apply), plus the batch-level ranking term when `rank_weight` is set."""
     loss = weighted_bce(logits, targets, class_w) if distill is None else distill.loss(logits, targets, index, class_w)
     if rank_weight:
         loss = loss + rank_weight * pairwise_rank_loss(logits, targets)
