@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE_FILES, REPO
+from melanoma_detector.app.ui import DEFAULT_OPACITY
 
 CHROMIUM = Path(os.environ.get("MELANOMA_CHROMIUM", "/usr/bin/chromium"))  # Debian's package
 SCREENSHOT = REPO / "test-artifacts" / "app.png"
@@ -80,6 +81,15 @@ def test_upload_shows_risk_and_heatmap(browser_page, live_server):
     slider.dispatch_event("change")
     page.wait_for_function(
         "([sel, old]) => { const el = document.querySelector(sel); return el && el.getAttribute('src') !== old; }",
+        arg=["#heatmap img", before], timeout=STEP_MS,
+    )
+    page.wait_for_function("el => el.complete && el.naturalWidth > 0", arg=heatmap.element_handle(),
+                           timeout=STEP_MS)
+    # and back: the first overlay's file, served again (a re-render never rewrites a file being fetched)
+    slider.fill(str(DEFAULT_OPACITY))
+    slider.dispatch_event("change")
+    page.wait_for_function(
+        "([sel, old]) => { const el = document.querySelector(sel); return el && el.getAttribute('src') === old; }",
         arg=["#heatmap img", before], timeout=STEP_MS,
     )
     expect(risk).to_contain_text(f"Risk level: {level}")

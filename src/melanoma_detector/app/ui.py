@@ -8,7 +8,11 @@ markdown, heatmap overlay image). Everything is built inside `build_blocks()`.
 
 from __future__ import annotations
 
+import hashlib
 import html
+import io
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,7 @@ from melanoma_detector import DISCLAIMER
 
 DEFAULT_OPACITY = 0.45
 DISPLAY_MAX_SIDE = 768  # the overlay is re-rendered on this copy when the slider moves
+_CACHE_SALT = os.urandom(16)
 
 RISK_STYLES = {  # text colour, background, border
     "Low": ("#1b5e20", "#e8f5e9", "#2e7d32"),
@@ -81,6 +86,34 @@ def _display_copy(img):
     return img
 
 
+def cache_png(img, cache_dir: str | Path, *, name: str = "heatmap") -> str:
+    """Write `img` as PNG under `cache_dir`/<salted sha256 of the bytes>/`name`.png, once; return the path.
+
+    Handed a PIL image, Gradio rewrites its content-addressed file in place on every render, so a second
+    render of the same overlay (the page's chained re-render, or two visitors viewing one sample) truncated
+    the file while a browser was still downloading it ("Too much data for declared Content-Length": a
+    broken heatmap). Here an existing file is never touched and a new one appears by an atomic rename.
+    Inside Gradio's cache folder, Gradio serves the file as it is and its `delete_cache` removes it."""
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    # salted per process, like Gradio's own cache names: a path reveals nothing about the image
+    folder = Path(cache_dir) / hashlib.sha256(_CACHE_SALT + data).hexdigest()
+    target = folder / f"{name}.png"
+    if target.exists():
+        return str(target.resolve())
+    folder.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(staging, target)
+    except BaseException:
+        Path(staging).unlink(missing_ok=True)
+        raise
+    return str(target.resolve())
+
+
 def _pass_upload_path_unopened(image) -> None:
     """gr.Image opens every upload with Pillow before the event handler runs, so an empty, corrupt
     or bomb file became a raw traceback naming the server's temp folder. Hand the uploaded file's
@@ -125,16 +158,21 @@ def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: st
             return probabilities(result), panel, text, None, None
         display = _display_copy(result["image"])
         cam = result["heatmap"]
-        overlay = overlay_heatmap(display, cam, opacity=DEFAULT_OPACITY)
-        return probabilities(result), panel, text, overlay, {"image": display, "cam": cam}
+        rendered = render(display, cam, DEFAULT_OPACITY)
+        return probabilities(result), panel, text, rendered, {"image": display, "cam": cam,
+                                                               "opacity": DEFAULT_OPACITY}
 
     def analyse_if_image(image_path: str | None, tta: bool):
         return analyse(image_path, tta) if image_path else empty
 
+    def render(display, cam, opacity: float) -> str:
+        return cache_png(overlay_heatmap(display, cam, opacity=float(opacity)), overlay.GRADIO_CACHE)
+
     def rerender(state: dict | None, opacity: float):
-        if not state:
-            return gr.skip()
-        return overlay_heatmap(state["image"], state["cam"], opacity=float(opacity))
+        # the render chained after every analysis is a no-op unless the slider was moved first
+        if not state or float(opacity) == state.get("opacity"):
+            return gr.skip(), gr.skip()
+        return render(state["image"], state["cam"], opacity), {**state, "opacity": float(opacity)}
 
     banner = (
         '<div style="background:#fff4d6;border:1px solid #f0a500;border-radius:6px;padding:8px 12px">'
@@ -179,15 +217,12 @@ def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: st
         )
 
         outputs = [probs, risk, recommendation, overlay, state]
-        button.click(analyse, inputs=[image, tta], outputs=outputs, api_name="predict").then(
-            rerender, inputs=[state, opacity], outputs=overlay, api_visibility="private", show_progress="hidden"
-        )
+        restyle = {"fn": rerender, "inputs": [state, opacity], "outputs": [overlay, state],
+                   "api_visibility": "private", "show_progress": "hidden"}
+        button.click(analyse, inputs=[image, tta], outputs=outputs, api_name="predict").then(**restyle)
         for event in (image.change, tta.change):
             event(analyse_if_image, inputs=[image, tta], outputs=outputs, api_visibility="private",
-                  trigger_mode="always_last").then(
-                rerender, inputs=[state, opacity], outputs=overlay, api_visibility="private", show_progress="hidden"
-            )
-        opacity.change(rerender, inputs=[state, opacity], outputs=overlay, api_visibility="private",
-                       show_progress="hidden", trigger_mode="always_last")
+                  trigger_mode="always_last").then(**restyle)
+        opacity.change(**restyle, trigger_mode="always_last")
     demo.queue(default_concurrency_limit=max(1, int(concurrency)), max_size=max_queue)
     return demo
