@@ -23,3 +23,13 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
         raise KeyboardInterrupt
     assert target.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.csv"]
+
+
+def test_two_writers_of_one_target_never_share_a_temporary(tmp_path):
+    target = tmp_path / "heatmap.png"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second
+        first.write_bytes(b"a")
+        second.write_bytes(b"b")
+    assert target.read_bytes() == b"a"  # the outer block ends last
+    assert [p.name for p in tmp_path.iterdir()] == ["heatmap.png"]

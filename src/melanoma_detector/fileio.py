@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,9 +13,10 @@ from pathlib import Path
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path in `path`'s folder to write to; renamed onto `path` when the block ends
     normally, removed when it raises. The temporary name keeps the suffix, because `np.save`
-    and `np.savez` append theirs to a name that lacks it."""
+    and `np.savez` append theirs to a name that lacks it, and is unique per call, so threads of one
+    process (the web app's queue) writing the same target never share a temporary file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
         yield tmp
     except BaseException:

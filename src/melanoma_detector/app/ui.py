@@ -12,11 +12,11 @@ import hashlib
 import html
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from melanoma_detector import DISCLAIMER
+from melanoma_detector.fileio import atomic_path
 
 DEFAULT_OPACITY = 0.45
 DISPLAY_MAX_SIDE = 768  # the overlay is re-rendered on this copy when the slider moves
@@ -100,17 +100,10 @@ def cache_png(img, cache_dir: str | Path, *, name: str = "heatmap") -> str:
     # salted per process, like Gradio's own cache names: a path reveals nothing about the image
     folder = Path(cache_dir) / hashlib.sha256(_CACHE_SALT + data).hexdigest()
     target = folder / f"{name}.png"
-    if target.exists():
-        return str(target.resolve())
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(staging, target)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
+    if not target.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(data)
     return str(target.resolve())
 
 
