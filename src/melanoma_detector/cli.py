@@ -112,6 +112,9 @@ def _add_train(sub) -> None:
     p.add_argument("--rank-weight", type=float, metavar="W",
                    help="add W times a pairwise ranking loss (a smooth surrogate of 1 - AUC over each batch's "
                         "melanoma/benign pairs), 0-10 (default 0: off)")
+    p.add_argument("--drop-path", type=float, metavar="R",
+                   help="stochastic depth: drop each residual block's branch per sample, with a probability "
+                        "rising to R at the backbone's last block, 0-1 (e.g. 0.2; default 0: off)")
     p.add_argument("--skip-bad-images", action="store_true", default=None,
                    help="skip unreadable images (and report how many) instead of stopping")
     p.add_argument("--no-progress", action="store_true")
@@ -179,6 +182,7 @@ def cmd_train(args) -> int:
         "train.mix_alpha": args.mix_alpha,
         "train.mix_prob": args.mix_prob,
         "train.rank_weight": args.rank_weight,
+        "train.drop_path": args.drop_path,
     }
     config = load_config(args.config, overrides)
     if not 0 <= config.train.unfreeze_fraction <= 1:

@@ -114,6 +114,9 @@ class TrainConfig:
     # Weight of a pairwise ranking term (training/engine.py pairwise_rank_loss: a smooth
     # surrogate of 1 - AUC over the batch's melanoma/benign pairs) added to the loss; 0 turns it off.
     rank_weight: float = 0.0
+    # Stochastic depth in the backbone's residual blocks, rising linearly to this rate at the last
+    # block (models/factory.py apply_drop_path); 0 turns it off.
+    drop_path: float = 0.0
 
     def __post_init__(self):
         for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
@@ -136,6 +139,8 @@ class TrainConfig:
             raise UserError(f"config train.mix_alpha: {self.mix_alpha} is not a positive number (e.g. 0.4)")
         if not 0 < self.mix_prob <= 1:
             raise UserError(f"config train.mix_prob: {self.mix_prob} is not in (0, 1]")
+        if not 0 <= self.drop_path < 1:
+            raise UserError(f"config train.drop_path: {self.drop_path} is not in [0, 1) (0 = off; e.g. 0.2)")
         if not 0 <= self.rank_weight <= 10:
             raise UserError(f"config train.rank_weight: {self.rank_weight} is not between 0 and 10 (0 = off; e.g. 0.5)")
 

@@ -138,6 +138,32 @@ def set_trainable_top(model: MelanomaNet, unfreeze_fraction: float) -> nn.Module
     return None
 
 
+def apply_drop_path(backbone: nn.Module, rate: float) -> int:
+    """Stochastic depth: each residual block's branch is dropped per sample with a probability rising
+    linearly from 0 at the first block to `rate` at the last, as timm's `drop_path_rate` does.
+
+    Set after construction, so every weight source (timm, the Lite packages, a file) gets it alike.
+    It only acts in train mode, and the frozen bottom is kept in eval mode (`train_mode`), so in
+    phase 2 it regularises the trainable top alone. Returns the number of blocks it can drop.
+    """
+    from timm.layers import DropPath
+
+    # timm's EfficientNet blocks hold an Identity when built without it, its ResNet blocks None.
+    blocks = [m for m in backbone.modules()
+              if hasattr(m, "drop_path") and (m.drop_path is None or isinstance(m.drop_path, (nn.Identity, DropPath)))]
+    # Blocks that change shape have no identity shortcut, so nothing to drop (timm's `has_skip`);
+    # they still count in the linear schedule, as in timm.
+    residual = [m for m in blocks if getattr(m, "has_skip", True)]
+    if not residual:
+        raise UserError(f"--drop-path: {type(backbone).__name__} has no residual blocks with a drop path; "
+                        "accepted: timm's EfficientNet/MobileNet family and ResNets, or --drop-path 0")
+    last = max(len(blocks) - 1, 1)
+    for i, block in enumerate(blocks):
+        p = rate * i / last
+        block.drop_path = DropPath(p) if p > 0 else nn.Identity()
+    return len(residual)
+
+
 def layer_lr_scales(model: MelanomaNet, unfreeze_fraction: float, decay: float) -> dict[int, float]:
     """Layer-wise LR decay: id(parameter) -> decay ** (units between its unit and the top unit).
 

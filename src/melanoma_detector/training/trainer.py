@@ -30,6 +30,7 @@ from melanoma_detector.errors import UserError
 from melanoma_detector.fileio import atomic_path
 from melanoma_detector.models.checkpoint import FORMAT_VERSION, save_checkpoint
 from melanoma_detector.models.factory import (
+    apply_drop_path,
     check_backbone_name,
     create_model,
     default_preprocessing,
@@ -406,6 +407,9 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
         allow_random_init=mc.allow_random_init or previous is not None, hidden=mc.hidden, dropout=mc.dropout,
         aux_classes=len(DIAGNOSES) if tc.aux_diagnosis_weight > 0 else 0,
     )
+    if tc.drop_path > 0:
+        n_blocks = apply_drop_path(model.backbone, tc.drop_path)
+        log.info("stochastic depth: %d residual blocks, drop rate rising to %.2f", n_blocks, tc.drop_path)
     pp = default_preprocessing(model.backbone, image_size=mc.image_size, resize_mode=mc.resize_mode,
                                color_constancy=mc.color_constancy)
     broadcast_module(model, dist)  # every rank starts from rank 0's weights, random-init ones included
