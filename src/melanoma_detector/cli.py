@@ -483,6 +483,41 @@ def _add_recalibrate(sub) -> None:
     p.set_defaults(func=cmd_recalibrate)
 
 
+def _add_refit_gate(sub) -> None:
+    p = sub.add_parser("refit-gate", help="re-fit a bundle's input gate on its validation images and acquisition "
+                                          "variants of them (a new bundle; graph and calibration unchanged)",
+                       description="Copy a bundle with its input gate (the out-of-distribution check that answers "
+                                   "cannot_assess) re-fitted by the current rule: validation images plus "
+                                   "acquisition variants of each (colour casts, exposure, blur, JPEG), a covariance "
+                                   "shrunk half way to the identity and the 0.995 quantile of held-out distances. "
+                                   "For bundles exported before that rule, whose tighter gate refuses much "
+                                   "dermoscopy from other devices. " + DISCLAIMER)
+    p.add_argument("--model", help="source bundle folder (default: the shipped model)")
+    p.add_argument("--data", action="append", required=True, metavar="PATH",
+                   help="the data folders the bundle was trained on; repeat for several")
+    p.add_argument("--split-file", required=True,
+                   help="the split CSV the bundle was trained with (its validation images fit the gate)")
+    p.add_argument("--out", required=True, help="new bundle folder (must not exist or be empty)")
+    p.add_argument("--variants", type=int, default=None, metavar="K",
+                   help="acquisition variants per validation image (default 2; 0: the images alone)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_refit_gate)
+
+
+def cmd_refit_gate(args) -> int:
+    from melanoma_detector.export.gate import ACQUISITION_VARIANTS, refit_bundle_gate
+    from melanoma_detector.inference.bundle import default_bundle_dir
+
+    variants = ACQUISITION_VARIANTS if args.variants is None else args.variants
+    meta = refit_bundle_gate(args.model or default_bundle_dir(), args.data, args.out, split_file=args.split_file,
+                             variants=variants, progress=not args.no_progress)
+    ood = meta["input_gate"]["ood"]
+    refused = (meta.get("metrics") or {}).get("test", {}).get("ood_refused_fraction")
+    print(f"bundle written to {args.out} (model {meta['model_version']}); gate threshold {ood['threshold']:.2f} "
+          f"({ood['threshold_rule']})" + (f"; refuses {refused:.2%} of the test split" if refused is not None else ""))
+    return 0
+
+
 def cmd_recalibrate(args) -> int:
     from melanoma_detector.export.recalibrate import recalibrate_bundle
     from melanoma_detector.inference.bundle import default_bundle_dir
@@ -592,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_card(sub)
     _add_recalibrate(sub)
+    _add_refit_gate(sub)
     _add_serve(sub)
     return parser
 

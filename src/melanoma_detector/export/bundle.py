@@ -3,7 +3,7 @@
 When the run's split (split.csv beside the checkpoint) points at images that exist, the bundle
 is finished on them through the exported graph itself, so its numbers describe what is served:
 temperature and operating points on validation, the out-of-distribution statistics of the input
-gate on validation, and test metrics with 95% bootstrap CIs resampled by lesion group.
+gate on validation and acquisition variants of it (export/gate.py), and test metrics with 95% bootstrap CIs resampled by lesion group.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 
 from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
 from melanoma_detector.errors import UserError
+from melanoma_detector.export.gate import fit_bundle_gate, write_ood
 from melanoma_detector.inference.bundle import BUNDLE_FORMAT_VERSION
 from melanoma_detector.preprocess import Preprocessing
 
@@ -52,63 +53,11 @@ DATA_CREDITS = [
         "licence": "ISIC Archive terms; cite the challenge",
     },
 ]
-OOD_QUANTILE = 0.99
 
 
 def _read_split(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as fh:
         return list(csv.DictReader(fh))
-
-
-def ledoit_wolf(x: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ledoit-Wolf shrunk covariance (Ledoit & Wolf 2004): (1 - a) S + a mu I."""
-    n, p = x.shape
-    xc = x - x.mean(axis=0)
-    s = xc.T @ xc / n
-    mu = np.trace(s) / p
-    delta = ((s - mu * np.eye(p)) ** 2).sum() / p
-    beta = sum((((row[:, None] * row[None, :]) - s) ** 2).sum() for row in xc) / (p * n * n)
-    shrink = float(min(beta, delta) / delta) if delta > 0 else 1.0
-    return (1 - shrink) * s + shrink * mu * np.eye(p), shrink
-
-
-def fit_ood(features: np.ndarray, *, quantile: float = OOD_QUANTILE) -> dict[str, Any]:
-    """Gaussian model of in-distribution gate features (Ledoit-Wolf covariance). Half the
-    validation images fit it; the threshold is a high quantile of the other half's Mahalanobis
-    distances, so it is not set on the points it was fitted to."""
-    rng = np.random.default_rng(0)
-    idx = rng.permutation(len(features))
-    fit, held = features[idx[: len(idx) // 2]], features[idx[len(idx) // 2 :]]
-    cov, shrink = ledoit_wolf(fit)
-    mean = fit.mean(axis=0)
-    # A small ridge keeps constant features (tiny or synthetic data) from making it singular.
-    scale = float(np.trace(cov)) / len(cov)
-    precision = np.linalg.inv(cov + (1e-6 * scale if scale > 0 else 1e-6) * np.eye(len(cov)))
-    z = held - mean
-    d = np.sqrt(np.einsum("ij,jk,ik->i", z, precision, z))
-    return {
-        "method": "Mahalanobis distance of the per-channel mean/std of the frozen backbone part's output "
-                  f"(graph output gate_features, {features.shape[1]} values; Ledoit-Wolf covariance, shrinkage {shrink:.3f})",
-        "feature": "gate_features",
-        "mean": [float(v) for v in mean],
-        "precision": [[float(v) for v in row] for row in precision],
-        "threshold": float(np.quantile(d, quantile)),
-        "threshold_rule": f"{quantile:.3f} quantile of distances of held-out validation images (half of val)",
-        "n_fit": int(len(fit)),
-    }
-
-
-def write_ood(out: Path, ood: dict[str, Any]) -> dict[str, Any]:
-    """Store the gate's mean and precision matrix in `ood.npz` (a 1280x1280 matrix is ~1.3 MB of
-    JSON that nobody reads); metadata.json keeps the rule, the threshold and the file's sha256."""
-    from melanoma_detector.inference.bundle import OOD_FILE, sha256_file
-
-    arrays = {k: np.asarray(ood[k], np.float64) for k in ("mean", "precision")}
-    with (out / OOD_FILE).open("wb") as fh:
-        np.savez(fh, **arrays)
-    info = {k: v for k, v in ood.items() if k not in arrays}
-    info.update(file=OOD_FILE, sha256=sha256_file(out / OOD_FILE))
-    return info
 
 
 def metrics_with_ci(y: np.ndarray, p: np.ndarray, groups: list[str], thresholds: dict[str, float],
@@ -210,15 +159,14 @@ def export_bundle(
         else:
             write_metadata(out, meta)
             predictor = Predictor(out, verify=True)
-            v = run_graph(predictor, [r["path"] for r in val], outputs=("logit", "gate_features"))
-            v_logits, v_feats = v["logit"], v["gate_features"]
+            v_logits = run_graph(predictor, [r["path"] for r in val], outputs=("logit",))["logit"]
             y_val = np.array([int(r["label"]) for r in val])
             temperature, logit_bias, thresholds = fit_operating_points(v_logits, y_val)
             p_val = apply_calibration(v_logits, temperature, logit_bias)
             meta.update(temperature=temperature, logit_bias=logit_bias, thresholds=thresholds)
             meta["calibration"] = {"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), "
                                              "fitted on the validation split (NLL)", "n": int(len(val))}
-            ood = fit_ood(v_feats)
+            ood = fit_bundle_gate(predictor, [r["path"] for r in val])
             meta["input_gate"]["ood"] = write_ood(out, ood)
             groups_val = [r.get("group") or r["key"] for r in val]
             meta["metrics"]["val"] = metrics_with_ci(y_val, p_val, groups_val, thresholds, n_resamples=n_resamples)

@@ -118,7 +118,7 @@ def _refit_gate(predictor, sc: _Scored, fit_i: np.ndarray, held_i: np.ndarray,
                 out: Path) -> tuple[dict[str, Any], np.ndarray, float | None]:
     """Fit the input gate on the fitting images, write it to `out` and serve with it; the held-out rows it
     refuses are left out (and recorded), because the served bundle answers only what its gate accepts."""
-    from melanoma_detector.export.bundle import fit_ood, write_ood
+    from melanoma_detector.export.gate import fit_ood, write_ood
 
     new_ood = fit_ood(sc.feats[fit_i])
     entry = write_ood(out, new_ood)
