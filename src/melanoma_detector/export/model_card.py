@@ -164,7 +164,7 @@ model inherits the non-commercial terms of HAM10000.
 {external_table(meta)}
 ## Input gate
 Refused as `cannot_assess` with a reason: files that do not decode, images under {gate.get('min_side', 64)} px on a
-side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and images whose pooled features are far from the validation distribution (' + ood['method'] + '; threshold ' + f"{ood['threshold']:.2f}" + ', ' + ood['threshold_rule'] + ')' if ood else ' (no out-of-distribution statistics in this bundle)'}.{f' On the test split it refuses {refused:.1%} of dermoscopic images.' if refused is not None else ''}
+side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and images whose gate features are far from those of the validation images (' + ood['method'] + '; threshold ' + f"{ood['threshold']:.2f}" + ', ' + ood['threshold_rule'] + ')' if ood else ' (no out-of-distribution statistics in this bundle)'}.{f' On the test split it refuses {refused:.1%} of dermoscopic images.' if refused is not None else ''}
 
 ## Limitations
 - Dermoscopic images only; clinical photos, screenshots and non-skin images are out of distribution.
