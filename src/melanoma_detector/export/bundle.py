@@ -3,7 +3,8 @@
 When the run's split (split.csv beside the checkpoint) points at images that exist, the bundle
 is finished on them through the exported graph itself, so its numbers describe what is served:
 temperature and operating points on validation, the out-of-distribution statistics of the input
-gate on validation and acquisition variants of it (export/gate.py), and test metrics with 95% bootstrap CIs resampled by lesion group.
+gate on validation and acquisition variants of it (export/gate.py), and test metrics with 95%
+bootstrap CIs resampled by lesion group.
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFilter
 
+from melanoma_detector.inference.predictor import mahalanobis
+
 log = logging.getLogger(__name__)
 
 QUANTILE = 0.995
@@ -123,8 +125,7 @@ def fit_ood(features: np.ndarray, groups: np.ndarray | None = None, *, quantile:
     # A small ridge keeps constant features (tiny or synthetic data) from making it singular.
     scale = float(np.trace(cov)) / len(cov)
     precision = np.linalg.inv(cov + (1e-6 * scale if scale > 0 else 1e-6) * np.eye(len(cov)))
-    z = held - mean
-    d = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, precision, z), 0))
+    d = mahalanobis(held, {"mean": mean, "precision": precision})
     how = "Ledoit-Wolf" if shrinkage == "ledoit-wolf" else "fixed"
     return {
         "method": "Mahalanobis distance of the per-channel mean/std of the frozen backbone part's output "
@@ -139,11 +140,6 @@ def fit_ood(features: np.ndarray, groups: np.ndarray | None = None, *, quantile:
         "acquisition_variants": int(variants),
         "n_fit": int(len(np.unique(groups[in_fit]))),
     }
-
-
-def mahalanobis(features: np.ndarray, ood: dict[str, Any]) -> np.ndarray:
-    z = features.astype(np.float64) - np.asarray(ood["mean"], np.float64)
-    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, np.asarray(ood["precision"], np.float64), z), 0))
 
 
 def write_ood(out: Path, ood: dict[str, Any]) -> dict[str, Any]:

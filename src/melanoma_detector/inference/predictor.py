@@ -44,6 +44,12 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
+def mahalanobis(features: np.ndarray, ood: dict[str, Any]) -> np.ndarray:
+    """Mahalanobis distance of each row of `features` under an input gate's mean and precision matrix."""
+    z = features.astype(np.float64) - np.asarray(ood["mean"], np.float64)
+    return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, np.asarray(ood["precision"], np.float64), z), 0))
+
+
 def gate_image(img: Image.Image, *, min_side: int, min_std: float) -> None:
     """The input gate's cheap checks, before the model: raises CannotAssess with the reason."""
     w, h = img.size
@@ -130,8 +136,7 @@ class Predictor:
 
     def ood_distance(self, features: np.ndarray) -> np.ndarray:
         """Mahalanobis distance of gate features to the validation distribution in the bundle."""
-        z = features.astype(np.float64) - self.ood["mean"]
-        return np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", z, self.ood["precision"], z), 0))
+        return mahalanobis(features, self.ood)
 
     def run(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         outs = self.session.run(None, {"image": batch.astype(np.float32, copy=False)})
