@@ -95,7 +95,9 @@ def test_gate_keep_keeps_the_source_gate_and_drops_what_it_refuses(tiny, tmp_pat
     assert r["n_cannot_assess"] == round(80 * r["source_gate_refused_fraction"])
     assert main(["recalibrate", "--model", str(bundle), "--data", str(site), "--out", str(tmp_path / "refit"),
                  "--holdout", "0", "--no-progress"]) == 0
-    refit = json.loads((tmp_path / "refit" / "metadata.json").read_text())["recalibration"]
+    refit_meta = json.loads((tmp_path / "refit" / "metadata.json").read_text())
+    refit = refit_meta["recalibration"]
+    assert refit_meta["input_gate"]["ood"]["acquisition_variants"] == 2  # fitted by export's rule
     assert refit["n_fit"] + refit["n_cannot_assess"] == 80 and refit["n_holdout"] == 0
     # a refitted gate keeps the images the old one refused
     assert refit["n_fit"] - (r["n_fit"] + r["n_holdout"]) == r["n_cannot_assess"] - refit["n_cannot_assess"]
