@@ -476,8 +476,9 @@ def _add_recalibrate(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out draw")
     p.add_argument("--gate", choices=RECALIBRATION_GATES, default="refit",
                    help="refit (default): also re-fit the input gate's out-of-distribution statistics on these "
-                        "images, since a gate fitted on another collection refuses most of a new one; keep: the "
-                        "source bundle's gate, fitting only on the images it accepts")
+                        "images (and acquisition variants of them), since a gate fitted on another collection "
+                        "refuses part of a new one; keep: the source bundle's gate, fitting only on the images it "
+                        "accepts")
     p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for CIs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_recalibrate)
