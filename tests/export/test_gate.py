@@ -126,3 +126,28 @@ def test_refit_gate_refuses_bad_targets_and_another_split(bundle_and_split, tmp_
         w.writerows(rows)
     assert main([*args, "--split-file", str(other), "--out", str(tmp_path / "o2")]) == 2
     assert "not the ones" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+
+
+def test_a_fit_on_already_scored_images_matches_the_full_pass(bundle_and_split):
+    """Export and recalibrate have scored the images themselves; passing those features in must fit the same
+    gate as scoring them again, with only the variants going through the graph."""
+    from melanoma_detector.export.gate import fit_bundle_gate, gate_features
+    from melanoma_detector.inference import Predictor
+    from melanoma_detector.inference.predictor import run_graph
+
+    root, split, bundle = bundle_and_split
+    paths = [r["path"] for r in csv.DictReader(split.open()) if r["split"] == "val"]
+    pred = Predictor(bundle)
+    full_feats, full_owner = gate_features(pred, paths, variants=2)
+    only_variants, owner = gate_features(pred, paths, variants=2, originals=False)
+    assert len(only_variants) == 2 * len(paths) and np.array_equal(owner, np.repeat(np.arange(len(paths)), 2))
+    assert np.allclose(only_variants, full_feats[np.tile([False, True, True], len(paths))],
+                       atol=1e-5)
+    own = run_graph(pred, paths, outputs=("gate_features",), progress=False)["gate_features"]
+    full = fit_bundle_gate(pred, paths)
+    reused = fit_bundle_gate(pred, paths, features=own)
+    assert reused["n_fit"] == full["n_fit"]
+    assert reused["threshold"] == pytest.approx(full["threshold"], rel=1e-4)
+    assert np.allclose(reused["mean"], full["mean"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="one row per image"):
+        fit_bundle_gate(pred, paths, features=own[:-1])

@@ -160,14 +160,15 @@ def export_bundle(
         else:
             write_metadata(out, meta)
             predictor = Predictor(out, verify=True)
-            v_logits = run_graph(predictor, [r["path"] for r in val], outputs=("logit",))["logit"]
+            v = run_graph(predictor, [r["path"] for r in val], outputs=("logit", "gate_features"))
+            v_logits = v["logit"]
             y_val = np.array([int(r["label"]) for r in val])
             temperature, logit_bias, thresholds = fit_operating_points(v_logits, y_val)
             p_val = apply_calibration(v_logits, temperature, logit_bias)
             meta.update(temperature=temperature, logit_bias=logit_bias, thresholds=thresholds)
             meta["calibration"] = {"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), "
                                              "fitted on the validation split (NLL)", "n": int(len(val))}
-            ood = fit_bundle_gate(predictor, [r["path"] for r in val])
+            ood = fit_bundle_gate(predictor, [r["path"] for r in val], features=v["gate_features"])
             meta["input_gate"]["ood"] = write_ood(out, ood)
             groups_val = [r.get("group") or r["key"] for r in val]
             meta["metrics"]["val"] = metrics_with_ci(y_val, p_val, groups_val, thresholds, n_resamples=n_resamples)

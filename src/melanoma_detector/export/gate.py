@@ -76,11 +76,13 @@ def acquisition_variant(img: Image.Image, rng: np.random.Generator) -> Image.Ima
 
 
 def gate_features(predictor, images: Sequence[str | Path | Image.Image], *, variants: int = 0, seed: int = 0,
-                  batch_size: int = 32, progress: bool = False, desc: str = "gate features") -> tuple[np.ndarray, np.ndarray]:
+                  originals: bool = True, batch_size: int = 32, progress: bool = False,
+                  desc: str = "gate features") -> tuple[np.ndarray, np.ndarray]:
     """Gate features of each image and of `variants` acquisition variants of it: (features, image index per row).
+    With `originals=False` only the variants' rows, for callers that have already scored the images themselves.
 
     No gate is applied and a file that cannot be read raises, as export needs. Variants are seeded by
-    (seed, image index), so the result does not depend on batching."""
+    (seed, image index), so the result does not depend on batching or on `originals`."""
     from tqdm import tqdm
 
     from melanoma_detector.data.io import load_image
@@ -98,7 +100,7 @@ def gate_features(predictor, images: Sequence[str | Path | Image.Image], *, vari
     for i, src in enumerate(tqdm(images, desc=desc, disable=not progress, leave=False)):
         img = src if isinstance(src, Image.Image) else load_image(src)
         rng = np.random.default_rng([seed, i])
-        for k in range(1 + variants):
+        for k in range(0 if originals else 1, 1 + variants):
             batch.append(preprocess_image(img if k == 0 else acquisition_variant(img, rng), predictor.pp))
             owner.append(i)
             if len(batch) == batch_size:
@@ -153,11 +155,21 @@ def write_ood(out: Path, ood: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def fit_bundle_gate(predictor, val_paths: Sequence[str], *, variants: int = ACQUISITION_VARIANTS,
-                    progress: bool = False) -> dict[str, Any]:
-    """The input gate of a bundle, fitted on its validation images and `variants` acquisition variants of each."""
-    feats, owner = gate_features(predictor, val_paths, variants=variants, progress=progress, desc="gate fit")
-    return fit_ood(feats, owner, variants=variants)
+def fit_bundle_gate(predictor, val_paths: Sequence[str], *, features: np.ndarray | None = None,
+                    variants: int = ACQUISITION_VARIANTS, progress: bool = False) -> dict[str, Any]:
+    """The input gate of a bundle, fitted on its validation images and `variants` acquisition variants of each.
+    `features`: the images' own gate features (one row per path) when the caller has scored them already, so
+    that only the variants go through the graph."""
+    if features is None:
+        feats, owner = gate_features(predictor, val_paths, variants=variants, progress=progress, desc="gate fit")
+        return fit_ood(feats, owner, variants=variants)
+    features = np.asarray(features, np.float64)
+    if len(features) != len(val_paths):
+        raise ValueError(f"{len(features)} feature rows for {len(val_paths)} images: accepted one row per image")
+    more, owner = gate_features(predictor, val_paths, variants=variants, originals=False, progress=progress,
+                                desc="gate fit")
+    feats = np.concatenate([features, more]) if len(more) else features
+    return fit_ood(feats, np.concatenate([np.arange(len(features)), owner]), variants=variants)
 
 
 def refit_bundle_gate(bundle_dir: str | Path, data: Sequence[str | Path], out_dir: str | Path, *,

@@ -119,11 +119,10 @@ def _refit_gate(predictor, sc: _Scored, fit_i: np.ndarray, held_i: np.ndarray,
     """Fit the input gate on the fitting images and acquisition variants of each (export/gate.py, as `melanoma
     export` does), write it to `out` and serve with it; the held-out rows it refuses are left out (and recorded),
     because the served bundle answers only what its gate accepts."""
-    from melanoma_detector.export.gate import ACQUISITION_VARIANTS, fit_ood, gate_features, write_ood
+    from melanoma_detector.export.gate import fit_bundle_gate, write_ood
 
-    feats, owner = gate_features(predictor, [str(sc.kept[i].path) for i in fit_i], variants=ACQUISITION_VARIANTS,
-                                 desc="gate fit")
-    new_ood = fit_ood(feats, owner, variants=ACQUISITION_VARIANTS)
+    # The fitting images were scored by `_score`; only their acquisition variants still need the graph.
+    new_ood = fit_bundle_gate(predictor, [str(sc.kept[i].path) for i in fit_i], features=sc.feats[fit_i])
     entry = write_ood(out, new_ood)
     predictor.set_ood(new_ood)
     if not len(held_i):
