@@ -15,7 +15,7 @@ the committed split in all 8 views once (cached), then asks:
 Every image is scored, the input gate's refusals included (it refuses 1 of 1,502 test images), so the figures
 differ from `melanoma evaluate` in the third decimal at most.
 
-    python benchmarks/tta_study.py                    # about 10 min here the first time, seconds once cached
+    python benchmarks/tta_study.py                    # about 8 min here the first time, seconds once cached
     python benchmarks/tta_study.py --permutations 5000
 """
 
@@ -157,12 +157,13 @@ def main(argv=None) -> int:
     print("\n== Where the gain comes from (HAM10000): melanoma against each benign group, plain -> TTA")
     dx = np.array([r["dx"] for r in rows])
     dx_type = np.array([r["dx_type"] for r in rows])
+    benign_groups = [(f"dx={d}", dx == d) for d in ("nv", "bkl", "bcc", "akiec", "vasc", "df")] + \
+                    [(f"benign dx_type={t}", dx_type == t) for t in ("follow_up", "histo", "consensus", "confocal")]
     for split in ("val", "test"):
         m = sets == f"ham10000 {split}"
         mel = m & (y == 1)
-        for label, benign in [(f"dx={d}", m & (y == 0) & (dx == d)) for d in ("nv", "bkl", "bcc", "akiec", "vasc", "df")] + \
-                             [(f"benign dx_type={t}", m & (y == 0) & (dx_type == t))
-                              for t in ("follow_up", "histo", "consensus", "confocal")]:
+        for label, in_group in benign_groups:
+            benign = m & (y == 0) & in_group
             if benign.sum() < 10:
                 continue
             sel = mel | benign
