@@ -448,6 +448,28 @@ def cmd_card(args) -> int:
     return 0
 
 
+def _add_unbundle(sub) -> None:
+    p = sub.add_parser("unbundle", help="recover a bundle's torch models as checkpoints (to fine-tune, distil, "
+                                        "probe or re-ensemble them)",
+                       description="Rebuild the torch model(s) inside a bundle's ONNX graph and write each as a "
+                                   "checkpoint: OUT/checkpoint.pt, or OUT/member-I/checkpoint.pt for an ensemble. "
+                                   "The recovered models are checked against the graph before anything is written.")
+    p.add_argument("--model", help="bundle folder (default: the shipped models/default)")
+    p.add_argument("--out", required=True, help="folder to write the checkpoint(s) to")
+    p.add_argument("--split", help="split.csv to place beside each checkpoint (default: the split file the bundle "
+                                   "records, when it exists here)")
+    p.set_defaults(func=cmd_unbundle)
+
+
+def cmd_unbundle(args) -> int:
+    from melanoma_detector.export.unbundle import write_member_checkpoints
+
+    for path in write_member_checkpoints(args.model, args.out, split_file=args.split):
+        note = "" if (path.parent / "split.csv").is_file() else " (no split.csv: give --split to export or probe it)"
+        print(f"{path}{note}")
+    return 0
+
+
 def _holdout_fraction(text: str) -> float:
     try:
         value = float(text)
@@ -629,6 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_card(sub)
     _add_recalibrate(sub)
     _add_refit_gate(sub)
+    _add_unbundle(sub)
     _add_serve(sub)
     return parser
 

@@ -1,0 +1,239 @@
+"""Recover the torch models inside a bundle's ONNX graph.
+
+A bundle outlives the run folders that trained it: a fresh clone has `models/default/` and no
+checkpoint. Recovering its members lets anyone fine-tune the shipped model, distil from it, probe
+it, or export it again beside a new member (`melanoma export --model OLD_MEMBER NEW_RUN`).
+
+The exporter folds every BatchNorm into the convolution before it and the head's BatchNorm scale
+into one constant, so the graph's weights are not the checkpoint's. The recovered model keeps the
+folded weight in each convolution and turns its BatchNorm into an exact bias: running mean 0,
+running variance 1 - eps, weight 1. It computes the same function, which `members_from_bundle`
+checks against the graph itself before returning anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from melanoma_detector import __version__
+from melanoma_detector.errors import UserError
+from melanoma_detector.inference.bundle import load_bundle
+from melanoma_detector.models.factory import MelanomaNet, create_model
+
+log = logging.getLogger(__name__)
+
+# Largest |torch - graph| accepted on each output for a random batch, relative to the output's scale.
+# fp32 reassociation between the two runtimes gives ~1e-5 on the shipped pair's logit; one wrong
+# weight gives differences of order one.
+LOGIT_TOLERANCE = 1e-3
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(a, dtype=np.float32))  # a writable copy: ONNX arrays are read-only
+
+
+def _constants(graph) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        # The exporter stores equal tensors once and aliases the copies through Identity nodes.
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def _conv_bn_pairs(model: MelanomaNet, input_size: int) -> list[tuple[nn.Conv2d, nn.BatchNorm2d | None]]:
+    """Every backbone convolution in execution order, with the BatchNorm that reads its output
+    directly (the one the exporter folds into it), found by running the model once."""
+    order: list[nn.Conv2d] = []
+    produced: dict[int, nn.Conv2d] = {}
+    bn_of: dict[nn.Conv2d, nn.BatchNorm2d] = {}
+    orphans: list[str] = []
+    names = {m: n for n, m in model.backbone.named_modules()}
+
+    def on_conv(mod, _inp, out):
+        order.append(mod)
+        produced[out.data_ptr()] = mod
+
+    def on_bn(mod, inp, _out):
+        conv = produced.get(inp[0].data_ptr())
+        if conv is None or conv in bn_of:
+            orphans.append(names.get(mod, "?"))
+        else:
+            bn_of[conv] = mod
+
+    hooks = []
+    for m in model.backbone.modules():
+        if isinstance(m, nn.Conv2d):
+            hooks.append(m.register_forward_hook(on_conv))
+        elif isinstance(m, nn.BatchNorm2d):
+            hooks.append(m.register_forward_hook(on_bn))
+    try:
+        with torch.no_grad():
+            model.eval().forward_features(torch.zeros(1, 3, input_size, input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+    if orphans:
+        raise UserError(f"cannot recover this backbone from a graph: BatchNorm {orphans[0]} does not follow a "
+                        "convolution; accepted: backbones whose every BatchNorm reads a convolution's output "
+                        "(EfficientNet, MobileNet, ResNet families)")
+    return [(c, bn_of.get(c)) for c in order]
+
+
+def _load_member(model: MelanomaNet, convs: list, values: dict[str, np.ndarray], head_prefix: str,
+                 graph, input_size: int) -> None:
+    pairs = _conv_bn_pairs(model, input_size)
+    if len(pairs) != len(convs):
+        raise UserError(f"the graph holds {len(convs)} convolutions for this member, its backbone "
+                        f"{len(pairs)}; the metadata's backbone does not match the graph")
+    with torch.no_grad():
+        for (conv, bn), node in zip(pairs, convs):
+            weight = values[node.input[1]]
+            if tuple(weight.shape) != tuple(conv.weight.shape):
+                raise UserError(f"graph convolution {node.name} has weights {tuple(weight.shape)}, the backbone "
+                                f"{tuple(conv.weight.shape)}; the metadata's backbone does not match the graph")
+            bias = values[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(weight.shape[0], "f4")
+            conv.weight.copy_(_tensor(weight))
+            if bn is not None:
+                bn.weight.fill_(1.0)
+                bn.bias.copy_(_tensor(bias))
+                bn.running_mean.zero_()
+                bn.running_var.fill_(1.0 - bn.eps)
+            elif conv.bias is not None:
+                conv.bias.copy_(_tensor(bias))
+            elif np.any(bias):
+                raise UserError(f"graph convolution {node.name} has a bias its backbone layer lacks")
+        head = model.head
+        for layer in ("fc1", "fc2", "out"):
+            for p in ("weight", "bias"):
+                getattr(getattr(head, layer), p).copy_(_tensor(values[f"{head_prefix}head.{layer}.{p}"]))
+        head.norm.bias.copy_(_tensor(values[f"{head_prefix}head.norm.bias"]))
+        head.norm.running_mean.copy_(_tensor(values[f"{head_prefix}head.norm.running_mean"]))
+        head.norm.weight.copy_(_tensor(_head_scale(graph, values, head_prefix)))
+        head.norm.running_var.fill_(1.0 - head.norm.eps)
+
+
+def _head_scale(graph, values: dict[str, np.ndarray], head_prefix: str) -> np.ndarray:
+    """The exporter's constant `norm.weight / sqrt(running_var + eps)`: the factor multiplying the
+    centred pooled features (ExportWrapper.forward)."""
+    mean = f"{head_prefix}head.norm.running_mean"
+    centred = next((n.output[0] for n in graph.node if n.op_type == "Sub" and mean in n.input), None)
+    for node in graph.node:
+        if node.op_type == "Mul" and centred in node.input:
+            other = next(i for i in node.input if i != centred)
+            if other in values:
+                return values[other]
+    raise UserError(f"the graph has no head scale for {head_prefix or 'its model'}; not a graph written by "
+                    "`melanoma export`")
+
+
+def _members_info(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    training = meta.get("training") or {}
+    members = training.get("members")
+    if members:
+        return members
+    if "config" not in training:
+        raise UserError("the bundle's metadata.json records no training config; accepted: bundles written by "
+                        "`melanoma export`")
+    return [{"backbone": training["config"]["model"]["backbone"], "config": training["config"],
+             "best": training.get("best")}]
+
+
+def members_from_bundle(path: str | Path | None = None) -> list[tuple[MelanomaNet, dict[str, Any]]]:
+    """The bundle's models as (torch model in eval mode, checkpoint dict), first member first.
+
+    Raises UserError when the recovered models do not reproduce the graph's outputs."""
+    import onnx
+
+    bundle = load_bundle(path)
+    meta = bundle.metadata
+    infos = _members_info(meta)
+    size = int(meta["preprocessing"]["input_size"])
+    graph = onnx.load(str(bundle.graph_path)).graph
+    values = _constants(graph)
+    conv_nodes = [n for n in graph.node if n.op_type == "Conv"]
+    ensemble = len(infos) > 1
+    out: list[tuple[MelanomaNet, dict[str, Any]]] = []
+    for i, info in enumerate(infos):
+        mcfg = info["config"]["model"]
+        model = create_model(info["backbone"], pretrained=False, hidden=tuple(mcfg["hidden"]),
+                             dropout=tuple(mcfg["dropout"]))
+        convs = [n for n in conv_nodes if n.name.startswith(f"/members.{i}/")] if ensemble else conv_nodes
+        _load_member(model, convs, values, f"members.{i}.model." if ensemble else "model.", graph, size)
+        model.eval()
+        ckpt: dict[str, Any] = {
+            "format_version": 1,
+            "package_version": __version__,
+            "backbone": info["backbone"],
+            "config": info["config"],
+            "class_names": list(meta["class_names"]),
+            "preprocessing": dict(meta["preprocessing"]),
+            "best": info.get("best"),
+            "source_bundle": {"model_version": bundle.version, "graph_sha256": meta["graph"].get("sha256"),
+                              "member": i, "of": len(infos)},
+        }
+        if not ensemble:  # one model: the bundle's calibration is its own
+            ckpt.update(temperature=bundle.temperature, logit_bias=bundle.logit_bias, thresholds=bundle.thresholds)
+        out.append((model, ckpt))
+    _check_against_graph([m for m, _ in out], [c for _, c in out], bundle.graph_path, size)
+    return out
+
+
+def _check_against_graph(models: list[MelanomaNet], ckpts: list[dict], graph_path: Path, size: int) -> None:
+    import onnxruntime as ort
+
+    from melanoma_detector.export.onnx_export import OUTPUT_NAMES, EnsembleWrapper, ExportWrapper
+
+    wrappers = [ExportWrapper(m, gate_fraction=float(c["config"]["train"].get("unfreeze_fraction", 0.3)))
+                for m, c in zip(models, ckpts)]
+    wrapper = wrappers[0] if len(wrappers) == 1 else EnsembleWrapper(wrappers)
+    x = _tensor(np.random.default_rng(0).normal(size=(2, 3, size, size)))
+    with torch.no_grad():
+        expected = [t.numpy() for t in wrapper.eval()(x)]
+    sess = ort.InferenceSession(str(graph_path), providers=["CPUExecutionProvider"])
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {sess.get_inputs()[0].name: x.numpy()})))
+    for name, want in zip(OUTPUT_NAMES, expected):
+        worst = float(np.max(np.abs(got[name] - want))) if got[name].shape == want.shape else np.inf
+        # Relative to the output's scale: feature maps reach tens where the logit stays near one.
+        if not worst <= LOGIT_TOLERANCE * max(1.0, float(np.max(np.abs(want)))):
+            raise UserError(f"the recovered models differ from the graph by {worst:.3g} in {name}; the bundle's "
+                            "metadata does not describe its graph (accepted: bundles written by `melanoma export`, "
+                            "unmodified)")
+    log.info("recovered %d model(s); max |logit difference| against the graph %.2e", len(models),
+             float(np.max(np.abs(got["logit"] - expected[0]))))
+
+
+def write_member_checkpoints(path: str | Path | None, out_dir: str | Path, *,
+                             split_file: str | Path | None = None) -> list[Path]:
+    """`members_from_bundle`, each written as OUT/member-I/checkpoint.pt (OUT/checkpoint.pt for a single
+    model). `split_file` (default: the split file the bundle records, when it is at hand) is copied
+    beside each as split.csv, as in a run folder, so export and evaluation find the same split."""
+    from melanoma_detector.models.checkpoint import save_checkpoint
+    from melanoma_detector.models.factory import serving_state
+
+    if split_file and not Path(split_file).is_file():
+        raise UserError(f"split file not found: {split_file}; accepted: a run's split.csv or a --split-file CSV")
+    bundle = load_bundle(path)
+    split = Path(split_file) if split_file else Path((bundle.metadata.get("splits") or {}).get("file", ""))
+    members = members_from_bundle(bundle.root)
+    out = Path(out_dir)
+    written = []
+    for i, (model, ckpt) in enumerate(members):
+        folder = out if len(members) == 1 else out / f"member-{i}"
+        folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint({**ckpt, "model_state": serving_state(model.state_dict())}, folder / "checkpoint.pt")
+        if split.name and split.is_file():
+            shutil.copyfile(split, folder / "split.csv")
+        written.append(folder / "checkpoint.pt")
+    return written

@@ -1,0 +1,107 @@
+"""`melanoma unbundle`: the torch models recovered from a bundle's graph compute what the exported
+checkpoints computed, export again to the same served model, and a bundle whose metadata does not
+describe its graph is refused instead of yielding wrong weights."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from melanoma_detector.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import train_tiny_bundle
+
+    return train_tiny_bundle(tmp_path_factory, n_train=12, n_test=6, epochs_frozen=1, epochs_finetune=1, resamples=20)
+
+
+def _perturbed(run, path):
+    """Another member: the run's checkpoint with every weight and BatchNorm statistic moved, so that
+    folding a BatchNorm into its convolution is not close to the identity."""
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(1)
+    state = {}
+    for k, v in ckpt["model_state"].items():
+        if k.endswith("running_var"):
+            v = torch.rand(v.shape, generator=g) * 1.5 + 0.5
+        elif v.is_floating_point():
+            v = v + 0.1 * torch.randn(v.shape, generator=g)
+        state[k] = v
+    torch.save({**ckpt, "model_state": state}, path)
+    return path
+
+
+def _logits(ckpt_path, x):
+    from melanoma_detector.models.checkpoint import load_checkpoint
+
+    model, _ = load_checkpoint(ckpt_path)
+    with torch.no_grad():
+        return model(x).numpy()
+
+
+def test_recovered_members_compute_the_exported_models(tiny_run, tmp_path):
+    from melanoma_detector.export.bundle import export_bundle
+    from melanoma_detector.export.unbundle import members_from_bundle
+
+    _, run, _ = tiny_run
+    other = _perturbed(run, tmp_path / "other.pt")
+    export_bundle([run, other], tmp_path / "pair", use_data=False)
+    members = members_from_bundle(tmp_path / "pair")
+    assert [c["source_bundle"]["member"] for _, c in members] == [0, 1]
+    x = torch.randn(3, 3, 64, 64)
+    for (model, ckpt), original in zip(members, [run / "checkpoint.pt", other]):
+        with torch.no_grad():
+            got = model(x).numpy()
+        np.testing.assert_allclose(got, _logits(original, x), atol=1e-4)
+        assert "temperature" not in ckpt  # a member's own calibration is not in an ensemble's bundle
+    # The folded weights differ from the checkpoint's; the function does not.
+    assert not torch.equal(members[1][0].head.norm.weight, torch.load(other, weights_only=True)["model_state"]["head.norm.weight"])
+
+
+def test_unbundle_cli_round_trip_serves_the_same_model(tiny_run, tmp_path):
+    from melanoma_detector.inference import Predictor
+
+    root, run, single = tiny_run
+    out = tmp_path / "members"
+    assert main(["unbundle", "--model", str(single), "--out", str(out)]) == 0
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
+    meta = json.loads((single / "metadata.json").read_text())
+    assert ckpt["temperature"] == pytest.approx(meta["temperature"])  # one model: the bundle's calibration is its own
+    assert (out / "split.csv").is_file()  # the bundle's recorded split, copied as in a run folder
+    again = tmp_path / "again"
+    assert main(["export", "--model", str(out), "--out", str(again), "--resamples", "20"]) == 0
+    img = min((root / "test" / "malignant").iterdir())
+    a = Predictor(single).predict(img, heatmap=True)
+    b = Predictor(again).predict(img, heatmap=True)
+    assert a["status"] == b["status"] == "ok"
+    assert abs(a["probability_malignant"] - b["probability_malignant"]) <= 1e-5
+    np.testing.assert_allclose(np.asarray(a["heatmap"]), np.asarray(b["heatmap"]), atol=1e-4)
+
+
+def test_metadata_that_does_not_describe_the_graph_is_refused(tiny_run, tmp_path, capsys):
+    from melanoma_detector.errors import UserError
+    from melanoma_detector.export.unbundle import members_from_bundle
+
+    _, _, single = tiny_run
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    for f in single.iterdir():
+        (bundle / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((single / "metadata.json").read_text())
+    # A gate cut at another depth: the weights load, but the graph's gate features are not reproduced.
+    meta["training"]["config"]["train"]["unfreeze_fraction"] = 0.9
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="differ from the graph .* in gate_features"):
+        members_from_bundle(bundle)
+    # Another backbone: its layers do not match the graph's.
+    meta["training"]["config"]["model"]["backbone"] = "tf_efficientnet_lite0"
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    assert main(["unbundle", "--model", str(bundle), "--out", str(tmp_path / "o")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not match the graph" in err[0]
+    assert not (tmp_path / "o").exists()  # nothing written from a refused bundle
+    assert main(["unbundle", "--model", str(single), "--out", str(tmp_path / "p"), "--split", "nope.csv"]) != 0
+    assert "split file not found: nope.csv" in capsys.readouterr().err
