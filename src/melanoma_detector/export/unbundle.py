@@ -1,8 +1,8 @@
 """Recover the torch models inside a bundle's ONNX graph.
 
 A bundle outlives the run folders that trained it: a fresh clone has `models/default/` and no
-checkpoint. Recovering its members lets anyone fine-tune the shipped model, distil from it, probe
-it, or export it again beside a new member (`melanoma export --model OLD_MEMBER NEW_RUN`).
+checkpoint. Recovering its members lets anyone evaluate or probe them one by one, distil from them,
+or export one again beside a new member (`melanoma export --model OLD_MEMBER NEW_RUN`).
 
 The exporter folds every BatchNorm into the convolution before it and the head's BatchNorm scale
 into one constant, so the graph's weights are not the checkpoint's. The recovered model keeps the
