@@ -130,6 +130,17 @@ def train_tiny_bundle(tmp_path_factory, *, n_train: int, n_test: int, epochs_fro
     return root, run, bundle
 
 
+def assert_serves_alike(bundle_a: Path, bundle_b: Path, image: Path) -> None:
+    """The two bundles give one image the same probability and the same heatmap."""
+    from melanoma_detector.inference import Predictor
+
+    a = Predictor(bundle_a).predict(image, heatmap=True)
+    b = Predictor(bundle_b).predict(image, heatmap=True)
+    assert a["status"] == b["status"] == "ok"
+    assert abs(a["probability_malignant"] - b["probability_malignant"]) <= 1e-5
+    np.testing.assert_allclose(np.asarray(a["heatmap"]), np.asarray(b["heatmap"]), atol=1e-4)
+
+
 @pytest.fixture(scope="session")
 def bad_corpus(tmp_path_factory) -> Path:
     """The bad/odd input corpus of `tests/badinputs.py` as ROOT/benign/* beside one good image in

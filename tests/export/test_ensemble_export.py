@@ -4,7 +4,6 @@ preprocessing are refused."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -54,7 +53,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_export_cli_builds_a_served_ensemble(tiny_run, tmp_path):
-    from melanoma_detector.inference import Predictor
+    from conftest import assert_serves_alike
 
     root, run, single = tiny_run
     out = tmp_path / "ensemble"
@@ -64,12 +63,7 @@ def test_export_cli_builds_a_served_ensemble(tiny_run, tmp_path):
     assert len(meta["training"]["members"]) == 2
     assert (out / "MODEL_CARD.md").read_text().count("phase 1 ") == 2  # one recipe per member
     # Two copies of one model: the ensemble must serve exactly that model, heatmap included.
-    img = min((root / "test" / "malignant").iterdir())
-    a = Predictor(single).predict(img, heatmap=True)
-    b = Predictor(out).predict(img, heatmap=True)
-    assert a["status"] == b["status"] == "ok"
-    assert abs(a["probability_malignant"] - b["probability_malignant"]) <= 1e-5
-    np.testing.assert_allclose(np.asarray(a["heatmap"]), np.asarray(b["heatmap"]), atol=1e-4)
+    assert_serves_alike(single, out, min((root / "test" / "malignant").iterdir()))
 
 
 def test_members_with_different_preprocessing_are_refused(tiny_run, tmp_path):

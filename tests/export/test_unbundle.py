@@ -62,7 +62,7 @@ def test_recovered_members_compute_the_exported_models(tiny_run, tmp_path):
 
 
 def test_unbundle_cli_round_trip_serves_the_same_model(tiny_run, tmp_path):
-    from melanoma_detector.inference import Predictor
+    from conftest import assert_serves_alike
 
     root, run, single = tiny_run
     out = tmp_path / "members"
@@ -73,12 +73,7 @@ def test_unbundle_cli_round_trip_serves_the_same_model(tiny_run, tmp_path):
     assert (out / "split.csv").is_file()  # the bundle's recorded split, copied as in a run folder
     again = tmp_path / "again"
     assert main(["export", "--model", str(out), "--out", str(again), "--resamples", "20"]) == 0
-    img = min((root / "test" / "malignant").iterdir())
-    a = Predictor(single).predict(img, heatmap=True)
-    b = Predictor(again).predict(img, heatmap=True)
-    assert a["status"] == b["status"] == "ok"
-    assert abs(a["probability_malignant"] - b["probability_malignant"]) <= 1e-5
-    np.testing.assert_allclose(np.asarray(a["heatmap"]), np.asarray(b["heatmap"]), atol=1e-4)
+    assert_serves_alike(single, again, min((root / "test" / "malignant").iterdir()))
 
 
 def test_metadata_that_does_not_describe_the_graph_is_refused(tiny_run, tmp_path, capsys):
