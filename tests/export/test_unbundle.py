@@ -71,6 +71,10 @@ def test_unbundle_cli_round_trip_serves_the_same_model(tiny_run, tmp_path):
     meta = json.loads((single / "metadata.json").read_text())
     assert ckpt["temperature"] == pytest.approx(meta["temperature"])  # one model: the bundle's calibration is its own
     assert (out / "split.csv").is_file()  # the bundle's recorded split, copied as in a run folder
+    # A folder that holds a checkpoint (a trained run, say) is never overwritten.
+    before = (run / "checkpoint.pt").read_bytes()
+    assert main(["unbundle", "--model", str(single), "--out", str(run)]) != 0
+    assert (run / "checkpoint.pt").read_bytes() == before
     again = tmp_path / "again"
     assert main(["export", "--model", str(out), "--out", str(again), "--resamples", "20"]) == 0
     assert_serves_alike(single, again, min((root / "test" / "malignant").iterdir()))

@@ -226,14 +226,18 @@ def write_member_checkpoints(path: str | Path | None, out_dir: str | Path, *,
         raise UserError(f"split file not found: {split_file}; accepted: a run's split.csv or a --split-file CSV")
     bundle = load_bundle(path)
     split = Path(split_file) if split_file else Path((bundle.metadata.get("splits") or {}).get("file", ""))
-    members = members_from_bundle(bundle.root)
     out = Path(out_dir)
+    n = len(_members_info(bundle.metadata))
+    folders = [out] if n == 1 else [out / f"member-{i}" for i in range(n)]
+    taken = [f / "checkpoint.pt" for f in folders if (f / "checkpoint.pt").exists()]
+    if taken:  # never overwrite a trained model
+        raise UserError(f"{taken[0]} already exists; accepted: an --out folder that holds no checkpoint")
+    members = members_from_bundle(bundle.root)
     written = []
-    for i, (model, ckpt) in enumerate(members):
-        folder = out if len(members) == 1 else out / f"member-{i}"
+    for folder, (model, ckpt) in zip(folders, members):
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint({**ckpt, "model_state": serving_state(model.state_dict())}, folder / "checkpoint.pt")
-        if split.name and split.is_file():
+        if split.name and split.is_file() and not (folder / "split.csv").exists():
             shutil.copyfile(split, folder / "split.csv")
         written.append(folder / "checkpoint.pt")
     return written
