@@ -91,9 +91,16 @@ def test_metadata_that_does_not_describe_the_graph_is_refused(tiny_run, tmp_path
         (bundle / f.name).write_bytes(f.read_bytes())
     meta = json.loads((single / "metadata.json").read_text())
     # A gate cut at another depth: the weights load, but the graph's gate features are not reproduced.
+    single_fraction = meta["training"]["config"]["train"]["unfreeze_fraction"]
     meta["training"]["config"]["train"]["unfreeze_fraction"] = 0.9
     (bundle / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(UserError, match="differ from the graph .* in gate_features"):
+        members_from_bundle(bundle)
+    # Another head width: refused by name and shape, not with a traceback.
+    meta["training"]["config"]["train"]["unfreeze_fraction"] = single_fraction
+    meta["training"]["config"]["model"]["hidden"] = [32, 8]
+    (bundle / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(UserError, match="for head.fc1.weight"):
         members_from_bundle(bundle)
     # Another backbone: its layers do not match the graph's.
     meta["training"]["config"]["model"]["backbone"] = "tf_efficientnet_lite0"

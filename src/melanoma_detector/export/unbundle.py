@@ -86,8 +86,8 @@ def _conv_bn_pairs(model: MelanomaNet, input_size: int) -> list[tuple[nn.Conv2d,
             h.remove()
     if orphans:
         raise UserError(f"cannot recover this backbone from a graph: BatchNorm {orphans[0]} does not follow a "
-                        "convolution; accepted: backbones whose every BatchNorm reads a convolution's output "
-                        "(EfficientNet, MobileNet, ResNet families)")
+                        "convolution; accepted: backbones whose every BatchNorm reads a convolution's output, as in "
+                        "timm's EfficientNet family")
     return [(c, bn_of.get(c)) for c in order]
 
 
@@ -99,9 +99,10 @@ def _load_member(model: MelanomaNet, convs: list, values: dict[str, np.ndarray],
                         f"{len(pairs)}; the metadata's backbone does not match the graph")
     with torch.no_grad():
         for (conv, bn), node in zip(pairs, convs):
-            weight = values[node.input[1]]
-            if tuple(weight.shape) != tuple(conv.weight.shape):
-                raise UserError(f"graph convolution {node.name} has weights {tuple(weight.shape)}, the backbone "
+            weight = values.get(node.input[1])
+            if weight is None or tuple(weight.shape) != tuple(conv.weight.shape):
+                found = "no constant weights" if weight is None else f"weights {tuple(weight.shape)}"
+                raise UserError(f"graph convolution {node.name} has {found}, the backbone "
                                 f"{tuple(conv.weight.shape)}; the metadata's backbone does not match the graph")
             bias = values[node.input[2]] if len(node.input) > 2 and node.input[2] else np.zeros(weight.shape[0], "f4")
             conv.weight.copy_(_tensor(weight))
@@ -115,13 +116,19 @@ def _load_member(model: MelanomaNet, convs: list, values: dict[str, np.ndarray],
             elif np.any(bias):
                 raise UserError(f"graph convolution {node.name} has a bias its backbone layer lacks")
         head = model.head
-        for layer in ("fc1", "fc2", "out"):
-            for p in ("weight", "bias"):
-                getattr(getattr(head, layer), p).copy_(_tensor(values[f"{head_prefix}head.{layer}.{p}"]))
-        head.norm.bias.copy_(_tensor(values[f"{head_prefix}head.norm.bias"]))
-        head.norm.running_mean.copy_(_tensor(values[f"{head_prefix}head.norm.running_mean"]))
-        head.norm.weight.copy_(_tensor(_head_scale(graph, values, head_prefix)))
+        for layer, p in [(lay, p) for lay in ("fc1", "fc2", "out") for p in ("weight", "bias")] + \
+                [("norm", "bias"), ("norm", "running_mean")]:
+            _set(getattr(getattr(head, layer), p), values.get(f"{head_prefix}head.{layer}.{p}"), f"head.{layer}.{p}")
+        _set(head.norm.weight, _head_scale(graph, values, head_prefix), "head.norm scale")
         head.norm.running_var.fill_(1.0 - head.norm.eps)
+
+
+def _set(target: torch.Tensor, value: np.ndarray | None, what: str) -> None:
+    if value is None or tuple(value.shape) != tuple(target.shape):
+        found = "nothing" if value is None else f"shape {tuple(value.shape)}"
+        raise UserError(f"the graph has {found} for {what}, the metadata's model {tuple(target.shape)}; the "
+                        "metadata does not describe the graph (accepted: bundles written by `melanoma export`)")
+    target.copy_(_tensor(value))
 
 
 def _head_scale(graph, values: dict[str, np.ndarray], head_prefix: str) -> np.ndarray:
