@@ -111,3 +111,25 @@ def test_metadata_that_does_not_describe_the_graph_is_refused(tiny_run, tmp_path
     assert not (tmp_path / "o").exists()  # nothing written from a refused bundle
     assert main(["unbundle", "--model", str(single), "--out", str(tmp_path / "p"), "--split", "nope.csv"]) != 0
     assert "split file not found: nope.csv" in capsys.readouterr().err
+
+
+def test_the_shipped_bundle_is_recoverable_and_its_members_score_the_examples_alike():
+    """The shipped pair, recovered, gives the example images the graph's own logit: the bundle in git
+    stays a source of checkpoints for the next run to pair with."""
+    from pathlib import Path
+
+    from melanoma_detector.data.io import load_image
+    from melanoma_detector.export.unbundle import members_from_bundle
+    from melanoma_detector.inference import Predictor
+    from melanoma_detector.inference.predictor import run_graph
+    from melanoma_detector.preprocess import preprocess_image
+
+    examples = sorted(p for p in (Path(__file__).parents[2] / "examples").iterdir() if p.suffix == ".jpg")
+    predictor = Predictor()
+    members = members_from_bundle(predictor.bundle.root)
+    assert [c["backbone"] for _, c in members] == ["tf_efficientnet_lite0", "tf_efficientnet_lite2"]
+    x = torch.from_numpy(np.stack([preprocess_image(load_image(p), predictor.pp) for p in examples]))
+    with torch.no_grad():
+        mean_logit = torch.stack([m(x) for m, _ in members]).mean(dim=0).numpy()
+    graph = run_graph(predictor, [str(p) for p in examples], progress=False)["logit"]
+    np.testing.assert_allclose(mean_logit, graph, atol=1e-4)
