@@ -449,8 +449,8 @@ def cmd_card(args) -> int:
 
 
 def _add_unbundle(sub) -> None:
-    p = sub.add_parser("unbundle", help="recover a bundle's torch models as checkpoints (to fine-tune, distil, "
-                                        "probe or re-ensemble them)",
+    p = sub.add_parser("unbundle", help="recover a bundle's torch models as checkpoints (to evaluate, probe, distil "
+                                        "from or re-ensemble them)",
                        description="Rebuild the torch model(s) inside a bundle's ONNX graph and write each as a "
                                    "checkpoint: OUT/checkpoint.pt, or OUT/member-I/checkpoint.pt for an ensemble. "
                                    "The recovered models are checked against the graph before anything is written.")
