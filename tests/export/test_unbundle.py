@@ -126,7 +126,7 @@ def test_the_shipped_bundle_is_recoverable_and_its_members_score_the_examples_al
 
     examples = sorted(p for p in (Path(__file__).parents[2] / "examples").iterdir() if p.suffix == ".jpg")
     predictor = Predictor()
-    members = members_from_bundle(predictor.bundle.root)
+    members = members_from_bundle(predictor.bundle)
     assert [c["backbone"] for _, c in members] == ["tf_efficientnet_lite0", "tf_efficientnet_lite2"]
     x = torch.from_numpy(np.stack([preprocess_image(load_image(p), predictor.pp) for p in examples]))
     with torch.no_grad():

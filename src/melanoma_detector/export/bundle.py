@@ -86,7 +86,7 @@ def export_bundle(
         apply_calibration,
         fit_operating_points,
     )
-    from melanoma_detector.export.onnx_export import OUTPUT_NAMES, export_onnx
+    from melanoma_detector.export.onnx_export import OUTPUT_NAMES, export_onnx, gate_fraction_of
     from melanoma_detector.inference.predictor import Predictor, run_graph
     from melanoma_detector.models.checkpoint import checkpoint_file, load_checkpoint
 
@@ -112,7 +112,7 @@ def export_bundle(
             log.warning("%s: centre crop %s served at the first member's %s", path, theirs["crop_pct"], pp["crop_pct"])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fractions = [float(c["config"]["train"].get("unfreeze_fraction", 0.3)) for _, c in loaded]
+    fractions = [gate_fraction_of(c) for _, c in loaded]
     sha = export_onnx([m for m, _ in loaded], out / "model.onnx", input_size=int(pp["input_size"]),
                       gate_fraction=fractions)
     # Recorded only when every member trained on the same images: `--distill-from BUNDLE` checks it.

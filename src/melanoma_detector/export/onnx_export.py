@@ -29,6 +29,11 @@ from melanoma_detector.models.factory import MelanomaNet, split_backbone
 OUTPUT_NAMES = ["logit", "features", "fmap", "cam_weights", "gate_features"]
 
 
+def gate_fraction_of(ckpt: dict) -> float:
+    """Where a checkpoint's gate features are cut: the top of its frozen part, as it trained."""
+    return float(ckpt["config"]["train"].get("unfreeze_fraction", 0.3))
+
+
 class ExportWrapper(nn.Module):
     def __init__(self, model: MelanomaNet, *, gate_fraction: float = 0.3):
         super().__init__()

@@ -24,7 +24,8 @@ from torch import nn
 
 from melanoma_detector import __version__
 from melanoma_detector.errors import UserError
-from melanoma_detector.inference.bundle import load_bundle
+from melanoma_detector.inference.bundle import Bundle, load_bundle
+from melanoma_detector.models.checkpoint import FORMAT_VERSION
 from melanoma_detector.models.factory import MelanomaNet, create_model
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 # Largest |torch - graph| accepted on each output for a random batch, relative to the output's scale.
 # fp32 reassociation between the two runtimes gives ~1e-5 on the shipped pair's logit; one wrong
 # weight gives differences of order one.
-LOGIT_TOLERANCE = 1e-3
+TOLERANCE = 1e-3
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:
@@ -157,13 +158,13 @@ def _members_info(meta: dict[str, Any]) -> list[dict[str, Any]]:
              "best": training.get("best")}]
 
 
-def members_from_bundle(path: str | Path | None = None) -> list[tuple[MelanomaNet, dict[str, Any]]]:
+def members_from_bundle(path: str | Path | Bundle | None = None) -> list[tuple[MelanomaNet, dict[str, Any]]]:
     """The bundle's models as (torch model in eval mode, checkpoint dict), first member first.
 
     Raises UserError when the recovered models do not reproduce the graph's outputs."""
     import onnx
 
-    bundle = load_bundle(path)
+    bundle = path if isinstance(path, Bundle) else load_bundle(path)
     meta = bundle.metadata
     infos = _members_info(meta)
     size = int(meta["preprocessing"]["input_size"])
@@ -180,7 +181,7 @@ def members_from_bundle(path: str | Path | None = None) -> list[tuple[MelanomaNe
         _load_member(model, convs, values, f"members.{i}.model." if ensemble else "model.", graph, size)
         model.eval()
         ckpt: dict[str, Any] = {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "package_version": __version__,
             "backbone": info["backbone"],
             "config": info["config"],
@@ -200,10 +201,9 @@ def members_from_bundle(path: str | Path | None = None) -> list[tuple[MelanomaNe
 def _check_against_graph(models: list[MelanomaNet], ckpts: list[dict], graph_path: Path, size: int) -> None:
     import onnxruntime as ort
 
-    from melanoma_detector.export.onnx_export import OUTPUT_NAMES, EnsembleWrapper, ExportWrapper
+    from melanoma_detector.export.onnx_export import OUTPUT_NAMES, EnsembleWrapper, ExportWrapper, gate_fraction_of
 
-    wrappers = [ExportWrapper(m, gate_fraction=float(c["config"]["train"].get("unfreeze_fraction", 0.3)))
-                for m, c in zip(models, ckpts)]
+    wrappers = [ExportWrapper(m, gate_fraction=gate_fraction_of(c)) for m, c in zip(models, ckpts)]
     wrapper = wrappers[0] if len(wrappers) == 1 else EnsembleWrapper(wrappers)
     x = _tensor(np.random.default_rng(0).normal(size=(2, 3, size, size)))
     with torch.no_grad():
@@ -213,7 +213,7 @@ def _check_against_graph(models: list[MelanomaNet], ckpts: list[dict], graph_pat
     for name, want in zip(OUTPUT_NAMES, expected):
         worst = float(np.max(np.abs(got[name] - want))) if got[name].shape == want.shape else np.inf
         # Relative to the output's scale: feature maps reach tens where the logit stays near one.
-        if not worst <= LOGIT_TOLERANCE * max(1.0, float(np.max(np.abs(want)))):
+        if not worst <= TOLERANCE * max(1.0, float(np.max(np.abs(want)))):
             raise UserError(f"the recovered models differ from the graph by {worst:.3g} in {name}; the bundle's "
                             "metadata does not describe its graph (accepted: bundles written by `melanoma export`, "
                             "unmodified)")
@@ -239,7 +239,7 @@ def write_member_checkpoints(path: str | Path | None, out_dir: str | Path, *,
     taken = [f / "checkpoint.pt" for f in folders if (f / "checkpoint.pt").exists()]
     if taken:  # never overwrite a trained model
         raise UserError(f"{taken[0]} already exists; accepted: an --out folder that holds no checkpoint")
-    members = members_from_bundle(bundle.root)
+    members = members_from_bundle(bundle)
     written = []
     for folder, (model, ckpt) in zip(folders, members):
         folder.mkdir(parents=True, exist_ok=True)
