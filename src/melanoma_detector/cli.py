@@ -456,15 +456,19 @@ def _add_unbundle(sub) -> None:
                                    "The recovered models are checked against the graph before anything is written.")
     p.add_argument("--model", help="bundle folder (default: the shipped models/default)")
     p.add_argument("--out", required=True, help="folder to write the checkpoint(s) to")
-    p.add_argument("--split", help="split.csv to place beside each checkpoint (default: the split file the bundle "
-                                   "records, when it exists here)")
+    p.add_argument("--split", help="split to place beside each checkpoint as split.csv: a run's split.csv or a "
+                                   "keys-only --split-file such as configs/splits/default.csv (default: the split "
+                                   "file the bundle records, when it exists here)")
+    p.add_argument("--data", action="append", metavar="PATH",
+                   help="data folder where a keys-only --split finds its images (repeatable; default: the folders "
+                        "the bundle's models trained on)")
     p.set_defaults(func=cmd_unbundle)
 
 
 def cmd_unbundle(args) -> int:
     from melanoma_detector.export.unbundle import write_member_checkpoints
 
-    for path in write_member_checkpoints(args.model, args.out, split_file=args.split):
+    for path in write_member_checkpoints(args.model, args.out, split_file=args.split, data_paths=args.data):
         note = "" if (path.parent / "split.csv").is_file() else " (no split.csv: give --split to export or probe it)"
         print(f"{path}{note}")
     return 0

@@ -2,6 +2,7 @@
 checkpoints computed, export again to the same served model, and a bundle whose metadata does not
 describe its graph is refused instead of yielding wrong weights."""
 
+import csv
 import json
 
 import numpy as np
@@ -78,6 +79,33 @@ def test_unbundle_cli_round_trip_serves_the_same_model(tiny_run, tmp_path):
     again = tmp_path / "again"
     assert main(["export", "--model", str(out), "--out", str(again), "--resamples", "20"]) == 0
     assert_serves_alike(single, again, min((root / "test" / "malignant").iterdir()))
+
+
+def test_a_keys_only_split_file_serves_as_the_runs_own_split(tiny_run, tmp_path, capsys):
+    """The committed split (configs/splits/default.csv) lists keys, not this machine's paths: unbundle and
+    export find its images in the data folders the model trained on, as the run's own split.csv names them."""
+    root, run, single = tiny_run
+    with (run / "split.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    keys = tmp_path / "keys.csv"
+    with keys.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["key", "group", "label", "split"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "members"
+    assert main(["unbundle", "--model", str(single), "--out", str(out), "--split", str(keys)]) == 0
+    assert (out / "split.csv").read_text() == (run / "split.csv").read_text()
+    bundle = tmp_path / "b"
+    assert main(["export", "--model", str(out), "--split", str(keys), "--out", str(bundle), "--resamples", "20"]) == 0
+    meta = json.loads((bundle / "metadata.json").read_text())
+    assert meta["metrics"]["val"]["n"] == sum(r["split"] == "val" for r in rows) > 0
+    assert meta["metrics"]["val"] == json.loads((single / "metadata.json").read_text())["metrics"]["val"]
+    # Data folders that do not hold the split's images: refused in one line, before anything is written.
+    capsys.readouterr()
+    assert main(["unbundle", "--model", str(single), "--out", str(tmp_path / "m2"), "--split", str(keys),
+                 "--data", str(root / "test")]) != 0
+    assert "not found under" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()
 
 
 def test_metadata_that_does_not_describe_the_graph_is_refused(tiny_run, tmp_path, capsys):

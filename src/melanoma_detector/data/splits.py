@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from pathlib import Path
 
-from melanoma_detector.data.discovery import DataSource, Sample
+from melanoma_detector.data.discovery import DataSource, Sample, discover_all
 from melanoma_detector.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -112,11 +112,46 @@ def check_no_group_leak(samples: list[Sample]) -> None:
 
 
 def save_split(samples: list[Sample], path: str | Path) -> None:
+    write_split_rows([{"key": s.key, "path": s.path, "label": s.label, "group": s.group or "", "split": s.split}
+                      for s in samples], path)
+
+
+def read_split_rows(path: str | Path, *, data_paths: Iterable[str] = ()) -> list[dict[str, str]]:
+    """A split CSV's rows, each with the columns `save_split` writes. A run's split.csv has every image's
+    path; a --split-file such as configs/splits/default.csv lists keys only, so that it travels between
+    machines, and its images are found by key in `data_paths`, the folders it was made on."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"split file not found: {p}; accepted: a run's split.csv or a --split-file CSV")
+    with p.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+        columns = set(reader.fieldnames or ())
+    if not {"key", "split"} <= columns:
+        raise DataError(f"{p}: columns {', '.join(sorted(columns)) or 'none'}; accepted: a split CSV with "
+                        "columns key and split (and path, label, group as in a run's split.csv)")
+    if {"path", "label"} <= columns:
+        return [{**r, "group": r.get("group") or ""} for r in rows]
+    data_paths = [str(d) for d in data_paths]
+    if not data_paths:
+        raise DataError(f"{p} lists image keys, not paths; accepted: a run's split.csv, or this file with "
+                        "the data folders it was made on")
+    by_key = {s.key: s for source in discover_all(data_paths) for s in source.samples}
+    missing = [r["key"] for r in rows if r["key"] not in by_key]
+    if missing:
+        raise DataError(f"{p}: {len(missing)} of {len(rows)} image key(s) not found under "
+                        f"{', '.join(data_paths)}, first: {missing[0]}; accepted: the data folders the split "
+                        "was made on")
+    return [{"key": r["key"], "path": str(by_key[r["key"]].path), "label": str(by_key[r["key"]].label),
+             "group": r.get("group") or by_key[r["key"]].group or "", "split": r["split"]} for r in rows]
+
+
+def write_split_rows(rows: list[dict[str, str]], path: str | Path) -> None:
+    """Rows of `read_split_rows` as a run's split.csv."""
     with Path(path).open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["key", "path", "label", "group", "split"])
-        for s in samples:
-            w.writerow([s.key, s.path, s.label, s.group or "", s.split])
+        w = csv.DictWriter(fh, fieldnames=["key", "path", "label", "group", "split"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def apply_split_file(samples: list[Sample], path: str | Path) -> list[Sample]:

@@ -9,7 +9,6 @@ bootstrap CIs resampled by lesion group.
 
 from __future__ import annotations
 
-import csv
 import datetime as _dt
 import json
 import logging
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
-from melanoma_detector.errors import UserError
+from melanoma_detector.errors import DataError, UserError
 from melanoma_detector.export.gate import fit_bundle_gate, write_ood
 from melanoma_detector.inference.bundle import BUNDLE_FORMAT_VERSION
 from melanoma_detector.preprocess import Preprocessing
@@ -56,9 +55,29 @@ DATA_CREDITS = [
 ]
 
 
-def _read_split(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
+def _data_paths(ckpt: dict[str, Any]) -> list[str]:
+    """The data folders a checkpoint trained on, where a keys-only split file finds its images."""
+    return list(((ckpt.get("config") or {}).get("data") or {}).get("paths") or [])
+
+
+def _split_images(path: Path, data_paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, str]]] | None:
+    """The split's val and test rows when every one of their images is at hand; else None, and a
+    warning that says why: the bundle is then written without data-derived statistics."""
+    from melanoma_detector.data.splits import read_split_rows
+
+    try:
+        rows = read_split_rows(path, data_paths=data_paths)
+    except DataError as e:
+        log.warning("%s; bundle has no data-derived statistics", e)
+        return None
+    val = [r for r in rows if r["split"] == "val"]
+    test = [r for r in rows if r["split"] == "test"]
+    missing = [r["path"] for r in val + test if not Path(r["path"]).is_file()]
+    if missing or not val:
+        log.warning("%s; bundle has no data-derived statistics",
+                    f"split images not found (first: {missing[0]})" if missing else f"{path}: no val rows")
+        return None
+    return val, test
 
 
 def metrics_with_ci(y: np.ndarray, p: np.ndarray, groups: list[str], thresholds: dict[str, float],
@@ -151,13 +170,9 @@ def export_bundle(
     }
     split_path = Path(split_file) if split_file else ckpt_path.parent / "split.csv"
     if use_data and split_path.is_file():
-        rows = _read_split(split_path)
-        val = [r for r in rows if r["split"] == "val"]
-        test = [r for r in rows if r["split"] == "test"]
-        missing = [r["path"] for r in val + test if not Path(r["path"]).is_file()]
-        if missing:
-            log.warning("split images not found (first: %s); bundle has no data-derived statistics", missing[0])
-        else:
+        images = _split_images(split_path, _data_paths(ckpt))
+        if images is not None:
+            val, test = images
             write_metadata(out, meta)
             predictor = Predictor(out, verify=True)
             v = run_graph(predictor, [r["path"] for r in val], outputs=("logit", "gate_features"))

@@ -14,7 +14,6 @@ checks against the graph itself before returning anything.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -222,29 +221,36 @@ def _check_against_graph(models: list[MelanomaNet], ckpts: list[dict], graph_pat
 
 
 def write_member_checkpoints(path: str | Path | None, out_dir: str | Path, *,
-                             split_file: str | Path | None = None) -> list[Path]:
+                             split_file: str | Path | None = None,
+                             data_paths: list[str] | None = None) -> list[Path]:
     """`members_from_bundle`, each written as OUT/member-I/checkpoint.pt (OUT/checkpoint.pt for a single
-    model). `split_file` (default: the split file the bundle records, when it is at hand) is copied
-    beside each as split.csv, as in a run folder, so export and evaluation find the same split."""
+    model), with the split beside each as split.csv, as in a run folder, so export and evaluation find
+    the same split. `split_file` (default: the split file the bundle records, when it is at hand) may be
+    a run's split.csv or a keys-only --split-file; the latter's images are looked up in `data_paths`
+    (default: the folders the bundle's models trained on), and a key not found there is refused."""
+    from melanoma_detector.data.splits import read_split_rows, write_split_rows
     from melanoma_detector.models.checkpoint import save_checkpoint
     from melanoma_detector.models.factory import serving_state
 
-    if split_file and not Path(split_file).is_file():
-        raise UserError(f"split file not found: {split_file}; accepted: a run's split.csv or a --split-file CSV")
     bundle = load_bundle(path)
-    split = Path(split_file) if split_file else Path((bundle.metadata.get("splits") or {}).get("file", ""))
     out = Path(out_dir)
-    n = len(_members_info(bundle.metadata))
-    folders = [out] if n == 1 else [out / f"member-{i}" for i in range(n)]
+    info = _members_info(bundle.metadata)
+    folders = [out] if len(info) == 1 else [out / f"member-{i}" for i in range(len(info))]
     taken = [f / "checkpoint.pt" for f in folders if (f / "checkpoint.pt").exists()]
     if taken:  # never overwrite a trained model
         raise UserError(f"{taken[0]} already exists; accepted: an --out folder that holds no checkpoint")
+    recorded = Path((bundle.metadata.get("splits") or {}).get("file", ""))
+    rows = None
+    if split_file or (recorded.name and recorded.is_file()):
+        if data_paths is None:
+            data_paths = (info[0]["config"].get("data") or {}).get("paths") or []
+        rows = read_split_rows(split_file or recorded, data_paths=data_paths)
     members = members_from_bundle(bundle)
     written = []
     for folder, (model, ckpt) in zip(folders, members):
         folder.mkdir(parents=True, exist_ok=True)
         save_checkpoint({**ckpt, "model_state": serving_state(model.state_dict())}, folder / "checkpoint.pt")
-        if split.name and split.is_file() and not (folder / "split.csv").exists():
-            shutil.copyfile(split, folder / "split.csv")
+        if rows is not None and not (folder / "split.csv").exists():
+            write_split_rows(rows, folder / "split.csv")
         written.append(folder / "checkpoint.pt")
     return written
