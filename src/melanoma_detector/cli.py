@@ -405,7 +405,9 @@ def _add_export(sub) -> None:
                    help="checkpoint (.pt) or run folder; several export their mean-logit ensemble as one graph "
                         "(same preprocessing required)")
     p.add_argument("--out", required=True, help="bundle folder to write")
-    p.add_argument("--split", help="split.csv whose val/test images finish the bundle (default: the first run's)")
+    p.add_argument("--split", help="split whose val/test images finish the bundle: a run's split.csv, or a keys-only "
+                                   "--split-file whose images are found in the data folders the first model trained "
+                                   "on (default: the first run's split.csv)")
     p.add_argument("--no-data", action="store_true", help="skip calibration/metrics/input-gate statistics on data")
     p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for CIs")
     p.set_defaults(func=cmd_export)
