@@ -86,11 +86,25 @@ def test_missing_model_and_paths(tmp_path, capsys):
     img_dir = tmp_path / "imgs"
     make_class_folder(img_dir, 1, np.random.default_rng(0))
     assert main(["predict", "--model", str(tmp_path / "fake.pt"), str(img_dir)]) == 2
-    _one_line_error(capsys, "fake.pt", "checkpoint")
+    _one_line_error(capsys, "fake.pt", "not a checkpoint", "accepted")
     assert main(["predict", "--model", str(tmp_path / "fake.pt"), str(tmp_path / "missing.jpg")]) == 2
     _one_line_error(capsys, "missing.jpg")
     assert main(["evaluate", "--model", str(tmp_path / "fake.pt"), "--data", str(tmp_path / "nodata")]) == 2
     _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"# notes\nnot a split\n", "columns # notes; accepted: a split CSV with columns key and split"),
+    (b"key,label\nkaggle/train/benign/a.jpg,0\n", "columns key, label; accepted"),
+    (b"\xff\xfe\x00garbage", "not a readable CSV"),
+])
+def test_a_split_file_that_is_not_a_split_is_refused(seed_layout, tmp_path, capsys, content, fragment):
+    (tmp_path / "split.csv").write_bytes(content)
+    assert main(["evaluate", "--data", str(seed_layout), "--split-file", str(tmp_path / "split.csv"),
+                 "--out", str(tmp_path / "report")]) == 2
+    _one_line_error(capsys, "split.csv", fragment)
+    assert _train(seed_layout, tmp_path / "out", "--split-file", str(tmp_path / "split.csv")) == 2
+    _one_line_error(capsys, "split.csv", fragment)
 
 
 def test_bad_flag_exit_code_two_without_traceback(tmp_path):

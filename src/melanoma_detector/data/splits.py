@@ -116,20 +116,28 @@ def save_split(samples: list[Sample], path: str | Path) -> None:
                       for s in samples], path)
 
 
+def _read_split_csv(p: Path) -> tuple[list[dict[str, str]], set[str]]:
+    if not p.is_file():
+        raise DataError(f"split file not found: {p}; accepted: a run's split.csv or a --split-file CSV")
+    try:
+        with p.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            columns = set(reader.fieldnames or ())
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{p}: not a readable CSV ({e}); accepted: a split CSV with columns key and split") from None
+    if not {"key", "split"} <= columns:
+        raise DataError(f"{p}: columns {', '.join(sorted(columns)) or 'none'}; accepted: a split CSV with "
+                        "columns key and split (and path, label, group as in a run's split.csv)")
+    return rows, columns
+
+
 def read_split_rows(path: str | Path, *, data_paths: Iterable[str] = ()) -> list[dict[str, str]]:
     """A split CSV's rows, each with the columns `save_split` writes. A run's split.csv has every image's
     path; a --split-file such as configs/splits/default.csv lists keys only, so that it travels between
     machines, and its images are found by key in `data_paths`, the folders it was made on."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"split file not found: {p}; accepted: a run's split.csv or a --split-file CSV")
-    with p.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        rows = list(reader)
-        columns = set(reader.fieldnames or ())
-    if not {"key", "split"} <= columns:
-        raise DataError(f"{p}: columns {', '.join(sorted(columns)) or 'none'}; accepted: a split CSV with "
-                        "columns key and split (and path, label, group as in a run's split.csv)")
+    rows, columns = _read_split_csv(p)
     if {"path", "label"} <= columns:
         return [{**r, "group": r.get("group") or ""} for r in rows]
     data_paths = [str(d) for d in data_paths]
@@ -157,10 +165,7 @@ def write_split_rows(rows: list[dict[str, str]], path: str | Path) -> None:
 def apply_split_file(samples: list[Sample], path: str | Path) -> list[Sample]:
     """Use a saved split (matched by `key`, so it works on any machine that has the data)."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"split file not found: {p} (expected a CSV with columns key, split)")
-    with p.open(newline="") as fh:
-        mapping = {row["key"]: row["split"] for row in csv.DictReader(fh)}
+    mapping = {row["key"]: row["split"] for row in _read_split_csv(p)[0]}
     missing = [s.key for s in samples if s.key not in mapping]
     if missing:
         raise DataError(
@@ -187,8 +192,7 @@ def split_csv_fingerprint(path: str | Path) -> str | None:
     p = Path(path)
     if not p.is_file():
         return None
-    with p.open(newline="") as fh:
-        return train_fingerprint(row["key"] for row in csv.DictReader(fh) if row.get("split") == "train")
+    return train_fingerprint(row["key"] for row in _read_split_csv(p)[0] if row["split"] == "train")
 
 
 def split_counts(samples: list[Sample]) -> dict[str, dict[str, int]]:

@@ -3,6 +3,7 @@ loaded with `torch.load(..., weights_only=True)` so a checkpoint can never run c
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     p = checkpoint_file(path)
     if not p.is_file():
         raise UserError(f"model checkpoint not found: {p} (expected a .pt file written by `melanoma train` or its run folder)")
+    if not zipfile.is_zipfile(p):  # torch.save writes a zip; torch.load's own error on anything else misleads
+        raise UserError(f"{p}: not a checkpoint (not a file written by torch.save); accepted: a .pt file written by "
+                        "`melanoma train` or its run folder")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - anything unreadable is the user's file
