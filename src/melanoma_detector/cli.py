@@ -337,6 +337,23 @@ def _predict_to_file(args) -> int:
     return 1 if s["processed"] and not s["ok"] else 0
 
 
+def _check_output_file(flag: str, path: str | None) -> None:
+    """Before any image is scored, so that a bad name never costs the job's work: a folder is refused,
+    and a missing parent folder is made, as --out does."""
+    if path is None or path == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{flag} {p}: is a folder; accepted: a file name")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{flag} {p}: cannot make its folder ({e.strerror}); accepted: a file in a writable "
+                        "folder") from None
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise UserError(f"{flag} {p}: not writable; accepted: a file in a writable folder")
+
+
 def cmd_predict(args) -> int:
     import csv
 
@@ -346,6 +363,8 @@ def cmd_predict(args) -> int:
         return _predict_to_file(args)
     if args.resume or args.workers is not None:
         raise UserError("--resume and --workers apply to --out runs (streamed to a file); add --out FILE.csv")
+    for flag, target in (("--csv", args.csv), ("--json", args.json)):
+        _check_output_file(flag, target)
     files = _collect_images(args.paths)
     if args.manifest:
         from melanoma_detector.inference.batch import iter_inputs

@@ -25,6 +25,21 @@ RECALIBRATION_GATES = ("refit", "keep")  # `melanoma recalibrate --gate`: re-fit
 # The seed notebook's recipe, kept as the defaults.
 SEED_BACKBONE = "efficientnet_b3"
 
+# What a numeric option accepts, as (test, words for the error). YAML values reach the config
+# without the CLI's argument checks, so the config itself refuses what would fail later, mid-run.
+_POSITIVE = (lambda v: v > 0, "a positive number")
+_AT_LEAST_ONE = (lambda v: v >= 1, "an integer >= 1")
+_NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _check_ranges(obj: Any, section: str, rules: dict[str, tuple[Any, str]]) -> None:
+    for name, (ok, accepted) in rules.items():
+        value = getattr(obj, name)
+        values = value if isinstance(value, tuple) else (value,)
+        if value is not None and not all(ok(v) for v in values):
+            raise UserError(f"config {section}.{name}: {value!r}; accepted: {accepted}")
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -34,6 +49,13 @@ class DataConfig:
     split_file: str | None = None  # a committed split (CSV: path,split) that overrides splitting
     skip_bad_images: bool = False
     num_workers: int = 0
+
+    def __post_init__(self):
+        _check_ranges(self, "data", {"val_fraction": _FRACTION, "test_fraction": _FRACTION,
+                                     "num_workers": _NON_NEGATIVE})
+        if self.val_fraction + self.test_fraction >= 1:
+            raise UserError(f"config data.val_fraction + data.test_fraction: {self.val_fraction} + "
+                            f"{self.test_fraction}; accepted: a sum below 1, leaving images to train on")
 
 
 @dataclass(frozen=True)
@@ -51,6 +73,8 @@ class ModelConfig:
     dropout: tuple[float, float] = (0.45, 0.35)
 
     def __post_init__(self):
+        _check_ranges(self, "model", {"image_size": (lambda v: v >= 16, "an integer >= 16 (pixels)"),
+                                      "hidden": _AT_LEAST_ONE, "dropout": _FRACTION})
         for name, accepted in (("resize_mode", RESIZE_MODES), ("color_constancy", COLOR_CONSTANCY)):
             if getattr(self, name) not in accepted:
                 raise UserError(f"config model.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
@@ -125,6 +149,13 @@ class TrainConfig:
                                ("lr_schedule", LR_SCHEDULES), ("augmentation", AUGMENTATIONS), ("mix", MIX_KINDS)):
             if getattr(self, name) not in accepted:
                 raise UserError(f"config train.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
+        _check_ranges(self, "train", {
+            "epochs_frozen": _NON_NEGATIVE, "epochs_finetune": _NON_NEGATIVE, "lr_frozen": _POSITIVE,
+            "lr_finetune": _POSITIVE, "batch_size": _AT_LEAST_ONE, "l2": _NON_NEGATIVE,
+            "unfreeze_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "early_stopping_patience": _AT_LEAST_ONE,
+            "reduce_lr_patience": _NON_NEGATIVE, "reduce_lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+            "min_lr": _NON_NEGATIVE, "cache_views": _AT_LEAST_ONE, "threads": _AT_LEAST_ONE,
+            "max_steps_per_epoch": _AT_LEAST_ONE})
         if not 0 <= self.distill_weight <= 1:
             raise UserError(f"config train.distill_weight: {self.distill_weight} is not between 0 and 1")
         if not self.distill_temperature > 0:
@@ -241,6 +272,10 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
             raise UserError(f"config file {p} is not valid YAML: {exc}".splitlines()[0]) from None
         if not isinstance(loaded, dict):
             raise UserError(f"config file {p} must hold a mapping with data/model/train sections")
+        bad = [k for k, v in loaded.items() if v is not None and not isinstance(v, dict)]
+        if bad:
+            raise UserError(f"config file {p}: {bad[0]!r} is not a section of options; accepted: sections data, "
+                            "model and train, each a mapping of option: value")
         values = {k: dict(v or {}) for k, v in loaded.items()}
     for dotted, value in (overrides or {}).items():
         if value is None:

@@ -120,3 +120,33 @@ def test_bad_flag_exit_code_two_without_traceback(tmp_path):
 def test_version_and_module_entry_point():
     r = subprocess.run([sys.executable, "-m", "melanoma_detector", "--version"], capture_output=True, text=True)
     assert r.returncode == 0 and "melanoma-detector" in r.stdout
+
+
+def test_a_results_file_that_cannot_be_written_is_refused_before_any_image_is_scored(tmp_path, capsys, monkeypatch):
+    import melanoma_detector.cli as cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(cli, "_make_predictor", never)
+    img_dir = tmp_path / "imgs"
+    make_class_folder(img_dir, 1, np.random.default_rng(0))
+    assert main(["predict", str(img_dir), "--json", str(tmp_path)]) == 2
+    _one_line_error(capsys, "--json", "is a folder; accepted: a file name")
+    (tmp_path / "file").write_text("")
+    assert main(["predict", str(img_dir), "--csv", str(tmp_path / "file" / "p.csv")]) == 2
+    _one_line_error(capsys, "--csv", "cannot make its folder")
+
+
+def test_results_files_go_into_new_folders_as_out_does(tmp_path, capsys):
+    import csv
+    import json
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    image = min(examples.glob("*.jpg"))
+    assert main(["predict", str(image), "--csv", str(tmp_path / "a" / "p.csv"), "--json", str(tmp_path / "b" / "p.json"),
+                 "--no-progress"]) == 0
+    with (tmp_path / "a" / "p.csv").open() as fh:
+        assert [r["path"] for r in csv.DictReader(fh)] == [str(image)]
+    assert json.loads((tmp_path / "b" / "p.json").read_text())["results"][0]["status"] == "ok"
