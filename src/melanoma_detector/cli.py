@@ -427,17 +427,20 @@ def _add_export(sub) -> None:
     p.add_argument("--split", help="split whose val/test images finish the bundle: a run's split.csv, or a keys-only "
                                    "--split-file whose images are found in the data folders the first model trained "
                                    "on (default: the first run's split.csv)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the bundle already in --out (only once the new one is complete)")
     p.add_argument("--no-data", action="store_true", help="skip calibration/metrics/input-gate statistics on data")
     p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for CIs")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:
-    from melanoma_detector.export.bundle import check_export_target, export_bundle
+    from melanoma_detector.export.bundle import check_export_target, export_bundle, staged_bundle
 
-    check_export_target(args.out)
-    meta = export_bundle(args.model, args.out, split_file=args.split, use_data=not args.no_data,
-                         n_resamples=args.resamples)
+    check_export_target(args.out, overwrite=args.overwrite)
+    with staged_bundle(args.out) as stage:
+        meta = export_bundle(args.model, stage, split_file=args.split, use_data=not args.no_data,
+                             n_resamples=args.resamples)
     test = meta.get("metrics", {}).get("test")
     print(f"bundle written to {args.out} (model {meta['model_version']}, sha256 {meta['graph']['sha256'][:12]})")
     if test:

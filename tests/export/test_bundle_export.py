@@ -192,3 +192,40 @@ def test_shipped_bundle_records_the_training_images_of_the_committed_split():
     members = meta["training"].get("members") or [meta["training"]]
     assert all(Path(m["config"]["data"]["split_file"]).name == "default.csv" for m in members)
     assert meta["training"]["train_keys_sha256"] == split_csv_fingerprint(repo / "configs" / "splits" / "default.csv")
+
+
+def test_export_never_replaces_a_bundle_unasked_nor_half_way(tiny_bundle, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    _, run, bundle = tiny_bundle
+    target = tmp_path / "models" / "default"
+    shutil.copytree(bundle, target)
+    (target / "NOTES.md").write_text("ours")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+    args = ["export", "--model", str(run), "--out", str(target), "--resamples", "20"]
+    assert main(args) == 2
+    assert "holds a model bundle); accepted: a new or empty folder, or --overwrite" in capsys.readouterr().err
+    # An export that fails part-way, after the graph is written, leaves the old bundle as it was.
+    def fails(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("melanoma_detector.export.model_card.write_model_card", fails)
+    assert main([*args, "--overwrite"]) == 130  # Ctrl-C
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert sorted(p.name for p in target.parent.iterdir()) == ["default"]  # no staging folder left behind
+    monkeypatch.undo()
+    # --overwrite with --no-data: the new bundle's files replace the old ones, the stale gate statistics go,
+    # and a file of the user's stays.
+    assert main([*args, "--overwrite", "--no-data"]) == 0
+    assert sorted(p.name for p in target.iterdir()) == ["MODEL_CARD.md", "NOTES.md", "metadata.json", "model.onnx"]
+    assert (target / "NOTES.md").read_text() == "ours"
+    from melanoma_detector.inference import Predictor
+
+    assert Predictor(target).bundle.metadata["input_gate"].get("ood") is None
+    assert ".export-" not in (target / "metadata.json").read_text() + (target / "MODEL_CARD.md").read_text()
+    # A folder of other files is never a target.
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "a.jpg").write_bytes(b"x")
+    assert main(["export", "--model", str(run), "--out", str(other), "--overwrite", "--no-data"]) == 2
+    assert "holds no model bundle" in capsys.readouterr().err

@@ -12,6 +12,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,7 @@ import numpy as np
 from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
 from melanoma_detector.errors import DataError, UserError
 from melanoma_detector.export.gate import fit_bundle_gate, write_ood
-from melanoma_detector.inference.bundle import BUNDLE_FORMAT_VERSION
+from melanoma_detector.inference.bundle import BUNDLE_FORMAT_VERSION, OOD_FILE
 from melanoma_detector.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,8 @@ RISK_TEXTS = {
         "(dermoscopy and, where the clinician decides, excision or biopsy)."
     ),
 }
+# Every file a bundle folder holds; `staged_bundle` replaces exactly these.
+BUNDLE_FILES = ("model.onnx", "metadata.json", "MODEL_CARD.md", OOD_FILE)
 DATA_CREDITS = [
     {
         "name": "HAM10000",
@@ -246,7 +253,47 @@ def write_metadata(out: Path, meta: dict[str, Any]) -> None:
     (out / "metadata.json").write_text(json.dumps(clean(meta), indent=1, allow_nan=False))
 
 
-def check_export_target(out_dir: str | Path) -> None:
+def check_export_target(out_dir: str | Path, *, overwrite: bool | None = None,
+                        source: str | Path | None = None) -> None:
+    """The --out of a command that writes a bundle: a new or empty folder, never the `source` bundle. With
+    overwrite=True also a folder that holds a bundle, which `staged_bundle` then replaces only once the new
+    one is complete; overwrite=None for commands that offer no --overwrite."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder")
+        raise UserError(f"--out {out}: exists and is not a folder; accepted: a new or empty folder")
+    if source is not None and out.exists() and out.resolve() == Path(source).resolve():
+        raise UserError(f"--out {out}: is the source bundle; accepted: a new folder (the source bundle is never "
+                        "changed)")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "metadata.json").is_file():
+        raise UserError(f"--out {out}: exists and is not empty (and holds no model bundle); accepted: a new or "
+                        "empty folder")
+    if not overwrite:
+        hint = ", or --overwrite to replace it once the new bundle is complete" if overwrite is False else ""
+        raise UserError(f"--out {out}: exists and is not empty (it holds a model bundle); accepted: a new or "
+                        f"empty folder{hint}")
+
+
+@contextmanager
+def staged_bundle(out_dir: str | Path) -> Iterator[Path]:
+    """A fresh folder beside `out_dir` to write a bundle into. When the block ends normally its files
+    replace the bundle files of `out_dir` (other files there are left alone, and a bundle file the new
+    bundle lacks is removed, so no stale ood.npz outlives it); when it raises, `out_dir` is untouched.
+    A failed or interrupted export thus never leaves half a bundle where a working one was."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        yield stage
+        out.mkdir(exist_ok=True)
+        for name in BUNDLE_FILES:
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+            else:
+                (out / name).unlink(missing_ok=True)
+        leftover = sorted(p.name for p in stage.iterdir())
+        if leftover:  # a file export_bundle writes must be listed in BUNDLE_FILES
+            raise RuntimeError(f"export wrote files not in BUNDLE_FILES: {leftover}")
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

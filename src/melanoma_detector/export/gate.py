@@ -184,14 +184,12 @@ def refit_bundle_gate(bundle_dir: str | Path, data: Sequence[str | Path], out_di
     from melanoma_detector.data.discovery import discover_all
     from melanoma_detector.data.splits import apply_split_file, split_csv_fingerprint
     from melanoma_detector.errors import DataError, UserError
-    from melanoma_detector.export.bundle import write_metadata
+    from melanoma_detector.export.bundle import check_export_target, write_metadata
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.predictor import Predictor
 
     out = Path(out_dir)
-    if out.exists() and (out.resolve() == Path(bundle_dir).resolve() or any(out.iterdir())):
-        raise UserError(f"--out {out}: exists and is not empty; accepted: a new folder (the source bundle is never "
-                        "changed)")
+    check_export_target(out, source=bundle_dir)
     if variants < 0:
         raise UserError(f"--variants {variants}: accepted 0 or more")
     predictor = Predictor(bundle_dir, verify=True)

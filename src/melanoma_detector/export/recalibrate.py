@@ -37,7 +37,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     the source gate and fits only on the images it accepts."""
     from melanoma_detector.data.discovery import discover_all, require_both_classes
     from melanoma_detector.evaluation.metrics import fit_operating_points
-    from melanoma_detector.export.bundle import write_metadata
+    from melanoma_detector.export.bundle import check_export_target, write_metadata
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.bundle import OOD_FILE
     from melanoma_detector.inference.predictor import Predictor
@@ -45,9 +45,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     if gate not in GATES:
         raise UserError(f"gate {gate!r}; accepted: {', '.join(GATES)}")
     out = Path(out_dir)
-    if out.exists() and (out.resolve() == Path(bundle_dir).resolve() or any(out.iterdir())):
-        raise UserError(f"--out {out}: exists and is not empty; accepted: a new folder (the source bundle is never "
-                        "changed)")
+    check_export_target(out, source=bundle_dir)
     samples = [s for src in discover_all([str(d) for d in data]) for s in src.samples]
     require_both_classes(samples, "recalibration data")
     predictor = Predictor(bundle_dir)
