@@ -251,17 +251,17 @@ def _add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from melanoma_detector.evaluation.evaluate import evaluate_model, load_eval_sets
+    from melanoma_detector.evaluation.evaluate import check_report_target, evaluate_model, load_eval_sets
     from melanoma_detector.evaluation.report import format_summary
     from melanoma_detector.inference.bundle import default_bundle_dir
 
     if args.prevalence is not None and not 0 < args.prevalence < 1:
         raise UserError(f"--prevalence {args.prevalence}: expected a fraction between 0 and 1 (e.g. 0.02)")
+    out = check_report_target(args.out or "evaluation")
     # Bad data fails before any model is loaded.
     sets = load_eval_sets(args.data, split_file=args.split_file, split=args.split)
     predictor = _make_predictor(args.model, tta=args.tta)
     other = _make_predictor(args.compare, tta=args.tta) if args.compare else None
-    out = Path(args.out or "evaluation")
     results = evaluate_model(
         predictor, sets, out_dir=out, progress=not args.no_progress, compare=other,
         prevalence=args.prevalence, n_resamples=args.resamples, seed=args.seed,

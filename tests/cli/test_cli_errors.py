@@ -150,3 +150,17 @@ def test_results_files_go_into_new_folders_as_out_does(tmp_path, capsys):
     with (tmp_path / "a" / "p.csv").open() as fh:
         assert [r["path"] for r in csv.DictReader(fh)] == [str(image)]
     assert json.loads((tmp_path / "b" / "p.json").read_text())["results"][0]["status"] == "ok"
+
+
+def test_evaluate_never_writes_its_report_into_a_run_or_a_bundle(seed_layout, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("train: {}\n")
+    (run / "metrics.json").write_text('{"best": 1}')
+    assert main(["evaluate", "--data", str(seed_layout), "--out", str(run)]) == 2
+    _one_line_error(capsys, "is a training run (it holds config.yaml)", "accepted: a new folder")
+    assert (run / "metrics.json").read_text() == '{"best": 1}'
+    from melanoma_detector.inference.bundle import default_bundle_dir
+
+    assert main(["evaluate", "--data", str(seed_layout), "--out", str(default_bundle_dir())]) == 2
+    _one_line_error(capsys, "is a model bundle")

@@ -415,6 +415,25 @@ def _write_predictions(path: Path, items: list[tuple[EvalSet, Scored]], threshol
                             CLASS_NAMES[int(prob >= threshold)], es.name, s.group or ""])
 
 
+# Files that mark a folder as a training run or a model bundle: a report written into a run would
+# replace its metrics.json and curves.png.
+_NOT_A_REPORT_FOLDER = {"checkpoint.pt": "a training run", "config.yaml": "a training run",
+                        "model.onnx": "a model bundle", "metadata.json": "a model bundle"}
+
+
+def check_report_target(out_dir: str | Path) -> Path:
+    """The --out of `melanoma evaluate`: a new folder or an earlier report's (rewritten); never a run
+    folder or a bundle."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: is a file; accepted: a folder for the report")
+    marker = next((name for name in _NOT_A_REPORT_FOLDER if (out / name).exists()), None)
+    if marker:
+        raise UserError(f"--out {out}: is {_NOT_A_REPORT_FOLDER[marker]} (it holds {marker}), whose files a report "
+                        "would replace or mix with; accepted: a new folder, or an earlier report's")
+    return out
+
+
 def evaluate_model(
     predictor,
     data: str | Path | Sequence[str | Path] | Sequence[EvalSet],
@@ -447,9 +466,7 @@ def evaluate_model(
         sets = load_eval_sets(data)  # type: ignore[arg-type]
     else:
         sets = list(data)  # type: ignore[arg-type]
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: is a file, expected a folder")
+    out = check_report_target(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     info = model_info(predictor, model_source, tta=tta)
