@@ -164,3 +164,10 @@ def test_evaluate_never_writes_its_report_into_a_run_or_a_bundle(seed_layout, tm
 
     assert main(["evaluate", "--data", str(seed_layout), "--out", str(default_bundle_dir())]) == 2
     _one_line_error(capsys, "is a model bundle")
+
+
+def test_train_never_writes_a_run_into_a_bundle(seed_layout, capsys):
+    from melanoma_detector.inference.bundle import default_bundle_dir
+
+    assert _train(seed_layout, default_bundle_dir()) == 2
+    _one_line_error(capsys, "holds a model bundle; accepted: a new folder")

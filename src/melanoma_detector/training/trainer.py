@@ -372,6 +372,9 @@ def run_training(config: Config | None, out_dir: str | Path, *, progress: bool =
     elif (out_dir / "checkpoint.pt").exists() or (out_dir / RESUME_FILE).exists():
         raise UserError(f"{out_dir} already holds a trained checkpoint; choose another --out (runs are never "
                         f"overwritten) or continue it with `melanoma train --resume {out_dir}`")
+    elif (out_dir / "model.onnx").exists() or (out_dir / "metadata.json").exists():
+        raise UserError(f"--out {out_dir}: holds a model bundle; accepted: a new folder for the run (a bundle is "
+                        "written from a run by `melanoma export`)")
     if config is None:
         raise UserError("run_training needs a config unless resume=True")
     tc = config.train
