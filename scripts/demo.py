@@ -81,9 +81,13 @@ def train_demo() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--train", action="store_true", help="the short train -> evaluate -> predict run instead")
+    args = ap.parse_args(argv)
     has_bundle = (ROOT / "models" / "default" / "metadata.json").is_file()
-    if "--train" in args or not has_bundle:
+    if args.train or not has_bundle:
         train_demo()
         return 0
     score_examples()

@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     from melanoma_detector.data.splits import apply_split_file
     from melanoma_detector.models.checkpoint import checkpoint_preprocessing, load_checkpoint
     from melanoma_detector.training.engine import amp_dtype_for, predict_logits
-    from melanoma_detector.training.trainer import _image_loader
+    from melanoma_detector.training.sampling import build_image_loader
 
     rows = list(csv.DictReader((args.run / "metrics.csv").open()))
     out = {"wall_seconds": args.wall, "epochs": len(rows)}
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     samples = [s for src in discover_all(ckpt["config"]["data"]["paths"]) for s in src.samples]
     apply_split_file(samples, args.run / "split.csv")
     samples = [s for s in samples if s.split in ("val", "test")]
-    loader = _image_loader(samples, pp, args.batch_size, workers=args.workers, device=device, train=False)
+    loader = build_image_loader(samples, pp, args.batch_size, workers=args.workers, device=device, train=False)
     amp = amp_dtype_for("auto", device)
     predict_logits(model, loader, device=device, amp_dtype=amp)  # warm-up (cuDNN autotune, workers)
     if device.type == "cuda":
