@@ -229,3 +229,21 @@ def test_export_never_replaces_a_bundle_unasked_nor_half_way(tiny_bundle, tmp_pa
     (other / "a.jpg").write_bytes(b"x")
     assert main(["export", "--model", str(run), "--out", str(other), "--overwrite", "--no-data"]) == 2
     assert "holds no model bundle" in capsys.readouterr().err
+
+
+def test_a_split_named_on_the_command_line_that_cannot_be_used_is_refused(tiny_bundle, tmp_path, capsys):
+    import csv
+
+    _, run, _ = tiny_bundle
+    with (run / "split.csv").open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    moved = tmp_path / "split.csv"
+    with moved.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows([{**r, "path": r["path"] + ".gone"} for r in rows])
+    out = tmp_path / "b"
+    assert main(["export", "--model", str(run), "--split", str(moved), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "val/test image(s) not found" in err and "accepted" in err
+    assert not out.exists()  # refused before anything was written

@@ -62,27 +62,33 @@ DATA_CREDITS = [
 ]
 
 
-def _data_paths(ckpt: dict[str, Any]) -> list[str]:
-    """The data folders a checkpoint trained on, where a keys-only split file finds its images."""
-    return list(((ckpt.get("config") or {}).get("data") or {}).get("paths") or [])
+def training_data_paths(config: dict[str, Any] | None) -> list[str]:
+    """The data folders of a training config (a checkpoint's "config"), where a keys-only split file
+    finds its images."""
+    return list(((config or {}).get("data") or {}).get("paths") or [])
 
 
-def _split_images(path: Path, data_paths: list[str]) -> tuple[list[dict[str, str]], list[dict[str, str]]] | None:
-    """The split's val and test rows when every one of their images is at hand; else None, and a
-    warning that says why: the bundle is then written without data-derived statistics."""
+def _split_images(path: Path, data_paths: list[str], *, strict: bool,
+                  ) -> tuple[list[dict[str, str]], list[dict[str, str]]] | None:
+    """The split's val and test rows when every one of their images is at hand. Otherwise a split the
+    user named (`strict`) is refused, and a run's own split.csv gives None and a warning that says why:
+    the bundle is then written without data-derived statistics, as on a machine without the data."""
     from melanoma_detector.data.splits import read_split_rows
 
     try:
         rows = read_split_rows(path, data_paths=data_paths)
+        val = [r for r in rows if r["split"] == "val"]
+        test = [r for r in rows if r["split"] == "test"]
+        missing = [r["path"] for r in val + test if not Path(r["path"]).is_file()]
+        if missing:
+            raise DataError(f"{path}: {len(missing)} val/test image(s) not found, first: {missing[0]}; accepted: "
+                            "a split whose images are on this machine")
+        if not val:
+            raise DataError(f"{path}: no val rows; accepted: a split with val images to calibrate on")
     except DataError as e:
+        if strict:
+            raise
         log.warning("%s; bundle has no data-derived statistics", e)
-        return None
-    val = [r for r in rows if r["split"] == "val"]
-    test = [r for r in rows if r["split"] == "test"]
-    missing = [r["path"] for r in val + test if not Path(r["path"]).is_file()]
-    if missing or not val:
-        log.warning("%s; bundle has no data-derived statistics",
-                    f"split images not found (first: {missing[0]})" if missing else f"{path}: no val rows")
         return None
     return val, test
 
@@ -136,6 +142,13 @@ def export_bundle(
                             "member's is used)")
         if theirs["crop_pct"] != pp["crop_pct"]:
             log.warning("%s: centre crop %s served at the first member's %s", path, theirs["crop_pct"], pp["crop_pct"])
+    split_path = Path(split_file) if split_file else ckpt_path.parent / "split.csv"
+    images = None
+    if use_data and (split_file or split_path.is_file()):
+        images = _split_images(split_path, training_data_paths(ckpt.get("config")), strict=bool(split_file))
+    elif use_data:
+        log.warning("no split file %s: bundle uses the checkpoint's calibration and has no input-gate statistics",
+                    split_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fractions = [gate_fraction_of(c) for _, c in loaded]
@@ -175,39 +188,34 @@ def export_bundle(
         "metrics": {"n_resamples": n_resamples},
         "disclaimer": DISCLAIMER,
     }
-    split_path = Path(split_file) if split_file else ckpt_path.parent / "split.csv"
-    if use_data and split_path.is_file():
-        images = _split_images(split_path, _data_paths(ckpt))
-        if images is not None:
-            val, test = images
-            write_metadata(out, meta)
-            predictor = Predictor(out, verify=True)
-            v = run_graph(predictor, [r["path"] for r in val], outputs=("logit", "gate_features"))
-            v_logits = v["logit"]
-            y_val = np.array([int(r["label"]) for r in val])
-            temperature, logit_bias, thresholds = fit_operating_points(v_logits, y_val)
-            p_val = apply_calibration(v_logits, temperature, logit_bias)
-            meta.update(temperature=temperature, logit_bias=logit_bias, thresholds=thresholds)
-            meta["calibration"] = {"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), "
-                                             "fitted on the validation split (NLL)", "n": int(len(val))}
-            ood = fit_bundle_gate(predictor, [r["path"] for r in val], features=v["gate_features"])
-            meta["input_gate"]["ood"] = write_ood(out, ood)
-            groups_val = [r.get("group") or r["key"] for r in val]
-            meta["metrics"]["val"] = metrics_with_ci(y_val, p_val, groups_val, thresholds, n_resamples=n_resamples)
-            if test:
-                t = run_graph(predictor, [r["path"] for r in test], outputs=("logit", "gate_features"))
-                t_logits, t_feats = t["logit"], t["gate_features"]
-                y_test = np.array([int(r["label"]) for r in test])
-                p_test = apply_calibration(t_logits, temperature, logit_bias)
-                groups = [r.get("group") or r["key"] for r in test]
-                meta["metrics"]["test"] = metrics_with_ci(y_test, p_test, groups, thresholds, n_resamples=n_resamples)
-                predictor.set_ood(ood)
-                meta["metrics"]["test"]["ood_refused_fraction"] = float(
-                    (predictor.ood_distance(t_feats) > ood["threshold"]).mean()
-                )
-            meta["splits"] = {"file": str(split_path), "val": len(val), "test": len(test)}
-    else:
-        log.warning("no split file %s: bundle uses the checkpoint's calibration and has no input-gate statistics", split_path)
+    if images is not None:
+        val, test = images
+        write_metadata(out, meta)
+        predictor = Predictor(out, verify=True)
+        v = run_graph(predictor, [r["path"] for r in val], outputs=("logit", "gate_features"))
+        v_logits = v["logit"]
+        y_val = np.array([int(r["label"]) for r in val])
+        temperature, logit_bias, thresholds = fit_operating_points(v_logits, y_val)
+        p_val = apply_calibration(v_logits, temperature, logit_bias)
+        meta.update(temperature=temperature, logit_bias=logit_bias, thresholds=thresholds)
+        meta["calibration"] = {"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), "
+                                         "fitted on the validation split (NLL)", "n": int(len(val))}
+        ood = fit_bundle_gate(predictor, [r["path"] for r in val], features=v["gate_features"])
+        meta["input_gate"]["ood"] = write_ood(out, ood)
+        groups_val = [r.get("group") or r["key"] for r in val]
+        meta["metrics"]["val"] = metrics_with_ci(y_val, p_val, groups_val, thresholds, n_resamples=n_resamples)
+        if test:
+            t = run_graph(predictor, [r["path"] for r in test], outputs=("logit", "gate_features"))
+            t_logits, t_feats = t["logit"], t["gate_features"]
+            y_test = np.array([int(r["label"]) for r in test])
+            p_test = apply_calibration(t_logits, temperature, logit_bias)
+            groups = [r.get("group") or r["key"] for r in test]
+            meta["metrics"]["test"] = metrics_with_ci(y_test, p_test, groups, thresholds, n_resamples=n_resamples)
+            predictor.set_ood(ood)
+            meta["metrics"]["test"]["ood_refused_fraction"] = float(
+                (predictor.ood_distance(t_feats) > ood["threshold"]).mean()
+            )
+        meta["splits"] = {"file": str(split_path), "val": len(val), "test": len(test)}
     meta["risk_tiers"] = risk_tiers(meta["thresholds"])
     write_metadata(out, meta)
     from melanoma_detector.export.model_card import write_model_card

@@ -229,6 +229,7 @@ def write_member_checkpoints(path: str | Path | None, out_dir: str | Path, *,
     a run's split.csv or a keys-only --split-file; the latter's images are looked up in `data_paths`
     (default: the folders the bundle's models trained on), and a key not found there is refused."""
     from melanoma_detector.data.splits import read_split_rows, write_split_rows
+    from melanoma_detector.export.bundle import training_data_paths
     from melanoma_detector.models.checkpoint import save_checkpoint
     from melanoma_detector.models.factory import serving_state
 
@@ -243,7 +244,7 @@ def write_member_checkpoints(path: str | Path | None, out_dir: str | Path, *,
     rows = None
     if split_file or (recorded.name and recorded.is_file()):
         if data_paths is None:
-            data_paths = (info[0]["config"].get("data") or {}).get("paths") or []
+            data_paths = training_data_paths(info[0]["config"])
         rows = read_split_rows(split_file or recorded, data_paths=data_paths)
     members = members_from_bundle(bundle)
     written = []
