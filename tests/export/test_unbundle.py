@@ -106,6 +106,11 @@ def test_a_keys_only_split_file_serves_as_the_runs_own_split(tiny_run, tmp_path,
                  "--data", str(root / "test")]) != 0
     assert "not found under" in capsys.readouterr().err
     assert not (tmp_path / "m2").exists()
+    # The split a bundle records is only a default: when its images are not found, the checkpoints come
+    # without a split.csv (as on a machine without the data) instead of being refused.
+    assert meta["splits"]["file"] == str(keys)
+    assert main(["unbundle", "--model", str(bundle), "--out", str(tmp_path / "m3"), "--data", str(root / "test")]) == 0
+    assert (tmp_path / "m3" / "checkpoint.pt").is_file() and not (tmp_path / "m3" / "split.csv").exists()
 
 
 def test_metadata_that_does_not_describe_the_graph_is_refused(tiny_run, tmp_path, capsys):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from melanoma_detector import __version__
-from melanoma_detector.errors import UserError
+from melanoma_detector.errors import DataError, UserError
 from melanoma_detector.inference.bundle import Bundle, load_bundle
 from melanoma_detector.models.checkpoint import FORMAT_VERSION
 from melanoma_detector.models.factory import MelanomaNet, create_model
@@ -242,10 +242,15 @@ def write_member_checkpoints(path: str | Path | None, out_dir: str | Path, *,
         raise UserError(f"{taken[0]} already exists; accepted: an --out folder that holds no checkpoint")
     recorded = Path((bundle.metadata.get("splits") or {}).get("file", ""))
     rows = None
-    if split_file or (recorded.name and recorded.is_file()):
-        if data_paths is None:
-            data_paths = training_data_paths(info[0]["config"])
-        rows = read_split_rows(split_file or recorded, data_paths=data_paths)
+    if data_paths is None:
+        data_paths = training_data_paths(info[0]["config"])
+    if split_file:
+        rows = read_split_rows(split_file, data_paths=data_paths)
+    elif recorded.name and recorded.is_file():
+        try:  # a default the user did not ask for: without its images, the checkpoints go without it
+            rows = read_split_rows(recorded, data_paths=data_paths)
+        except DataError as e:
+            log.warning("%s; no split.csv written", e)
     members = members_from_bundle(bundle)
     written = []
     for folder, (model, ckpt) in zip(folders, members):
