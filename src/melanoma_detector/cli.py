@@ -208,8 +208,12 @@ def _make_predictor(model: str | None, *, tta: bool = False):
     from melanoma_detector.inference.bundle import default_bundle_dir, is_bundle_path
 
     path = Path(model) if model else default_bundle_dir()
+    if model is not None and not path.exists():
+        raise UserError(f"--model {path}: not found; accepted: a bundle folder, a checkpoint (.pt) or a run folder")
     if model is None and not is_bundle_path(path):
-        raise UserError(f"no default model bundle at {path}; pass --model (a bundle folder, checkpoint or run folder)")
+        raise UserError(f"no default model bundle at {path} (the shipped one is models/default in a clone of the "
+                        "repository; an installed wheel does not carry it); accepted: --model (a bundle folder, "
+                        "checkpoint or run folder), or MELANOMA_MODEL=BUNDLE_FOLDER")
     if is_bundle_path(path):
         from melanoma_detector.inference.predictor import Predictor
 
@@ -684,6 +688,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The extra (pyproject.toml) that installs each optional dependency: a command run without it says
+# which to install instead of printing a traceback.
+_EXTRA_OF = {"torch": "train", "torchvision": "train", "timm": "train", "safetensors": "train", "scipy": "train",
+             "matplotlib": "train", "onnxruntime": "serve", "onnx": "export", "onnxscript": "export",
+             "pyarrow": "batch", "gradio": "app", "fastapi": "app", "uvicorn": "app", "starlette": "app"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -698,6 +709,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ModuleNotFoundError as exc:
+        extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"error: `melanoma {args.command}` needs {exc.name}, which this installation lacks; accepted: "
+              f"pip install 'melanoma-detector[{extra}]' (from a clone: pip install -e '.[{extra}]', or make install)",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

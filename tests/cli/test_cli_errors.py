@@ -171,3 +171,14 @@ def test_train_never_writes_a_run_into_a_bundle(seed_layout, capsys):
 
     assert _train(seed_layout, default_bundle_dir()) == 2
     _one_line_error(capsys, "holds a model bundle; accepted: a new folder")
+
+
+def test_a_command_whose_extra_is_not_installed_says_which_to_install(seed_layout, tmp_path):
+    # As in a serving-only install (pip install '.[serve]'): torch cannot be imported.
+    code = ("import sys; sys.modules['torch'] = None; from melanoma_detector.cli import main; "
+            f"sys.exit(main(['train', '--data', {str(seed_layout)!r}, '--out', {str(tmp_path / 'run')!r}]))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip() == ("error: `melanoma train` needs torch, which this installation lacks; accepted: pip "
+                                "install 'melanoma-detector[train]' (from a clone: pip install -e '.[train]', or "
+                                "make install)")
