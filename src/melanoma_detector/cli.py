@@ -212,7 +212,7 @@ def _make_predictor(model: str | None, *, tta: bool = False):
         raise UserError(f"--model {path}: not found; accepted: a bundle folder, a checkpoint (.pt) or a run folder")
     if model is None and not is_bundle_path(path):
         raise UserError(f"no default model bundle at {path} (the shipped one is models/default in a clone of the "
-                        "repository; an installed wheel does not carry it); accepted: --model (a bundle folder, "
+                        "repository; a wheel does not carry it, but finds it when run from the clone's folder); accepted: --model (a bundle folder, "
                         "checkpoint or run folder), or MELANOMA_MODEL=BUNDLE_FOLDER")
     if is_bundle_path(path):
         from melanoma_detector.inference.predictor import Predictor

@@ -29,9 +29,16 @@ class BundleError(UserError):
 
 
 def default_bundle_dir() -> Path:
-    """$MELANOMA_MODEL, else the bundle shipped in the repository (models/default)."""
+    """$MELANOMA_MODEL, else the bundle shipped in the repository (models/default) beside this source
+    tree, else models/default under the working folder: a wheel installed from a clone (`pip install
+    '.[serve]'`) does not carry the bundle, but is run from the clone."""
     env = os.environ.get("MELANOMA_MODEL")
-    return Path(env) if env else _REPO_BUNDLE
+    if env:
+        return Path(env)
+    in_cwd = Path.cwd() / "models" / "default"
+    if not (_REPO_BUNDLE / "metadata.json").is_file() and (in_cwd / "metadata.json").is_file():
+        return in_cwd
+    return _REPO_BUNDLE
 
 
 def sha256_file(path: str | Path) -> str:
