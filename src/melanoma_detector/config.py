@@ -285,6 +285,12 @@ def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | N
     return config_from_dict(values)
 
 
+def training_data_paths(config: Mapping[str, Any] | None) -> list[str]:
+    """The data folders of a saved training config (a checkpoint's "config" dict), where a keys-only
+    split file finds its images."""
+    return list(((config or {}).get("data") or {}).get("paths") or [])
+
+
 def save_config(config: Config, path: str | Path) -> None:
     import yaml
 

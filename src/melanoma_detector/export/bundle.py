@@ -23,9 +23,10 @@ from typing import Any
 import numpy as np
 
 from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
+from melanoma_detector.config import training_data_paths
 from melanoma_detector.errors import DataError, UserError
 from melanoma_detector.export.gate import fit_bundle_gate, write_ood
-from melanoma_detector.inference.bundle import BUNDLE_FORMAT_VERSION, OOD_FILE
+from melanoma_detector.inference.bundle import BUNDLE_FORMAT_VERSION, OOD_FILE, is_bundle_path
 from melanoma_detector.preprocess import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -60,12 +61,6 @@ DATA_CREDITS = [
         "licence": "ISIC Archive terms; cite the challenge",
     },
 ]
-
-
-def training_data_paths(config: dict[str, Any] | None) -> list[str]:
-    """The data folders of a training config (a checkpoint's "config"), where a keys-only split file
-    finds its images."""
-    return list(((config or {}).get("data") or {}).get("paths") or [])
 
 
 def _split_images(path: Path, data_paths: list[str], *, strict: bool,
@@ -274,7 +269,7 @@ def check_export_target(out_dir: str | Path, *, overwrite: bool | None = None,
                         "changed)")
     if not out.is_dir() or not any(out.iterdir()):
         return
-    if not (out / "metadata.json").is_file():
+    if not is_bundle_path(out):
         raise UserError(f"--out {out}: exists and is not empty (and holds no model bundle); accepted: a new or "
                         "empty folder")
     if not overwrite:

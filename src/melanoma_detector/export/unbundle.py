@@ -228,8 +228,8 @@ def write_member_checkpoints(path: str | Path | None, out_dir: str | Path, *,
     the same split. `split_file` (default: the split file the bundle records, when it is at hand) may be
     a run's split.csv or a keys-only --split-file; the latter's images are looked up in `data_paths`
     (default: the folders the bundle's models trained on), and a key not found there is refused."""
+    from melanoma_detector.config import training_data_paths
     from melanoma_detector.data.splits import read_split_rows, write_split_rows
-    from melanoma_detector.export.bundle import training_data_paths
     from melanoma_detector.models.checkpoint import save_checkpoint
     from melanoma_detector.models.factory import serving_state
 
