@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
+from melanoma_detector.calibration import sigmoid
 from melanoma_detector.config import EVAL_SPLITS
 from melanoma_detector.data.discovery import Sample, discover, require_both_classes
 from melanoma_detector.errors import DataError, UserError
@@ -234,11 +235,9 @@ def _groups(samples: Sequence[Sample]) -> np.ndarray | None:
 def _uncalibrated(p: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
     """Raw model probabilities recovered from calibrated ones p = sigmoid(logit / T + b):
     sigmoid((logit(p) - b) * T)."""
-    from scipy import special
-
     from melanoma_detector.evaluation.metrics import prob_to_logit
 
-    return special.expit((prob_to_logit(p) - float(bias)) * float(temperature))
+    return sigmoid((prob_to_logit(p) - float(bias)) * float(temperature))
 
 
 # ------------------------------------------------------------------------------ one set

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from scipy import optimize, special, stats
 
+from melanoma_detector.calibration import calibrated_probabilities, sigmoid
+
 __all__ = [
     "BootstrapCI",
     "apply_calibration",
@@ -440,9 +442,10 @@ def fit_temperature_bias(logits: ArrayLike, y: ArrayLike) -> tuple[float, float]
 
 
 def apply_calibration(logits: ArrayLike, temperature: float, bias: float = 0.0) -> np.ndarray:
-    """Calibrated probabilities ``sigmoid(logits / T + b)``."""
-    z = _scores(logits, name="logits") / float(temperature) + float(bias)
-    return special.expit(z)
+    """Calibrated probabilities ``sigmoid(logits / T + b)``, by the formula every server uses
+    (:func:`melanoma_detector.calibration.calibrated_probabilities`), so a threshold fitted on them holds
+    bit for bit where the model is served."""
+    return calibrated_probabilities(_scores(logits, name="logits"), temperature, bias)
 
 
 # The operating points every bundle serves: the screening threshold keeps this share of the melanomas, the
@@ -467,7 +470,7 @@ def apply_temperature(
     if not temperature > 0:
         raise ValueError("temperature must be > 0")
     z = _scores(logits, name="logits") / float(temperature)
-    return z if return_logits else special.expit(z)
+    return z if return_logits else sigmoid(z)
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from melanoma_detector import DISCLAIMER
+from melanoma_detector.calibration import calibrated_probabilities
 from melanoma_detector.data.io import ImageSource, load_image, to_rgb
 from melanoma_detector.errors import ImageDecodeError
 from melanoma_detector.inference.bundle import Bundle, load_bundle
@@ -38,10 +39,6 @@ def dihedral_views(x: np.ndarray) -> list[np.ndarray]:
         r = np.rot90(x, k, axes=(1, 2))
         views.extend([r, r[:, :, ::-1]])
     return [np.ascontiguousarray(v) for v in views]
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
 
 
 def mahalanobis(features: np.ndarray, ood: dict[str, Any]) -> np.ndarray:
@@ -165,7 +162,7 @@ class Predictor:
 
     def calibrate(self, logits: np.ndarray) -> np.ndarray:
         """The bundle's calibration: sigmoid(logit / T + b), fitted on validation."""
-        return _sigmoid(logits.astype(np.float64) / self.temperature + self.logit_bias)
+        return calibrated_probabilities(logits, self.temperature, self.logit_bias)
 
     # ---- public API ------------------------------------------------------------------------
     def prepare(self, source: ImageSource | Image.Image) -> tuple[Image.Image, np.ndarray]:

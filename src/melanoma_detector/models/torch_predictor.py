@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from melanoma_detector.calibration import calibrated_probabilities
 from melanoma_detector.data.io import load_image
 from melanoma_detector.errors import ImageDecodeError
 from melanoma_detector.models.checkpoint import checkpoint_preprocessing, load_checkpoint
@@ -51,8 +52,8 @@ class TorchPredictor:
                 probs = {}
                 if ok:
                     lg = self.logits(np.stack([loaded[i][0] for i in ok]))
-                    for i, v in zip(ok, lg):
-                        probs[i] = float(1 / (1 + np.exp(-(v / self.temperature + self.logit_bias))))
+                    for i, v in zip(ok, calibrated_probabilities(lg, self.temperature, self.logit_bias)):
+                        probs[i] = float(v)
                 for i, p in enumerate(chunk):
                     if i in probs:
                         results.append({

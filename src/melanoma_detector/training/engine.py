@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from melanoma_detector.calibration import sigmoid
 from melanoma_detector.evaluation.metrics import binary_metrics
 from melanoma_detector.training.auxiliary import AuxDiagnosis
 from melanoma_detector.training.distributed import DistInfo, all_sum, gather_concat
@@ -221,7 +222,7 @@ def train_one_epoch(
         y_np = gather_concat(torch.cat(all_targets).numpy() if all_targets else np.zeros(0, np.float32), dist)
         z_np = gather_concat(torch.cat(all_logits).numpy() if all_logits else np.zeros(0, np.float32), dist)
         if len(y_np):
-            out["auc"] = binary_metrics(y_np, 1 / (1 + np.exp(-z_np)))["roc_auc"]
+            out["auc"] = binary_metrics(y_np, sigmoid(z_np))["roc_auc"]
     return out
 
 
@@ -262,5 +263,5 @@ def evaluate(
     logits, targets = predict_logits(model, loader, device=device, progress=progress, desc=desc, amp_dtype=amp_dtype)
     logits, targets = gather_concat(logits, dist), gather_concat(targets, dist)
     loss = weighted_bce(torch.from_numpy(logits), torch.from_numpy(targets), class_w).item()
-    m = binary_metrics(targets, 1 / (1 + np.exp(-logits)))
+    m = binary_metrics(targets, sigmoid(logits))
     return {"loss": loss, "auc": m["roc_auc"], "accuracy": m["accuracy"], "logits": logits, "targets": targets}

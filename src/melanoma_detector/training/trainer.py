@@ -651,14 +651,13 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
     model.eval()
     summary = None
     if main:
-        summary = _finalize(model, best, base_ckpt(), splits, pp, config, out_dir, device=device,
-                            amp_dtype=amp_dtype, progress=progress)
+        summary = _finalize(model, best, base_ckpt(), splits, pp, config, out_dir, device=device, progress=progress)
         runlog.plot()
     run.save(stage="done", epoch=0, best={k: v for k, v in best.items() if k != "state"}, history=runlog.rows)
     return broadcast_object(summary, dist)
 
 
-def _finalize(model, best, base, splits, pp, config, out_dir, *, device, amp_dtype, progress) -> dict[str, Any]:
+def _finalize(model, best, base, splits, pp, config, out_dir, *, device, progress) -> dict[str, Any]:
     from melanoma_detector.evaluation.metrics import (
         apply_calibration,
         binary_metrics,
@@ -669,7 +668,9 @@ def _finalize(model, best, base, splits, pp, config, out_dir, *, device, amp_dty
 
     def logits_of(samples, desc):
         loader = build_image_loader(samples, pp, 64, workers=workers, device=device, train=False)
-        return predict_logits(model, loader, device=device, progress=progress, desc=desc, amp_dtype=amp_dtype)
+        # float32, not the training autocast: the thresholds are calibrated probabilities of single images,
+        # so they must be fitted on the logits the checkpoint serves (TorchPredictor and export run in fp32).
+        return predict_logits(model, loader, device=device, progress=progress, desc=desc)
 
     val_logits, val_y = logits_of(splits["val"], "final val")
     temperature, logit_bias, thresholds = fit_operating_points(val_logits, val_y)
