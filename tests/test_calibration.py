@@ -24,7 +24,7 @@ def test_sigmoid_agrees_with_expit_and_never_overflows():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an overflow in exp would raise here
         got = sigmoid(z)
-    np.testing.assert_allclose(got, special.expit(z), rtol=1e-15, atol=1e-300)
+    np.testing.assert_allclose(got, special.expit(z), rtol=1e-15, atol=0)
     assert got.dtype == np.float64
     assert got[-4] == 0.0 and got[-3] == 1.0
 
@@ -80,3 +80,17 @@ def test_served_probabilities_keep_the_sensitivity_the_threshold_was_fitted_for(
         p = served(logits, temperature, bias)
         np.testing.assert_array_equal(p, fitted)  # bit for bit, not merely close
         assert np.mean(p[y == 1] >= thresholds["screening"]) >= SCREENING_SENSITIVITY
+
+
+def test_the_shipped_thresholds_are_served_probabilities_of_their_boundary_images():
+    """The shipped bundle's thresholds were fitted with scipy's expit; each is the calibrated probability of
+    one validation image, whose float32 logit the graph returns. Served by the shared formula, that image must
+    land exactly on its threshold, not one ulp below it."""
+    import json
+    from pathlib import Path
+
+    meta = json.loads((Path(__file__).parents[1] / "models" / "default" / "metadata.json").read_text())
+    t, b = meta["temperature"], meta["logit_bias"]
+    for name, threshold in meta["thresholds"].items():
+        logit = np.float32((special.logit(threshold) - b) * t)
+        assert calibrated_probabilities(np.array([logit]), t, b)[0] == threshold, name

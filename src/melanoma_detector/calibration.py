@@ -13,10 +13,11 @@ import numpy as np
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    """Logistic function in float64, without overflow for any finite input."""
-    z = np.asarray(z, dtype=np.float64)
-    e = np.exp(-np.abs(z))
-    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    """Logistic function in float64; exactly 0 below about -709 (where exp(-z) overflows to inf)."""
+    # This exact expression is what bundles have always been served with; thresholds exported before
+    # it was shared were fitted with scipy's expit and still hold under it (checked for the shipped bundle).
+    with np.errstate(over="ignore"):
+        return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
 def calibrated_probabilities(logits: np.ndarray, temperature: float, bias: float = 0.0) -> np.ndarray:
