@@ -94,3 +94,9 @@ def test_the_shipped_thresholds_are_served_probabilities_of_their_boundary_image
     for name, threshold in meta["thresholds"].items():
         logit = np.float32((special.logit(threshold) - b) * t)
         assert calibrated_probabilities(np.array([logit]), t, b)[0] == threshold, name
+
+
+@pytest.mark.parametrize("y", [[1, 1, 1], [0, 0, 0]])
+def test_operating_points_need_both_classes(y):
+    with pytest.raises(ValueError, match="both classes"):
+        fit_operating_points([0.1, -0.4, 2.0], y)

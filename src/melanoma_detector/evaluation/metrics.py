@@ -338,8 +338,9 @@ def reliability_bins(y: ArrayLike, p: ArrayLike, n_bins: int = 15) -> dict[str, 
     """Equal-width bins on [0, 1] of the predicted probability of malignancy.
 
     Returns arrays (length ``n_bins``): ``edges`` (n_bins + 1), ``count``, ``mean_pred``,
-    ``frac_pos`` (NaN for empty bins). Bin i holds ``edges[i] <= p < edges[i+1]``; the last
-    bin also holds p = 1.
+    ``frac_pos`` (NaN for empty bins). Bin i holds the p with ``floor(p * n_bins) == i``, which is
+    ``edges[i] <= p < edges[i+1]`` up to the rounding of ``edges`` (p = 0.3 lands in bin 2 of 10,
+    not 3); the last bin also holds p = 1. The ECE bins the same way.
     """
     if n_bins < 1:
         raise ValueError("n_bins must be >= 1")
@@ -457,6 +458,8 @@ HIGH_SPECIFICITY = 0.90
 def fit_operating_points(logits: ArrayLike, y: ArrayLike) -> tuple[float, float, dict[str, float]]:
     """Temperature and bias by NLL, then the screening and high-specificity thresholds on the calibrated
     probabilities: what training, export and recalibration all fit on their calibration images."""
+    if len(np.unique(_labels(y))) < 2:
+        raise ValueError("operating points need both classes among the calibration images (benign and malignant)")
     temperature, bias = fit_temperature_bias(logits, y)
     p = apply_calibration(logits, temperature, bias)
     return temperature, bias, {"screening": float(threshold_for_sensitivity(y, p, SCREENING_SENSITIVITY)),
