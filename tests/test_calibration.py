@@ -100,3 +100,18 @@ def test_the_shipped_thresholds_are_served_probabilities_of_their_boundary_image
 def test_operating_points_need_both_classes(y):
     with pytest.raises(ValueError, match="both classes"):
         fit_operating_points([0.1, -0.4, 2.0], y)
+
+
+def test_scores_that_rank_backwards_are_calibrated_to_the_base_rate():
+    """A temperature cannot flip a ranking; the bias should still carry the base rate (it used to be dropped,
+    serving p near 0.5 for a 15 % prevalence)."""
+    from melanoma_detector.evaluation.metrics import expected_calibration_error, fit_temperature_bias
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(2000) < 0.15).astype(int)
+    z = -(y + rng.normal(0, 1, y.size))
+    t, b = fit_temperature_bias(z, y)
+    p = apply_calibration(z, t, b)
+    assert 0 < t <= 100
+    assert abs(p.mean() - y.mean()) < 0.01
+    assert expected_calibration_error(y, p) < 0.02

@@ -437,9 +437,16 @@ def fit_temperature_bias(logits: ArrayLike, y: ArrayLike) -> tuple[float, float]
 
     res = optimize.minimize(nll, x0=[1.0, 0.0], jac=grad, method="BFGS", options={"gtol": 1e-9})
     a, c = float(res.x[0]), float(res.x[1])
-    if not (res.success or nll(res.x) < nll([1.0, 0.0])) or a <= 1e-2:
-        return fit_temperature(z, yy), 0.0  # degenerate (uninformative) scores: temperature only
-    return min(1.0 / a, 100.0), c
+    if (res.success or nll(res.x) < nll([1.0, 0.0])) and a > 1e-2:
+        return min(1.0 / a, 100.0), c
+    # Scores that barely rank (or rank backwards) want T above 100 or below 0: keep T within (0.01, 100]
+    # and still fit the bias, which alone carries the base rate; a bias-free T would serve p near 0.5.
+    t_only = fit_temperature(z, yy)
+    bounded = optimize.minimize(nll, x0=[1.0 / t_only, 0.0], jac=grad, method="L-BFGS-B",
+                                bounds=[(1e-2, 1e2), (None, None)])
+    if nll(bounded.x) < nll([1.0 / t_only, 0.0]):
+        return 1.0 / float(bounded.x[0]), float(bounded.x[1])
+    return t_only, 0.0
 
 
 def apply_calibration(logits: ArrayLike, temperature: float, bias: float = 0.0) -> np.ndarray:
