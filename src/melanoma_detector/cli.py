@@ -234,7 +234,7 @@ def _add_evaluate(sub) -> None:
                        description="Score one or more labelled test sets and write report.html (self-contained), "
                                    "metrics.json, predictions.csv and the plots. 95% CIs by bootstrap, resampled "
                                    "by lesion group when the data names groups. " + DISCLAIMER)
-    p.add_argument("--model", help="bundle folder (default: the shipped model), checkpoint (.pt) or run folder")
+    p.add_argument("--model", help="bundle folder (default: $MELANOMA_MODEL, else the shipped models/default), checkpoint (.pt) or run folder")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations (bundles only)")
     p.add_argument("--data", action="append", required=True, metavar="PATH",
                    help="class folders, a root with test/ (else val/), or a CSV manifest; repeat for several sets")
@@ -303,7 +303,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--manifest", action="append", default=[], metavar="FILE",
                    help="CSV with a path (or image/filepath) column, or a text file with one path per line; "
                         "relative paths are resolved against its folder; repeatable")
-    p.add_argument("--model", help="bundle folder (default: the shipped model), checkpoint (.pt) or run folder")
+    p.add_argument("--model", help="bundle folder (default: $MELANOMA_MODEL, else the shipped models/default), checkpoint (.pt) or run folder")
     p.add_argument("--tta", action="store_true", help="average over the 8 flips/rotations")
     p.add_argument("--csv", help="write results to this CSV file")
     p.add_argument("--json", nargs="?", const="-", help="write results as JSON (to a file, or stdout)")
@@ -482,7 +482,7 @@ def _add_unbundle(sub) -> None:
                        description="Rebuild the torch model(s) inside a bundle's ONNX graph and write each as a "
                                    "checkpoint: OUT/checkpoint.pt, or OUT/member-I/checkpoint.pt for an ensemble. "
                                    "The recovered models are checked against the graph before anything is written.")
-    p.add_argument("--model", help="bundle folder (default: the shipped models/default)")
+    p.add_argument("--model", help="bundle folder (default: $MELANOMA_MODEL, else the shipped models/default)")
     p.add_argument("--out", required=True, help="folder to write the checkpoint(s) to")
     p.add_argument("--split", help="split to place beside each checkpoint as split.csv: a run's split.csv or a "
                                    "keys-only --split-file such as configs/splits/default.csv (default: the split "
@@ -519,7 +519,7 @@ def _add_recalibrate(sub) -> None:
                                    "thresholds re-fitted on labelled images of a new source; whole lesion groups "
                                    "are held out to measure the result against the source bundle's calibration. "
                                    + DISCLAIMER)
-    p.add_argument("--model", help="source bundle folder (default: the shipped model)")
+    p.add_argument("--model", help="source bundle folder (default: $MELANOMA_MODEL, else the shipped models/default)")
     p.add_argument("--data", action="append", required=True, metavar="PATH",
                    help="labelled images of the target source (class folders, split folders or a CSV manifest; "
                         "every image is used whatever its split); repeat for several")
@@ -547,7 +547,7 @@ def _add_refit_gate(sub) -> None:
                                    "shrunk half way to the identity and the 0.995 quantile of held-out distances. "
                                    "For bundles exported before that rule, whose tighter gate refuses much "
                                    "dermoscopy from other devices. " + DISCLAIMER)
-    p.add_argument("--model", help="source bundle folder (default: the shipped model)")
+    p.add_argument("--model", help="source bundle folder (default: $MELANOMA_MODEL, else the shipped models/default)")
     p.add_argument("--data", action="append", required=True, metavar="PATH",
                    help="the data folders the bundle was trained on; repeat for several")
     p.add_argument("--split-file", required=True,

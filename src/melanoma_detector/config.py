@@ -46,7 +46,7 @@ class DataConfig:
     paths: tuple[str, ...] = ()
     val_fraction: float = 0.15
     test_fraction: float = 0.15  # only used when a source has no test split of its own
-    split_file: str | None = None  # a committed split (CSV: path,split) that overrides splitting
+    split_file: str | None = None  # a committed split (CSV with key and split columns; path, label, group optional) that overrides splitting
     skip_bad_images: bool = False
     num_workers: int = 0
 
@@ -113,14 +113,14 @@ class TrainConfig:
     phase2_mode: str = "auto"  # auto | plain | cached ("auto": plain; cached is cheaper but memorises its views)
     cache_views: int = 4  # augmented views per image for the cached phase 2
     cache_dihedral: bool = False  # random flips/90-degree rotations of cached feature maps
-    cache_dir: str | None = None  # default: <out>/../.cache or ~/.cache/melanoma-detector
+    cache_dir: str | None = None  # default: $MELANOMA_CACHE, else ~/.cache/melanoma-detector
     device: str = "auto"
     amp: str = "auto"  # auto | bf16 | fp16 | off ("auto": bf16 (else fp16) on CUDA, off on CPU)
     compile: bool = False  # torch.compile the trained module (GPU; minutes of compile time)
     threads: int | None = None
     max_steps_per_epoch: int | None = None  # for smoke runs
     seed: int = 42
-    # Knowledge distillation: run folders whose mean logit on each training image becomes a soft
+    # Knowledge distillation: run folders or model bundles whose mean logit on each training image becomes a soft
     # target (training/distill.py); weight of the soft term and the softening temperature.
     distill_from: tuple[str, ...] = ()
     distill_weight: float = 0.5

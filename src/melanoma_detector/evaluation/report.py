@@ -25,6 +25,10 @@ HEADLINE = (
     ("brier", "Brier score (lower is better)"),
     ("ece", "Expected calibration error, 15 bins (lower is better)"),
 )
+# Under every table that gives ECE a bootstrap interval: readers otherwise take an interval above the value for an error.
+ECE_NOTE = ("ECE's interval can lie above its value: ECE adds up absolute gaps, so the noise of each bootstrap "
+            "resample (repeated images, fewer distinct ones per bin) counts as miscalibration. Read the interval as "
+            "the spread of ECE, not as bounds around it.")
 AT_THRESHOLD = (
     ("sensitivity", "Sensitivity"),
     ("specificity", "Specificity"),
@@ -275,6 +279,7 @@ def render_html(results: Mapping[str, Any], out: Path) -> str:
         parts.append("<h3>Discrimination and calibration</h3>")
         parts.append(_table(["metric", "value [95% CI]"],
                             [[label, _ci(m.get(k))] for k, label in HEADLINE]))
+        parts.append(f"<p class='note'>{_e(ECE_NOTE)}</p>")
         parts.append("<h3>At each stored threshold</h3>")
         parts.append(_threshold_table(s, prevalence))
         cal = s["calibration"]

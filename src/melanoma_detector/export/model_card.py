@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from melanoma_detector.evaluation.report import ECE_NOTE
+
 ROWS = [
     ("ROC AUC", "roc_auc"),
     ("Average precision", "average_precision"),
@@ -160,6 +162,8 @@ model inherits the non-commercial terms of HAM10000.
 {recal_text}
 ## Metrics (95% bootstrap CIs, {(meta.get('metrics') or {}).get('n_resamples', 1000)} resamples by lesion group)
 {metrics_table(meta.get('metrics', {}), {"test": "Held-out recalibration images"} if recal else None)}
+{ECE_NOTE}
+
 ## External validation
 {external_table(meta)}
 ## Input gate
