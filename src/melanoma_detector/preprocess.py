@@ -72,30 +72,45 @@ class Preprocessing:
         )
 
 
-def resize_and_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
+def _geometry(w: int, h: int, pp: Preprocessing) -> tuple[tuple[int, int, int, int] | None, tuple[int, int], tuple[int, int]]:
+    """Where `resize_and_crop` cuts: the strip pre-crop (or None), the resized size, the final crop's corner."""
     size = pp.input_size
     scaled = int(round(size / pp.crop_pct))
-    resample = INTERPOLATIONS[pp.interpolation]
-    w, h = img.size
+    pre = None
     if pp.resize_mode == "crop" and max(w, h) > MAX_ASPECT * min(w, h):
         keep = MAX_ASPECT * min(w, h)
-        if w > h:
-            img = img.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
-        else:
-            img = img.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
-        w, h = img.size
+        pre = ((w - keep) // 2, 0, (w - keep) // 2 + keep, h) if w > h else (0, (h - keep) // 2, w, (h - keep) // 2 + keep)
+        w, h = pre[2] - pre[0], pre[3] - pre[1]
     if pp.resize_mode == "squash":
         new_w = new_h = scaled
     elif w <= h:
         new_w, new_h = scaled, max(scaled, int(round(h * scaled / w)))
     else:
         new_w, new_h = max(scaled, int(round(w * scaled / h))), scaled
-    if (new_w, new_h) != (w, h):
-        img = img.resize((new_w, new_h), resample)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return pre, (new_w, new_h), ((new_w - size) // 2, (new_h - size) // 2)
+
+
+def resize_and_crop(img: Image.Image, pp: Preprocessing) -> Image.Image:
+    size = pp.input_size
+    pre, (new_w, new_h), (left, top) = _geometry(*img.size, pp)
+    if pre is not None:
+        img = img.crop(pre)
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), INTERPOLATIONS[pp.interpolation])
     if (left, top, size, size) != (0, 0, new_w, new_h):
         img = img.crop((left, top, left + size, top + size))
     return img
+
+
+def crop_box(image_size: tuple[int, int], pp: Preprocessing) -> tuple[float, float, float, float]:
+    """The part of an image of `image_size` (w, h) that the model sees, as fractions (left, top, right, bottom)
+    of its width and height: what a heatmap of the model's input must be drawn over."""
+    w, h = image_size
+    pre, (new_w, new_h), (left, top) = _geometry(w, h, pp)
+    x0, y0, x1, y1 = pre if pre is not None else (0, 0, w, h)
+    sx, sy = (x1 - x0) / new_w, (y1 - y0) / new_h
+    size = pp.input_size
+    return ((x0 + left * sx) / w, (y0 + top * sy) / h, (x0 + (left + size) * sx) / w, (y0 + (top + size) * sy) / h)
 
 
 def shades_of_gray(arr: np.ndarray, power: float = SHADES_OF_GRAY_POWER) -> np.ndarray:

@@ -150,22 +150,22 @@ def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: st
         if result.get("status") != "ok" or "heatmap" not in result:
             return probabilities(result), panel, text, None, None
         display = _display_copy(result["image"])
-        cam = result["heatmap"]
-        rendered = render(display, cam, DEFAULT_OPACITY)
-        return probabilities(result), panel, text, rendered, {"image": display, "cam": cam,
+        cam, box = result["heatmap"], tuple(result["heatmap_box"])
+        rendered = render(display, cam, box, DEFAULT_OPACITY)
+        return probabilities(result), panel, text, rendered, {"image": display, "cam": cam, "box": box,
                                                                "opacity": DEFAULT_OPACITY}
 
     def analyse_if_image(image_path: str | None, tta: bool):
         return analyse(image_path, tta) if image_path else empty
 
-    def render(display, cam, opacity: float) -> str:
-        return cache_png(overlay_heatmap(display, cam, opacity=float(opacity)), overlay.GRADIO_CACHE)
+    def render(display, cam, box, opacity: float) -> str:
+        return cache_png(overlay_heatmap(display, cam, opacity=float(opacity), box=box), overlay.GRADIO_CACHE)
 
     def rerender(state: dict | None, opacity: float):
         # the render chained after every analysis is a no-op unless the slider was moved first
         if not state or float(opacity) == state.get("opacity"):
             return gr.skip(), gr.skip()
-        return render(state["image"], state["cam"], opacity), {**state, "opacity": float(opacity)}
+        return render(state["image"], state["cam"], state["box"], opacity), {**state, "opacity": float(opacity)}
 
     banner = (
         '<div style="background:#fff4d6;border:1px solid #f0a500;border-radius:6px;padding:8px 12px">'

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from melanoma_detector import DISCLAIMER
 from melanoma_detector.calibration import calibrated_probabilities
 from melanoma_detector.data.io import ImageSource, load_image, to_rgb
 from melanoma_detector.errors import ImageDecodeError
 from melanoma_detector.inference.bundle import Bundle, load_bundle
-from melanoma_detector.preprocess import Preprocessing, preprocess_image
+from melanoma_detector.preprocess import Preprocessing, crop_box, preprocess_image
 
 RESULT_COLUMNS = [
     "path", "probability_malignant", "predicted_label", "risk_level", "recommendation", "status", "reason",
@@ -72,7 +72,9 @@ class ImagePrep:
     min_std: float = 4.0
 
     def prepare(self, source: ImageSource | Image.Image) -> tuple[Image.Image, np.ndarray]:
-        img = to_rgb(source) if isinstance(source, Image.Image) else load_image(source)
+        # An image the caller opened keeps its EXIF orientation unapplied; upright it as load_image does a file.
+        # An image the caller opened keeps its EXIF orientation unapplied; upright it as load_image does a file.
+        img = to_rgb(ImageOps.exif_transpose(source) or source) if isinstance(source, Image.Image) else load_image(source)
         gate_image(img, min_side=self.min_side, min_std=self.min_std)
         return img, preprocess_image(img, self.pp)
 
@@ -200,6 +202,7 @@ class Predictor:
         if heatmap:
             extra["heatmap"] = gradcam(out["fmap"][0], out["cam_weights"][0])
             extra["image"] = img
+            extra["heatmap_box"] = crop_box(img.size, self.pp)
         return self._result(path, float(probs[0]), extra=extra)
 
     def _ood_reason(self, features: np.ndarray) -> list[str | None]:
@@ -273,18 +276,31 @@ def gradcam(fmap: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (cam / peak if peak > 0 else cam).astype(np.float32)
 
 
-def overlay_heatmap(img: Image.Image, cam: np.ndarray, *, opacity: float = 0.45) -> Image.Image:
-    """Blend a jet-coloured heatmap (resized to the image) over the image."""
-    heat = Image.fromarray((cam * 255).astype(np.uint8)).resize(img.size, Image.Resampling.BILINEAR)
-    v = np.asarray(heat, np.float32) / 255.0
+def overlay_heatmap(img: Image.Image, cam: np.ndarray, *, opacity: float = 0.45,
+                    box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> Image.Image:
+    """Blend a jet-coloured heatmap over the part of `img` the model saw.
+
+    ``box``: that part as fractions (left, top, right, bottom) of the image, from
+    :func:`melanoma_detector.preprocess.crop_box` (a prediction's ``heatmap_box``). The model's input is a
+    centre crop, so stretching the map over the whole image would put the heat in the wrong place; what lies
+    outside the crop is dimmed instead, since the model never saw it."""
+    img = img.convert("RGB")
+    w, h = img.size
+    x0, y0 = int(round(box[0] * w)), int(round(box[1] * h))
+    x1, y1 = max(x0 + 1, int(round(box[2] * w))), max(y0 + 1, int(round(box[3] * h)))
+    heat = Image.fromarray((cam * 255).astype(np.uint8)).resize((x1 - x0, y1 - y0), Image.Resampling.BILINEAR)
+    v = np.zeros((h, w), np.float32)
+    v[y0:y1, x0:x1] = np.asarray(heat, np.float32) / 255.0
+    inside = np.zeros((h, w, 1), np.float32)
+    inside[y0:y1, x0:x1] = 1.0
     rgb = np.stack([
         np.clip(1.5 - np.abs(4 * v - 3), 0, 1),
         np.clip(1.5 - np.abs(4 * v - 2), 0, 1),
         np.clip(1.5 - np.abs(4 * v - 1), 0, 1),
     ], axis=-1)
-    base = np.asarray(img.convert("RGB"), np.float32) / 255.0
-    alpha = opacity * (0.25 + 0.75 * v[..., None])  # weak attention stays mostly transparent
-    out = base * (1 - alpha) + rgb * alpha
+    base = np.asarray(img, np.float32) / 255.0
+    alpha = opacity * (0.25 + 0.75 * v[..., None]) * inside  # weak attention stays mostly transparent
+    out = (base * (1 - alpha) + rgb * alpha) * (0.4 + 0.6 * inside)
     return Image.fromarray((out * 255).clip(0, 255).astype(np.uint8))
 
 
