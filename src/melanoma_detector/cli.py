@@ -358,6 +358,12 @@ def _check_output_file(flag: str, path: str | None) -> None:
         raise UserError(f"{flag} {p}: not writable; accepted: a file in a writable folder")
 
 
+def _printable(text: str) -> str:
+    """One table cell on any terminal: a file name's undecodable bytes as backslash escapes, newlines escaped."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def cmd_predict(args) -> int:
     import csv
 
@@ -380,7 +386,8 @@ def cmd_predict(args) -> int:
     rows = predictor.predict_paths(files, batch_size=args.batch_size, progress=not args.no_progress and len(files) > 1)
     columns = ["path", "probability_malignant", "predicted_label", "risk_level", "recommendation", "status", "reason"]
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
+        # UTF-8 whatever the locale, and a file name that is not UTF-8 keeps its bytes (as `--out` does)
+        with open(args.csv, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
             w.writeheader()
             w.writerows(rows)
@@ -391,13 +398,14 @@ def cmd_predict(args) -> int:
         else:
             Path(args.json).write_text(payload)
     if args.json != "-":
-        width = max(len(r["path"]) for r in rows)
+        shown = [_printable(r["path"]) for r in rows]
+        width = max(map(len, shown))
         print(f"{'path':<{width}}  {'p(malignant)':>12}  {'label':<9}  risk")
-        for r in rows:
+        for r, path in zip(rows, shown):
             if r["status"] == "ok":
-                print(f"{r['path']:<{width}}  {r['probability_malignant']:>12.4f}  {r['predicted_label']:<9}  {r.get('risk_level') or '-'}")
+                print(f"{path:<{width}}  {r['probability_malignant']:>12.4f}  {r['predicted_label']:<9}  {r.get('risk_level') or '-'}")
             else:
-                print(f"{r['path']:<{width}}  {'-':>12}  cannot assess: {r['reason']}")
+                print(f"{path:<{width}}  {'-':>12}  cannot assess: {_printable(r['reason'])}")
         print(DISCLAIMER)
     return 0 if any(r["status"] == "ok" for r in rows) else 1
 

@@ -367,15 +367,70 @@ def test_batch_path_never_imports_torch(images, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="needs a file system that takes any bytes in file names")
-def test_non_utf8_file_names_resume_exactly_once(predictor, tmp_path):
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_non_utf8_file_names_resume_exactly_once(predictor, tmp_path, suffix):
+    if suffix == ".parquet":
+        pytest.importorskip("pyarrow")
     folder = tmp_path / "odd"
     folder.mkdir()
     shutil.copy(EXAMPLES[0], folder / "plain.jpg")
     with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as fh:  # Latin-1 name, not UTF-8
         fh.write(EXAMPLES[1].read_bytes())
-    out = tmp_path / "r.csv"
+    out = tmp_path / f"r{suffix}"
     predict_to_file(predictor, iter_inputs([str(folder)]), out, workers=0)
     s = predict_to_file(predictor, iter_inputs([str(folder)]), out, workers=0, resume=True)
     assert s["processed"] == 0 and s["skipped"] == 2
-    rows = list(csv.DictReader(out.open(newline="", encoding="utf-8", errors="surrogateescape")))
+    if suffix == ".csv":
+        rows = list(csv.DictReader(out.open(newline="", encoding="utf-8", errors="surrogateescape")))
+    else:
+        rows = read_rows(out)
     assert len(rows) == 2 and all(r["status"] == "ok" for r in rows)
+
+
+def test_resume_cuts_a_record_truncated_inside_a_quoted_newline(predictor, tmp_path):
+    """A reason holding a newline (from a file name with one) is quoted over two lines; a kill right after that
+    newline left a record the lenient CSV reader took for whole, and every later row went into its open quote."""
+    folder = tmp_path / "nl"
+    folder.mkdir()
+    shutil.copy(EXAMPLES[0], folder / "a.jpg")
+    (folder / "bad\nname.jpg").write_bytes(b"not an image")
+    shutil.copy(EXAMPLES[1], folder / "z.jpg")
+    out = tmp_path / "r.csv"
+    predict_to_file(predictor, iter_inputs([str(folder)]), out, workers=0)
+    data = out.read_bytes()
+    cut = data.rindex(b"bad\nname.jpg") + len(b"bad\n")  # inside the quoted reason, the last field, after its newline
+    out.write_bytes(data[:cut])
+    predict_to_file(predictor, iter_inputs([str(folder)]), out, workers=0, resume=True)
+    rows = read_rows(out)
+    assert sorted(Path(r["path"]).name for r in rows) == sorted(["a.jpg", "bad\nname.jpg", "z.jpg"])
+    assert [r["status"] for r in rows if Path(r["path"]).name == "z.jpg"] == ["ok"]
+
+
+def test_a_manifest_with_a_latin1_row_far_down_is_read_to_the_end(tmp_path):
+    manifest = tmp_path / "m.txt"
+    names = [f"img{i}.jpg".encode() for i in range(3000)] + [b"caf\xe9.jpg"]
+    manifest.write_bytes(b"\n".join(names) + b"\n")
+    got = list(iter_inputs(manifests=[str(manifest)]))
+    assert len(got) == 3001 and os.fsencode(got[-1]).endswith(b"caf\xe9.jpg")
+    csv_manifest = tmp_path / "m.csv"
+    csv_manifest.write_bytes(b"path\n" + b"\n".join(names) + b"\n")
+    got = list(iter_inputs(manifests=[str(csv_manifest)]))
+    assert len(got) == 3001 and os.fsencode(got[-1]).endswith(b"caf\xe9.jpg")
+
+
+def test_cli_table_and_csv_take_any_file_name(tmp_path):
+    """A Latin-1 or newline file name used to crash `predict --csv` and the table after every image was scored."""
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    with open(os.path.join(os.fsencode(folder), b"caf\xe9.jpg"), "wb") as fh:
+        fh.write(EXAMPLES[0].read_bytes())
+    shutil.copy(EXAMPLES[1], folder / "new\nline.jpg")
+    out_csv = tmp_path / "r.csv"
+    env = {**os.environ, "PYTHONIOENCODING": "utf-8"}  # strict, as a UTF-8 terminal is
+    proc = subprocess.run([sys.executable, "-m", "melanoma_detector", "predict", str(folder), "--csv", str(out_csv),
+                           "--no-progress", "--model", str(BUNDLE)], capture_output=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    table = proc.stdout.decode("utf-8")
+    assert "caf\\xe9.jpg" in table and "new\\nline.jpg" in table
+    rows = list(csv.DictReader(out_csv.open(newline="", encoding="utf-8", errors="surrogateescape")))
+    assert sorted(os.fsencode(r["path"]).rsplit(b"/", 1)[1] for r in rows) == [b"caf\xe9.jpg", b"new\nline.jpg"]

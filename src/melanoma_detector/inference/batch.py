@@ -99,7 +99,9 @@ def iter_manifest(manifest: str | Path) -> Iterator[str]:
         col = _manifest_column(columns, manifest)
 
         def rows() -> Iterator[str]:
-            with manifest.open(newline="", encoding="utf-8-sig") as fh:
+            # surrogateescape: a path that is not UTF-8 (a Latin-1 file name) still names its file, and
+            # a bad byte thousands of rows down cannot stop a long job half-way
+            with manifest.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
                 for line, row in enumerate(csv.DictReader(fh), start=2):
                     raw = (row.get(col) or "").strip()
                     if raw:
@@ -110,7 +112,7 @@ def iter_manifest(manifest: str | Path) -> Iterator[str]:
         return rows()
 
     def lines() -> Iterator[str]:
-        with manifest.open(encoding="utf-8-sig", errors="replace") as fh:
+        with manifest.open(encoding="utf-8-sig", errors="surrogateescape") as fh:
             for line in fh:
                 raw = line.strip()
                 if raw and not raw.startswith("#"):
@@ -282,7 +284,18 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     return {c: r.get(c) for c in RESULT_COLUMNS}
 
 
+def _arrow_safe(text: str) -> str:
+    """Arrow strings must be valid UTF-8: a non-UTF-8 file name (surrogate-escaped) is kept with its bad bytes
+    written as backslash escapes."""
+    return text if text.isascii() else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 class _CsvSink:
+    @staticmethod
+    def key(path: str) -> str:
+        """A path as this file stores it (CSV keeps every byte of a file name)."""
+        return path
+
     def __init__(self, out: Path):
         self.out = out
         self.fh = None
@@ -344,7 +357,7 @@ def _scan_csv(path: Path) -> tuple[set[str], int, bool]:
 
         # csv.reader pulls exactly the lines of one record before returning it, so `consumed` is the
         # byte offset of the record's end: a record is complete when it ends in a newline and has every field.
-        reader = csv.reader(lines())
+        reader = csv.reader(lines(), strict=True)  # strict: a record cut inside a quoted field is an error, not a row
         try:
             header = next(reader, None)
         except csv.Error:
@@ -384,6 +397,8 @@ def _scan_csv(path: Path) -> tuple[set[str], int, bool]:
 
 
 class _ParquetSink:
+    key = staticmethod(_arrow_safe)  # a path as this file stores it, so a resume finds it
+
     def __init__(self, out: Path):
         try:
             import pyarrow as pa
@@ -441,10 +456,10 @@ class _ParquetSink:
     def flush(self) -> None:
         if not self.buffer:
             return
-        for r in self.buffer:  # Arrow strings must be valid UTF-8; a non-UTF-8 file name is kept escaped
+        for r in self.buffer:
             for k in ("path", "reason", "recommendation"):
-                if isinstance(r[k], str) and not r[k].isascii():
-                    r[k] = r[k].encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+                if isinstance(r[k], str):
+                    r[k] = _arrow_safe(r[k])
         table = self.pa.Table.from_pylist(self.buffer, schema=self.schema)
         part = self.parts / f"part-{self.next_part:05d}.parquet"
         tmp = part.with_suffix(".tmp")
@@ -538,10 +553,11 @@ def predict_to_file(predictor, paths: Iterable[str], out: str | Path, *, workers
         nonlocal skipped
         for p in paths:
             p = str(p)
-            if p in done:
+            stored = sink.key(p)
+            if stored in done:
                 skipped += 1
                 continue
-            done.add(p)  # also drops a path listed twice
+            done.add(stored)  # also drops a path listed twice
             yield p
 
     batches = _batches(todo(), batch_size)
