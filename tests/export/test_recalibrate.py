@@ -98,6 +98,10 @@ def test_gate_keep_keeps_the_source_gate_and_drops_what_it_refuses(tiny, tmp_pat
     refit_meta = json.loads((tmp_path / "refit" / "metadata.json").read_text())
     refit = refit_meta["recalibration"]
     assert refit_meta["input_gate"]["ood"]["acquisition_variants"] == 2  # fitted by export's rule
+    # the metadata says what the new gate was fitted on, not what the source's was
+    assert "recalibration images" in refit_meta["input_gate"]["ood"]["threshold_rule"]
+    assert refit_meta["input_gate"]["refitted"] == {"by": "melanoma recalibrate", "date": refit_meta["created"][:10],
+                                                    "data": [str(site)], "n_fit": refit["n_fit"]}
     assert refit["n_fit"] + refit["n_cannot_assess"] == 80 and refit["n_holdout"] == 0
     # a refitted gate keeps the images the old one refused
     assert refit["n_fit"] - (r["n_fit"] + r["n_holdout"]) == r["n_cannot_assess"] - refit["n_cannot_assess"]

@@ -110,7 +110,7 @@ def gate_features(predictor, images: Sequence[str | Path | Image.Image], *, vari
 
 
 def fit_ood(features: np.ndarray, groups: np.ndarray | None = None, *, quantile: float = QUANTILE,
-            shrinkage: float | str = SHRINKAGE, variants: int = 0) -> dict[str, Any]:
+            shrinkage: float | str = SHRINKAGE, variants: int = 0, images: str = "validation") -> dict[str, Any]:
     """Gaussian model of in-distribution gate features. Half the images (by `groups`: all rows of one image,
     its acquisition variants included, fall on one side) fit the mean and the shrunk covariance; the threshold
     is the `quantile` of the other half's Mahalanobis distances, so it is not set on the points it was fitted to."""
@@ -135,7 +135,7 @@ def fit_ood(features: np.ndarray, groups: np.ndarray | None = None, *, quantile:
         "mean": [float(v) for v in mean],
         "precision": [[float(v) for v in row] for row in precision],
         "threshold": float(np.quantile(d, quantile)),
-        "threshold_rule": f"{quantile:.3f} quantile of distances of held-out validation images (half of val"
+        "threshold_rule": f"{quantile:.3f} quantile of distances of held-out {images} images (half of them"
                           + (f", each also as {variants} acquisition variants)" if variants else ")"),
         "acquisition_variants": int(variants),
         "n_fit": int(len(np.unique(groups[in_fit]))),
@@ -156,20 +156,21 @@ def write_ood(out: Path, ood: dict[str, Any]) -> dict[str, Any]:
 
 
 def fit_bundle_gate(predictor, val_paths: Sequence[str], *, features: np.ndarray | None = None,
-                    variants: int = ACQUISITION_VARIANTS, progress: bool = False) -> dict[str, Any]:
+                    variants: int = ACQUISITION_VARIANTS, progress: bool = False,
+                    images: str = "validation") -> dict[str, Any]:
     """The input gate of a bundle, fitted on its validation images and `variants` acquisition variants of each.
     `features`: the images' own gate features (one row per path) when the caller has scored them already, so
     that only the variants go through the graph."""
     if features is None:
         feats, owner = gate_features(predictor, val_paths, variants=variants, progress=progress, desc="gate fit")
-        return fit_ood(feats, owner, variants=variants)
+        return fit_ood(feats, owner, variants=variants, images=images)
     features = np.asarray(features, np.float64)
     if len(features) != len(val_paths):
         raise ValueError(f"{len(features)} feature rows for {len(val_paths)} images: accepted one row per image")
     more, owner = gate_features(predictor, val_paths, variants=variants, originals=False, progress=progress,
                                 desc="gate fit")
     feats = np.concatenate([features, more]) if len(more) else features
-    return fit_ood(feats, np.concatenate([np.arange(len(features)), owner]), variants=variants)
+    return fit_ood(feats, np.concatenate([np.arange(len(features)), owner]), variants=variants, images=images)
 
 
 def refit_bundle_gate(bundle_dir: str | Path, data: Sequence[str | Path], out_dir: str | Path, *,

@@ -72,7 +72,11 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
         new_gate, held_i, held_refused_fraction = _refit_gate(predictor, sc, fit_i, held_i, out)
     meta = _new_metadata(src_meta, temperature, bias, thresholds, n_fit=len(fit_i), n_resamples=n_resamples)
     if new_gate is not None:
-        meta["input_gate"] = {**(meta.get("input_gate") or {}), "ood": new_gate}
+        # the source's record of how its gate was fitted (by refit-gate, on its validation split) no longer holds
+        gate_meta = {k: v for k, v in (meta.get("input_gate") or {}).items() if k != "refitted"}
+        meta["input_gate"] = {**gate_meta, "ood": new_gate,
+                              "refitted": {"by": "melanoma recalibrate", "date": meta["created"][:10],
+                                           "data": [str(d) for d in data], "n_fit": len(fit_i)}}
     meta["recalibration"] = {
         "source_bundle": {"path": str(bundle_dir), "model_version": src_meta.get("model_version"),
                           "temperature": src_meta.get("temperature"), "logit_bias": src_meta.get("logit_bias", 0.0),
@@ -120,7 +124,8 @@ def _refit_gate(predictor, sc: _Scored, fit_i: np.ndarray, held_i: np.ndarray,
     from melanoma_detector.export.gate import fit_bundle_gate, write_ood
 
     # The fitting images were scored by `_score`; only their acquisition variants still need the graph.
-    new_ood = fit_bundle_gate(predictor, [str(sc.kept[i].path) for i in fit_i], features=sc.feats[fit_i])
+    new_ood = fit_bundle_gate(predictor, [str(sc.kept[i].path) for i in fit_i], features=sc.feats[fit_i],
+                              images="recalibration")
     entry = write_ood(out, new_ood)
     predictor.set_ood(new_ood)
     if not len(held_i):
