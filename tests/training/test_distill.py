@@ -132,6 +132,21 @@ def test_a_bundle_teaches_as_its_checkpoint_does_and_only_students_of_its_own_tr
     from_graph = teacher_logits([bundle], samples, device=cpu, batch_size=5)
     from_checkpoint = teacher_logits([teacher], samples, device=cpu, batch_size=5)
     assert from_graph.shape == (len(samples),) and np.abs(from_graph - from_checkpoint).max() < 1e-4
+    # The logits cache is keyed on the images themselves, not their relative keys: one replaced in place is
+    # scored again, not served its old soft target.
+    import os
+
+    from PIL import Image
+
+    cache = tmp_path / "teacher-cache"
+    first = teacher_logits([teacher], samples, device=cpu, batch_size=5, cache_dir=cache)
+    changed = samples[0].path
+    Image.open(changed).transpose(Image.Transpose.ROTATE_90).save(changed)
+    st = os.stat(changed)
+    os.utime(changed, (st.st_atime, st.st_mtime + 10))
+    again = teacher_logits([teacher], samples, device=cpu, batch_size=5, cache_dir=cache)
+    assert len(list(cache.glob("teacher-logits-*.npz"))) == 2
+    assert again[0] != first[0] and np.array_equal(again[1:], first[1:])
 
     split = str(teacher / "split.csv")
     assert _train(seed_layout, tmp_path / "student", tmp_path / "cache", "--split-file", split,

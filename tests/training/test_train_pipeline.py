@@ -169,3 +169,30 @@ def test_cosine_schedule_and_strong_augmentation_train(seed_layout, tmp_path):
     assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, (1e-3 + 1e-7) / 2])
     config = (out / "config.yaml").read_text()
     assert "lr_schedule: cosine" in config and "augmentation: strong" in config
+
+
+def test_feature_caches_leave_the_global_random_state_alone_and_key_on_precision(seed_layout, tmp_path):
+    """A cold cache pass iterates DataLoaders (each draws a seed from torch's global generator), a warm one does
+    not: the same seed then trained different models on a machine's first run. bf16 features differ from fp32
+    ones, so a cache of one must not be served for the other."""
+    from melanoma_detector.data.discovery import discover_all
+    from melanoma_detector.models.factory import create_model, default_preprocessing, split_backbone
+    from melanoma_detector.training.features import bottom_feature_cache, pooled_features
+
+    samples = [s for src in discover_all([str(seed_layout)]) for s in src.samples][:8]
+    model = create_model(TINY_BACKBONE, pretrained=False)
+    pp = default_preprocessing(model.backbone, image_size=64, resize_mode="crop")
+    kw = dict(device=torch.device("cpu"), cache_dir=tmp_path, progress=False, batch_size=4, engine="torch")
+    states = []
+    for _ in range(2):  # a miss, then a hit
+        torch.manual_seed(0)
+        pooled_features(model.backbone, samples, pp, **kw)
+        bottom_feature_cache(split_backbone(model.backbone, 0.3)[0], samples, pp, views=1, train=True, seed=0, **kw)
+        states.append(torch.get_rng_state())
+    torch.manual_seed(0)
+    assert torch.equal(states[0], torch.get_rng_state()) and torch.equal(states[1], states[0])
+    fp32 = pooled_features(model.backbone, samples, pp, **kw)
+    bf16 = pooled_features(model.backbone, samples, pp, amp_dtype=torch.bfloat16, **kw)
+    assert len(list(tmp_path.glob("pooled-*.npy"))) == 2 and not np.array_equal(fp32, bf16)
+    flipped = pooled_features(model.backbone, samples, pp, flip_average=True, **kw)  # crashed on the torch path
+    assert flipped.shape == fp32.shape

@@ -19,7 +19,6 @@ a bundle by the fingerprint of its training images, which must be this run's own
 from __future__ import annotations
 
 import csv
-import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from melanoma_detector.models.checkpoint import (
     read_checkpoint,
 )
 from melanoma_detector.training.engine import predict_logits
+from melanoma_detector.training.features import cache_key, keeps_global_rng
 from melanoma_detector.training.sampling import build_image_loader
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def _teacher_id(path: Path) -> str:
     return f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
+@keeps_global_rng
 def teacher_logits(
     teachers: Sequence[str | Path], samples: Sequence[Sample], *, device: torch.device, batch_size: int = 64,
     workers: int = 0, progress: bool = False, cache_dir: Path | None = None,
@@ -107,7 +108,9 @@ def teacher_logits(
     # Loaded (and their graphs hashed against their metadata) once, for the key and the scoring.
     bundles = {p: load_bundle(p) for p in paths if is_bundle_path(p)}
     ids = [f"bundle:{bundles[p].metadata['graph']['sha256']}" if p in bundles else _teacher_id(p) for p in paths]
-    key = hashlib.sha256(repr((ids, [s.key or s.path for s in samples])).encode()).hexdigest()
+    # keyed on each image's path, size and time as the feature caches are, not its relative key: another folder
+    # of the same name, or files replaced in place, must not be served the old soft targets
+    key = cache_key(samples, kind="teacher-logits", teachers=ids)
     cache_file = Path(cache_dir) / f"teacher-logits-{key[:16]}.npz" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():
         with np.load(cache_file) as cached:

@@ -12,6 +12,7 @@ preprocessing and the transform, so a stale cache is never reused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -37,6 +38,19 @@ log = logging.getLogger(__name__)
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MELANOMA_CACHE", Path.home() / ".cache" / "melanoma-detector"))
+
+
+def keeps_global_rng(fn):
+    """Run `fn` without moving torch's global random state. A cache pass draws from it (every DataLoader
+    iteration takes a seed) only when the cache misses, so without this a cold cache and a warm one would
+    train different models from the same seed."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def module_fingerprint(module: nn.Module) -> str:
@@ -141,8 +155,9 @@ def _run(module: nn.Module, loader, *, device, flip_average: bool, pool: bool, p
             x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 f = module(x)
-            if flip_average:
-                f = (f + module(torch.flip(x, dims=(3,))).flip(dims=(3,))) / 2
+                if flip_average:
+                    g = module(torch.flip(x, dims=(3,)))
+                    f = (f + (g.flip(dims=(3,)) if g.dim() == 4 else g)) / 2  # pooled output has no width to flip
         if pool and f.dim() == 4:
             f = f.mean(dim=(2, 3))
         f = f.float().cpu().numpy()
@@ -154,6 +169,7 @@ def _run(module: nn.Module, loader, *, device, flip_average: bool, pool: bool, p
     return np.concatenate(chunks) if out is None else out
 
 
+@keeps_global_rng
 def pooled_features(
     backbone: nn.Module,
     samples: Sequence[Sample],
@@ -186,7 +202,8 @@ def pooled_features(
     key = None
     if cache_dir is not None:
         key = cache_key(
-            samples, kind="pooled", fp=fingerprint or module_fingerprint(backbone), pp=pp.to_dict(), flip=flip_average
+            samples, kind="pooled", fp=fingerprint or module_fingerprint(backbone), pp=pp.to_dict(), flip=flip_average,
+            amp=str(amp_dtype),  # bf16 features differ from fp32 ones by up to 0.1: never served for each other
         )
         path = Path(cache_dir) / f"pooled-{key}.npy"
         if broadcast_object(path.is_file(), dist):
@@ -229,6 +246,7 @@ class ViewStack:
         return self.views[v][rest] if rest else self.views[v]
 
 
+@keeps_global_rng
 def bottom_feature_cache(
     bottom: nn.Module,
     samples: Sequence[Sample],
