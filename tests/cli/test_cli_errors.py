@@ -63,6 +63,8 @@ def test_bad_file_in_data_then_skip(tmp_path, capsys, content, name):
     _one_line_error(capsys, name, "--skip-bad-images")
     assert _train(root, tmp_path / "out2", "--skip-bad-images") == 0
     assert "skipped_bad_images\": 1" in (tmp_path / "out2" / "data_summary.json").read_text()
+    # The run's split.csv leaves the skipped file out; reusing it (as --resume does) skips it again.
+    assert _train(root, tmp_path / "out3", "--skip-bad-images", "--split-file", str(tmp_path / "out2" / "split.csv")) == 0
 
 
 def test_unknown_backbone(seed_layout, tmp_path, capsys):

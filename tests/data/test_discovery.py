@@ -67,6 +67,20 @@ def test_saved_split_roundtrip(grouped_manifest, tmp_path):
     assert [s.split for s in fresh] == [s.split for s in samples]
 
 
+def test_split_file_refuses_missing_and_repeated_images_of_the_sources_given(grouped_manifest, seed_layout, tmp_path):
+    samples = assign_splits(discover_all([str(grouped_manifest)]), val_fraction=0.2, test_fraction=0.2, seed=3)
+    other = assign_splits(discover_all([str(seed_layout)]), val_fraction=0.2, test_fraction=0.1, seed=3)
+    save_split(samples + other, tmp_path / "split.csv")
+    fresh = [s for src in discover_all([str(grouped_manifest)]) for s in src.samples]
+    apply_split_file(fresh, tmp_path / "split.csv")  # the other source's rows are not asked for
+    with pytest.raises(DataError, match="not in the data, first: " + fresh[-1].key):
+        apply_split_file(fresh[:-1], tmp_path / "split.csv")  # one of its images went missing
+    rows = (tmp_path / "split.csv").read_text().splitlines()
+    (tmp_path / "twice.csv").write_text("\n".join(rows + rows[1:2]) + "\n")
+    with pytest.raises(DataError, match="listed twice"):
+        apply_split_file(fresh, tmp_path / "twice.csv")
+
+
 def test_leak_detected(grouped_manifest):
     samples = [s for src in discover_all([str(grouped_manifest)]) for s in src.samples]
     multi = [s for s in samples if s.group == "HAM_0002"]  # lesion 2 has 3 images

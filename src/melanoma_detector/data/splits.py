@@ -162,15 +162,31 @@ def write_split_rows(rows: list[dict[str, str]], path: str | Path) -> None:
         w.writerows(rows)
 
 
-def apply_split_file(samples: list[Sample], path: str | Path) -> list[Sample]:
-    """Use a saved split (matched by `key`, so it works on any machine that has the data)."""
+def apply_split_file(samples: list[Sample], path: str | Path, *, present: Iterable[str] | None = None) -> list[Sample]:
+    """Use a saved split (matched by `key`, so it works on any machine that has the data).
+
+    Every sample must be listed, and every listed image of the sources at hand must be there: a split whose
+    images went missing would quietly train, select or test on fewer images than it says. `present`: the keys
+    found on disk when some were dropped before (unreadable images skipped by --skip-bad-images); rows of
+    sources not given (the committed split with --data ham10000 alone) are not asked for."""
     p = Path(path)
-    mapping = {row["key"]: row["split"] for row in _read_split_csv(p)[0]}
+    rows = _read_split_csv(p)[0]
+    mapping = {row["key"]: row["split"] for row in rows}
+    if len(mapping) < len(rows):
+        seen: set[str] = set()
+        twice = next(r["key"] for r in rows if r["key"] in seen or seen.add(r["key"]))
+        raise DataError(f"{p}: {twice} is listed twice; accepted: one row per image")
     missing = [s.key for s in samples if s.key not in mapping]
     if missing:
         raise DataError(
             f"{p}: {len(missing)} image(s) are not in the split file, first: {missing[0]}"
         )
+    present = {s.key for s in samples} if present is None else set(present)
+    sources = {k.split("/", 1)[0] for k in present}
+    absent = [k for k in mapping if k.split("/", 1)[0] in sources and k not in present]
+    if absent:
+        raise DataError(f"{p}: {len(absent)} image(s) it lists are not in the data, first: {absent[0]}; accepted: "
+                        "the data folders the split was made on, complete")
     for s in samples:
         if mapping[s.key] not in SPLITS:
             raise DataError(f"{p}: split {mapping[s.key]!r} for {s.key}; accepted: train, val, test")

@@ -82,6 +82,13 @@ def check_no_teacher_leak(teacher: str | Path, held_out: Sequence[Sample], *, tr
                 keys.add(row["key"])
                 if row.get("group"):
                     groups.add((row["key"].split("/", 1)[0], row["group"]))
+    # Keys name images by their data folder: a teacher of another collection is fine, but one trained on a copy
+    # of this run's images under another folder name would pass the key check without sharing a single key.
+    theirs, ours = {k.split("/", 1)[0] for k in keys}, {s.key.split("/", 1)[0] for s in held_out}
+    if keys and ours and not theirs & ours:
+        log.warning("--distill-from %s: the teacher trained on data folders %s, none of this run's (%s): the leak "
+                    "check can only compare image keys, so make sure those folders hold none of this run's val/test "
+                    "images under other names", teacher, ", ".join(sorted(theirs)), ", ".join(sorted(ours)))
     leaked = [s for s in held_out if s.key in keys or (s.group and (s.source, s.group) in groups)]
     if leaked:
         raise UserError(f"--distill-from {teacher}: the teacher trained on {len(leaked)} of this run's val/test "

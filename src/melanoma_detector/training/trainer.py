@@ -244,16 +244,22 @@ def _fmt(v) -> str:
 def prepare_samples(config: Config, out_dir: Path, *, progress: bool, write: bool = True) -> dict[str, list[Sample]]:
     sources = discover_all(config.data.paths)
     samples = [s for src in sources for s in src.samples]
+    non_images = [p for src in sources for p in src.non_images]
     if config.data.split_file:
-        apply_split_file(samples, config.data.split_file)
+        # Checked before the split is applied: a run's split.csv leaves out the images it skipped as unreadable,
+        # so resuming it (or reusing its split) must skip them again rather than find them unlisted.
+        found = [s.key for s in samples]
+        samples, bad = validate_images(
+            samples, skip_bad=config.data.skip_bad_images, non_images=non_images, progress=progress
+        )
+        apply_split_file(samples, config.data.split_file, present=found)
     else:
         samples = assign_splits(
             sources, val_fraction=config.data.val_fraction, test_fraction=config.data.test_fraction, seed=config.train.seed
         )
-    non_images = [p for src in sources for p in src.non_images]
-    samples, bad = validate_images(
-        samples, skip_bad=config.data.skip_bad_images, non_images=non_images, progress=progress
-    )
+        samples, bad = validate_images(
+            samples, skip_bad=config.data.skip_bad_images, non_images=non_images, progress=progress
+        )
     by_split = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
     require_both_classes(by_split["train"], "training split")
     require_both_classes(by_split["val"], "validation split")
