@@ -112,3 +112,12 @@ def test_single_class_is_an_error(tmp_path):
     (root / "malignant").rmdir()
     with pytest.raises(DataError, match="only one class"):
         require_both_classes(discover(root).samples, "training split")
+
+
+def test_roots_sharing_a_folder_name_get_distinct_keys(tmp_path):
+    rng = np.random.default_rng(0)
+    roots = [tmp_path / "x" / "a", tmp_path / "y" / "a", tmp_path / "z" / "a1"]
+    for r in roots:
+        make_class_folder(r, 1, rng)
+    keys = [s.key for src in discover_all([str(r) for r in roots]) for s in src.samples]
+    assert len(keys) == len(set(keys)) == 6

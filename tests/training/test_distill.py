@@ -67,6 +67,10 @@ def test_leak_check_refuses_teachers_trained_on_held_out_images_or_lesions(tmp_p
     for teacher in (same_image, same_lesion):
         with pytest.raises(UserError, match="trained on 1 of this run's val/test"):
             check_no_teacher_leak(teacher, held)
+    chose_on_it = tmp_path / "chose"
+    _write_split(chose_on_it, [["ham/b.jpg", "/d/b.jpg", 0, "L2", "train"], ["ham/a.jpg", "/d/a.jpg", 1, "L1", "val"]])
+    with pytest.raises(UserError, match="epoch was chosen on 1 of this run's test images"):
+        check_no_teacher_leak(chose_on_it, held)
     other_source = tmp_path / "other"
     _write_split(other_source, [["isic/c.jpg", "/e/c.jpg", 1, "L1", "train"]])  # same id, another collection
     with caplog.at_level(logging.WARNING, logger="melanoma_detector.training.distill"):

@@ -216,9 +216,14 @@ def discover_all(paths: list[str] | tuple[str, ...]) -> list[DataSource]:
         raise DataError(f"no data path given; {LAYOUT_HELP}")
     sources = [discover(p) for p in paths]
     names = [s.name for s in sources]
+    taken = set(names)
     for i, s in enumerate(sources):
         if names.count(s.name) > 1:  # keep keys unique when two roots share a folder name
-            s.name = f"{s.name}{i}"
+            new = f"{s.name}{i}"
+            while new in taken:  # roots named a, a, a1: the second a must not become a1
+                new += "_"
+            taken.add(new)
+            s.name = new
             for smp in s.samples:
                 smp.source = s.name
                 smp.key = f"{s.name}/{smp.key.split('/', 1)[1]}"

@@ -66,7 +66,8 @@ def _check_bundle_teacher(teacher: str | Path, train_keys: Sequence[str]) -> Non
 
 def check_no_teacher_leak(teacher: str | Path, held_out: Sequence[Sample], *, train_keys: Sequence[str] = ()) -> None:
     """Refuse a teacher whose training split holds any of `held_out` (this run's val and test
-    images), by image key or by lesion group. A run teacher's split.csv must sit in its run folder;
+    images), by image key or by lesion group, or whose val split (the images its epoch was chosen on)
+    holds any of this run's test images. A run teacher's split.csv must sit in its run folder;
     a bundle teacher must have trained on exactly `train_keys`, this run's training images."""
     if is_bundle_path(teacher):
         _check_bundle_teacher(teacher, train_keys)
@@ -75,13 +76,15 @@ def check_no_teacher_leak(teacher: str | Path, held_out: Sequence[Sample], *, tr
     if not split_csv.is_file():
         raise UserError(f"--distill-from {teacher}: no split.csv beside its checkpoint, so it cannot be checked that "
                         f"the teacher never trained on this run's val/test images; give the teacher's run folder")
-    keys, groups = set(), set()
+    keys, groups, chosen_on = set(), set(), set()
     with split_csv.open(newline="") as fh:
         for row in csv.DictReader(fh):
             if row.get("split") == "train":
                 keys.add(row["key"])
                 if row.get("group"):
                     groups.add((row["key"].split("/", 1)[0], row["group"]))
+            elif row.get("split") == "val":
+                chosen_on.add(row["key"])
     # Keys name images by their data folder: a teacher of another collection is fine, but one trained on a copy
     # of this run's images under another folder name would pass the key check without sharing a single key.
     theirs, ours = {k.split("/", 1)[0] for k in keys}, {s.key.split("/", 1)[0] for s in held_out}
@@ -90,6 +93,12 @@ def check_no_teacher_leak(teacher: str | Path, held_out: Sequence[Sample], *, tr
                     "check can only compare image keys, so make sure those folders hold none of this run's val/test "
                     "images under other names", teacher, ", ".join(sorted(theirs)), ", ".join(sorted(ours)))
     leaked = [s for s in held_out if s.key in keys or (s.group and (s.source, s.group) in groups)]
+    # The teacher's epoch was chosen on its val images: this run's test images must not be among them either.
+    selected = [s for s in held_out if s.split == "test" and s.key in chosen_on]
+    if selected and not leaked:
+        raise UserError(f"--distill-from {teacher}: the teacher's epoch was chosen on {len(selected)} of this run's "
+                        f"test images (first: {selected[0].key}); distil only from runs trained on the same split "
+                        f"(--split-file) or one that keeps this run's test images out of its train and val sets")
     if leaked:
         raise UserError(f"--distill-from {teacher}: the teacher trained on {len(leaked)} of this run's val/test "
                         f"images or their lesions (first: {leaked[0].key}); distil only from runs trained on the same "
