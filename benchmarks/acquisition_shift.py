@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", type=Path, nargs="+", default=[ROOT / "models" / "default"])
     ap.add_argument("--split", type=Path, default=ROOT / "configs" / "splits" / "default.csv")
     ap.add_argument("--data-root", type=Path, default=SHARED)
-    ap.add_argument("--limit", type=int, default=0, help="first N images per set (0: all)")
+    ap.add_argument("--limit", type=int, default=0, help="N images per set, both classes in proportion (0: all)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if not args.data_root.is_dir():
@@ -87,8 +87,11 @@ def main(argv=None) -> int:
     print("bundles: " + "; ".join(f"[{i}] {n}" for i, n in enumerate(names)))
     for set_name, keep in SETS.items():
         chosen = [r for r in rows if keep(r["key"], r["split"])]
-        if args.limit:
-            chosen = chosen[: args.limit]
+        if args.limit:  # both classes in proportion: the first N rows of a set can all be benign
+            mal = [r for r in chosen if r["label"] == "1"]
+            ben = [r for r in chosen if r["label"] != "1"]
+            k = max(1, round(args.limit * len(mal) / max(1, len(chosen)))) if mal else 0
+            chosen = mal[:k] + ben[: max(1, args.limit - k)]
         y = np.asarray([int(r["label"]) for r in chosen])
         images = [load_image(args.data_root / r["key"]) for r in chosen]
         print(f"\n{set_name}: {len(images)} images ({int(y.sum())} melanoma)")

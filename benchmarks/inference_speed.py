@@ -158,7 +158,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|")
     print(f"| ONNX Runtime predictor | {o50:.1f} | {o95:.1f} | {othr:.1f} |")
     print(f"| PyTorch eager | {t50:.1f} | {t95:.1f} | {tthr:.1f} |")
-    print(f"| ratio (PyTorch / ONNX) | {t50 / o50:.2f}x | {t95 / o95:.2f}x | {othr / tthr:.2f}x |")
+    print(f"| ONNX speed-up | {t50 / o50:.2f}x | {t95 / o95:.2f}x | {othr / tthr:.2f}x |")
     if parity is not None:
         print(f"\nparity: max |p_onnx - p_torch| over the {len(EXAMPLES)} example images: {parity:.1e}")
     print()

@@ -330,6 +330,33 @@ def test_benign_diagnoses_get_their_auc_against_every_melanoma():
     assert all("roc_auc_vs_malignant" not in r for r in other)  # diagnoses only
 
 
+def test_summary_sets_both_models_on_the_images_delong_pairs(report):
+    """The terminal summary printed A on all its images beside B on the common ones, so a refusal by one gate
+    read as an AUC difference that DeLong, on the common images, did not find."""
+    import copy
+
+    from melanoma_detector.evaluation.report import format_summary
+
+    _, results = report
+    results = copy.deepcopy(results)
+    c = results["compare"]["sets"][0]
+    c["model"]["roc_auc"] = {"value": 0.4321, "ci95": [0.41, 0.45]}  # A on the common images, told apart
+    lines = format_summary(results).splitlines()
+    a_row = next(line for line in lines if line.strip().startswith("A (same imgs)"))
+    assert "0.432" in a_row and str(c["n_common"]) in a_row
+    assert any(line.strip().startswith("B (same imgs)") for line in lines)
+
+
+def test_a_rerun_without_compare_leaves_no_compare_files(datasets, tmp_path):
+    _, kaggle = datasets
+    out = tmp_path / "e"
+    evaluate_model(FakeBundlePredictor(), kaggle, out_dir=out, progress=False, n_resamples=20,
+                   compare=FakeCheckpointPredictor())
+    assert (out / "predictions_compare.csv").is_file() and (out / "roc_compare.png").is_file()
+    evaluate_model(FakeBundlePredictor(), kaggle, out_dir=out, progress=False, n_resamples=20)
+    assert not (out / "predictions_compare.csv").exists() and not (out / "roc_compare.png").exists()
+
+
 def test_single_set_keeps_plots_in_out_folder(datasets, tmp_path):
     _, kaggle = datasets
     res = evaluate_model(FakeBundlePredictor(), kaggle, out_dir=tmp_path / "e", progress=False, n_resamples=50)
@@ -403,7 +430,7 @@ def test_cli_card_records_an_external_evaluation_of_the_bundle(tiny_models, data
     capsys.readouterr()
     # the training folder's own test images are not external, even though the model never trained on them
     assert main(["card", str(copy), "--external-eval", str(seen)]) == 2
-    _one_line_error(capsys, "part of the data", "never saw")
+    _one_line_error(capsys, "holds images of the data", "never saw")
     assert main(["card", str(copy), "--external-eval", str(unseen)]) == 0
     meta = json.loads((copy / "metadata.json").read_text())
     (entry,) = meta["external_validation"]

@@ -73,8 +73,25 @@ def test_bundle_itself_needs_no_note_and_rerecording_replaces(tmp_path, meta):
 @pytest.mark.parametrize("data", ["/d/ham10000", "/d/ham10000/test", "/d"])
 def test_data_the_model_trained_on_is_refused(tmp_path, meta, data):
     rep = _report(tmp_path, "ev", data=[data], trained_on=["/d/ham10000"], sha=SHA)
-    with pytest.raises(UserError, match="part of the data"):
+    with pytest.raises(UserError, match="holds images of the data"):
         read_external_evaluation(rep, bundle_meta=meta)
+
+
+def test_a_manifest_listing_training_images_is_refused_and_refusals_are_shown(tmp_path, meta):
+    """A set's folder may lie outside the training data while the images it lists (a manifest, links) do not."""
+    rep = _report(tmp_path, "ev", data=["/elsewhere/manifest.csv"], trained_on=["/d/ham10000"], sha=SHA)
+    (rep / "predictions.csv").write_text("path,label,probability_malignant,predicted_label,set,group\n"
+                                         "/other/x.jpg,benign,0.1,benign,manifest.csv,\n")
+    (rep / "cannot_assess.csv").write_text("set,path,label,reason\nmanifest.csv,/d/ham10000/benign/y.jpg,benign,r\n")
+    with pytest.raises(UserError, match="first: /d/ham10000/benign/y.jpg"):
+        read_external_evaluation(rep, bundle_meta=meta)
+    (rep / "cannot_assess.csv").unlink()
+    metrics = json.loads((rep / "metrics.json").read_text())
+    metrics["sets"][0]["n_cannot_assess"] = 7
+    (rep / "metrics.json").write_text(json.dumps(metrics))
+    add_external(meta, read_external_evaluation(rep, bundle_meta=meta))
+    assert "| elsewhere/manifest.csv | 200 (40); 7 refused by the input gate | this bundle |" in (
+        write_model_card(tmp_path, meta).read_text())
 
 
 def test_old_reports_read_training_data_from_the_run_config(tmp_path, meta):
@@ -82,7 +99,7 @@ def test_old_reports_read_training_data_from_the_run_config(tmp_path, meta):
     run.mkdir()
     (run / "config.yaml").write_text("data:\n  paths: [/d/ham10000]\n")
     rep = _report(tmp_path, "ev", data=["/d/ham10000/x"], trained_on=None, path=str(run))
-    with pytest.raises(UserError, match="part of the data"):
+    with pytest.raises(UserError, match="holds images of the data"):
         read_external_evaluation(rep, bundle_meta=meta, note="n")
     rep = _report(tmp_path, "ev2", data=["/d/isic"], trained_on=None, path=str(tmp_path / "gone"))
     (entry,) = read_external_evaluation(rep, bundle_meta=meta, note="n")

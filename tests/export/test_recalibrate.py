@@ -107,6 +107,20 @@ def test_gate_keep_keeps_the_source_gate_and_drops_what_it_refuses(tiny, tmp_pat
     assert refit["n_fit"] - (r["n_fit"] + r["n_holdout"]) == r["n_cannot_assess"] - refit["n_cannot_assess"]
 
 
+def test_the_recalibration_images_are_not_external_to_the_recalibrated_bundle(tiny, tmp_path, capsys):
+    bundle, site = tiny
+    out = tmp_path / "recal"
+    assert main(["recalibrate", "--model", str(bundle), "--data", str(site), "--out", str(out), "--gate", "keep",
+                 "--resamples", "20", "--no-progress"]) == 0
+    ev = tmp_path / "ev"
+    assert main(["evaluate", "--model", str(out), "--data", str(site), "--out", str(ev), "--resamples", "20",
+                 "--no-progress"]) == 0
+    assert str(site) in json.loads((ev / "metrics.json").read_text())["model"]["trained_on"]
+    capsys.readouterr()
+    assert main(["card", str(out), "--external-eval", str(ev)]) == 2  # its thresholds were fitted on these
+    assert "trained or was calibrated on" in capsys.readouterr().err
+
+
 def test_refuses_to_overwrite_and_one_class_data(tiny, tmp_path, capsys):
     bundle, site = tiny
     assert main(["recalibrate", "--model", str(bundle), "--data", str(site), "--out", str(bundle)]) == 2

@@ -174,7 +174,9 @@ def model_info(predictor, source: str | Path | None = None, *, tta: bool = False
                     backbone=meta.get("backbone"), created=meta.get("created"),
                     software=meta.get("software"),
                     sha256=(meta.get("graph") or {}).get("sha256"),
-                    trained_on=_trained_on(meta.get("training") or {}))
+                    trained_on=_trained_on(meta.get("training") or {})
+                    # a recalibrated bundle's thresholds were fitted on these: not unseen either
+                    + [str(d) for d in (meta.get("recalibration") or {}).get("data") or []])
         if info["path"] is None and getattr(bundle, "root", None) is not None:
             info["path"] = str(bundle.root)
     elif ckpt is not None:
@@ -405,7 +407,7 @@ def _clean(obj: Any) -> Any:
 
 
 def _write_predictions(path: Path, items: list[tuple[EvalSet, Scored]], threshold: float) -> None:
-    with path.open("w", newline="") as fh:
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "probability_malignant", "predicted_label", "set", "group"])
         for es, sc in items:
@@ -507,10 +509,13 @@ def evaluate_model(
     if compare is not None:
         _write_predictions(out / "predictions_compare.csv", scored_b,
                            info_b["thresholds"]["screening"])
+    else:  # stale from an earlier --compare run into the same folder
+        for stale in (out / "predictions_compare.csv", out / "roc_compare.png", *out.glob("*/roc_compare.png")):
+            stale.unlink(missing_ok=True)
     refused = [(es, s, r) for es, sc in scored_a for s, r in sc.refused]
     ca_path = out / "cannot_assess.csv"
     if refused:
-        with ca_path.open("w", newline="") as fh:
+        with ca_path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
             w = csv.writer(fh)
             w.writerow(["set", "path", "label", "reason"])
             for es, s, r in refused:

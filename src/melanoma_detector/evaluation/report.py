@@ -324,11 +324,13 @@ def format_summary(results: Mapping[str, Any]) -> str:
                      f"{_ci(m.get('specificity@screening')):<22}")
         c = cmp.get(s["name"])
         if c and c.get("compare"):
-            mb, d = c["compare"], c["delong"] or {}
-            lines.append(f"{'  vs B (same imgs)':<18} {c['n_common']:>6} {c['n_malignant']:>6} "
-                         f"{c['n_cannot_assess_compare']:>7}  {_ci(mb.get('roc_auc')):<22} "
-                         f"{_ci(mb.get('sensitivity@screening')):<22} "
-                         f"{_ci(mb.get('specificity@screening')):<22}")
+            # DeLong pairs the two models on the images both assessed: show both there, not A on all of its own
+            d = c["delong"] or {}
+            for label, mb, refused in (("  A (same imgs)", c["model"] or {}, s["n_cannot_assess"]),
+                                       ("  B (same imgs)", c["compare"], c["n_cannot_assess_compare"])):
+                lines.append(f"{label:<18} {c['n_common']:>6} {c['n_malignant']:>6} {refused:>7}  "
+                             f"{_ci(mb.get('roc_auc')):<22} {_ci(mb.get('sensitivity@screening')):<22} "
+                             f"{_ci(mb.get('specificity@screening')):<22}")
             lines.append(f"{'':<18} DeLong: AUC A − B = {_num(d.get('diff'))} "
                          f"[{_num(d.get('ci_low'))}, {_num(d.get('ci_high'))}], "
                          f"p = {_num(d.get('p_value'), 4)}")

@@ -46,22 +46,29 @@ def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any
     trained_on = model.get("trained_on")
     if trained_on is None:
         trained_on = _run_data_paths(model.get("path"))
+    scored = _scored_paths(Path(eval_dir)) if trained_on is not None else {}
     entries = []
     for s in sets:
         data = str(s.get("data", ""))
         if trained_on is None:
             unseen = None  # reports written before models recorded their training data
         else:
-            unseen = not _overlaps(str(s.get("data_resolved") or data), trained_on)
+            # The set's folder, and every image it scored: a manifest, or a folder of links, can list
+            # training images from anywhere.
+            inside = next((q for q in [str(s.get("data_resolved") or data), *scored.get(s.get("name"), [])]
+                           if _overlaps(q, trained_on)), None)
+            unseen = inside is None
             if not unseen:
-                raise UserError(f"--external-eval {eval_dir}: set {s.get('name')!r} ({data}) is part of the data "
-                                f"the evaluated model trained on ({', '.join(trained_on)}); accepted: images that "
-                                "model never saw")
+                raise UserError(f"--external-eval {eval_dir}: set {s.get('name')!r} ({data}) holds images of the "
+                                f"data the evaluated model trained or was calibrated on ({', '.join(trained_on)}; "
+                                f"first: {inside}); accepted: images that model never saw")
         entries.append({
             "data": data,
             "split": s.get("split"),
             "n": int(s["n"]),
             "n_malignant": int(s["n_malignant"]),
+            # the figures cover the images the gate accepted: how many it turned away belongs beside them
+            "n_cannot_assess": int(s.get("n_cannot_assess") or 0),
             "metrics": {k: s["metrics"][k] for k in METRIC_KEYS if k in (s.get("metrics") or {})},
             "thresholds": s.get("thresholds"),
             "evaluated_model": {k: model.get(k) for k in ("path", "kind", "version", "backbone", "sha256", "best_val_auc")},
@@ -75,6 +82,21 @@ def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any
     if not entries:
         raise UserError(f"--external-eval {eval_dir}: the report scored no data set")
     return entries
+
+
+def _scored_paths(eval_dir: Path) -> dict[str, list[str]]:
+    """Every image path an evaluate run scored or refused, by set name."""
+    import csv
+
+    out: dict[str, list[str]] = {}
+    for name in ("predictions.csv", "cannot_assess.csv"):
+        f = eval_dir / name
+        if f.is_file():
+            with f.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+                for row in csv.DictReader(fh):
+                    if row.get("path"):
+                        out.setdefault(row.get("set") or "", []).append(row["path"])
+    return out
 
 
 def _run_data_paths(model_path: str | None) -> list[str] | None:

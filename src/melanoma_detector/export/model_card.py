@@ -48,7 +48,7 @@ def external_table(meta: dict[str, Any]) -> str:
     if not entries:
         return ("_None recorded: every figure above comes from the collections the model trained on. Record one with "
                 "`melanoma card BUNDLE --external-eval EVAL_DIR` after `melanoma evaluate` on images it never saw._\n")
-    lines = [("| Data (never seen by the evaluated model) | Images (melanoma) | Model evaluated | ROC AUC | "
+    lines = [("| Data (never seen by the evaluated model) | Images scored (melanoma) | Model evaluated | ROC AUC | "
              "Sensitivity / specificity @ its screening threshold | Specificity @ 95% sensitivity | ECE |"),
              "|---|---|---|---|---|---|---|"]
     notes: list[str] = []  # one footnote per distinct proxy (model and note), however many sets it scored
@@ -65,7 +65,8 @@ def external_table(meta: dict[str, Any]) -> str:
             who = f"proxy [{notes.index(note) + 1}]: `{e['evaluated_model'].get('backbone')}` trained on " + (
                 ", ".join("/".join(Path(p).parts[-2:]) for p in e["trained_on"]) if e.get("trained_on") else "(not recorded)")
         where = "/".join(Path(e["data"]).parts[-2:]) + (f" ({e['split']} split)" if e.get("split") not in (None, "all") else "")
-        lines.append(f"| {where} | {e['n']} ({e['n_malignant']}) | {who}{' + TTA' if e.get('tta') else ''} | "
+        refused = f"; {e['n_cannot_assess']} refused by the input gate" if e.get("n_cannot_assess") else ""
+        lines.append(f"| {where} | {e['n']} ({e['n_malignant']}){refused} | {who}{' + TTA' if e.get('tta') else ''} | "
                      f"{_cell(m.get('roc_auc'))} | {_cell(m.get('sensitivity@screening'), ci=False)} / "
                      f"{_cell(m.get('specificity@screening'), ci=False)} | {_cell(m.get('specificity_at_95_sensitivity'), ci=False)} | "
                      f"{_cell(m.get('ece'), ci=False)} |")
