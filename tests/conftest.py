@@ -209,3 +209,24 @@ def kill_training_after(cmd: list[str], run: Path, *, epochs: int, env: dict, lo
             if proc.poll() is None:
                 kill_tree(proc.pid)
     return run_rows(run)
+
+
+def spy_epochs(monkeypatch) -> list[tuple[tuple, dict]]:
+    """Record every (args, kwargs) the trainer passes to `train_one_epoch`, still training for real: a test
+    of a run with an option can then check that the option reached the step, not only the saved config."""
+    from melanoma_detector.training import trainer
+
+    real, calls = trainer.train_one_epoch, []
+
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "train_one_epoch", spy)
+    return calls
+
+
+def phase2_calls(calls: list[tuple[tuple, dict]]) -> list[tuple[tuple, dict]]:
+    found = [(a, k) for a, k in calls if k.get("desc", "").startswith("phase2")]
+    assert found, "no phase-2 epoch ran"
+    return found

@@ -75,6 +75,8 @@ def test_a_run_with_the_diagnosis_target_resumes_and_saves_a_one_logit_checkpoin
     state = torch.load(run / "resume.pt", map_location="cpu", weights_only=False)
     assert (state["stage"], state["epoch"]) == ("phase2", 1)
     assert any(k.startswith("aux_head.") for k in state["model_state"])
+    # the layer starts at zero and only the diagnosis loss moves it: it reached the step
+    assert state["model_state"]["aux_head.weight"].abs().sum() > 0
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert "aux_diagnosis_weight: 0.5" in (run / "config.yaml").read_text()
     # ... and checkpoint.pt holds the one-logit model that export and serving expect.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import train_tiny
+from conftest import spy_epochs, train_tiny
 from melanoma_detector.data.discovery import Sample
 from melanoma_detector.data.splits import split_csv_fingerprint
 from melanoma_detector.errors import UserError
@@ -88,12 +88,16 @@ def _train(seed_layout, out, cache, *extra):
 
 
 def test_a_run_distils_from_a_teacher_on_the_same_split_and_refuses_one_that_saw_its_val_images(
-        seed_layout, tmp_path, capsys, caplog):
+        seed_layout, tmp_path, capsys, caplog, monkeypatch):
     teacher = tmp_path / "teacher"
     assert _train(seed_layout, teacher, tmp_path / "cache") == 0
     student = tmp_path / "student"
+    calls = spy_epochs(monkeypatch)
     assert _train(seed_layout, student, tmp_path / "cache", "--split-file", str(teacher / "split.csv"),
                   "--distill-from", str(teacher), "--distill-weight", "0.7") == 0
+    # every step of both phases got the soft targets, at the weight asked for
+    assert calls and all(kw["distill"] is not None and kw["distill"].weight == 0.7 for _, kw in calls)
+    monkeypatch.undo()
     (cached_file,) = (tmp_path / "cache").glob("teacher-logits-*.npz")
     with np.load(cached_file) as cached:
         n_train = sum(1 for r in csv.DictReader((student / "split.csv").open()) if r["split"] == "train")

@@ -6,7 +6,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from conftest import TINY_BACKBONE, run_rows, train_tiny
+from conftest import TINY_BACKBONE, phase2_calls, run_rows, spy_epochs, train_tiny
 from melanoma_detector.errors import UserError
 from melanoma_detector.models.factory import (
     apply_drop_path,
@@ -62,11 +62,14 @@ def test_it_acts_in_train_mode_only():
 def test_the_frozen_bottom_is_never_dropped():
     model = _model(RESIDUAL_BACKBONE)
     apply_drop_path(model.backbone, 0.5)
-    frozen = set_trainable_top(model, 0.6)
+    frozen = set_trainable_top(model, 0.3)
     train_mode(model, frozen)
-    bottom, top = split_backbone(model.backbone, 0.6)
+    bottom, top = split_backbone(model.backbone, 0.3)
+    # the precondition that makes this a test: the frozen bottom holds a block that would drop paths
+    assert any(isinstance(m, DropPath) and m.drop_prob > 0 for m in bottom.modules())
     x = torch.randn(4, 3, 64, 64)
-    assert torch.equal(bottom(x), bottom(x))
+    first = bottom(x)
+    assert all(torch.equal(first, bottom(x)) for _ in range(5))
     assert any(isinstance(m.drop_path, DropPath) and m.drop_path.training
                for m in top.modules() if hasattr(m, "drop_path"))
 
@@ -77,11 +80,14 @@ def test_a_backbone_without_residual_drop_paths_is_refused_with_what_is_accepted
         apply_drop_path(_model(name).backbone, 0.2)
 
 
-def test_a_run_trains_with_drop_path_and_refuses_bad_settings(seed_layout, tmp_path, capsys):
+def test_a_run_trains_with_drop_path_and_refuses_bad_settings(seed_layout, tmp_path, capsys, monkeypatch):
+    calls = spy_epochs(monkeypatch)
     assert train_tiny(seed_layout, tmp_path / "a", tmp_path / "cache", "--drop-path", "0.2",
                       "--backbone", RESIDUAL_BACKBONE, "--phase2-mode", "plain") == 0
     assert any(r["phase"] == "phase2" for r in run_rows(tmp_path / "a"))
     assert "drop_path: 0.2" in (tmp_path / "a" / "config.yaml").read_text()
+    for args, _ in phase2_calls(calls):  # the model the step trained drops paths
+        assert any(isinstance(m, DropPath) and m.drop_prob > 0 for m in args[0].modules())
     for bad in ("-0.1", "1"):
         assert train_tiny(seed_layout, tmp_path / "b", tmp_path / "cache", "--drop-path", bad) == 2
         assert "drop_path" in capsys.readouterr().err

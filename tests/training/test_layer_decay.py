@@ -4,7 +4,7 @@ really steps each unit by it, and a run that trains with it and refuses bad sett
 import pytest
 import torch
 
-from conftest import TINY_BACKBONE, run_rows, train_tiny
+from conftest import TINY_BACKBONE, phase2_calls, run_rows, spy_epochs, train_tiny
 from melanoma_detector.models.factory import create_model, layer_lr_scales, set_trainable_top, split_backbone
 from melanoma_detector.training.trainer import _adam
 
@@ -48,12 +48,15 @@ def test_adam_steps_each_unit_by_its_scaled_lr():
         assert steps.max().item() == pytest.approx(1e-2 * 0.5 ** depth, rel=1e-3)
 
 
-def test_a_run_trains_with_layer_decay_and_refuses_bad_settings(seed_layout, tmp_path, capsys):
+def test_a_run_trains_with_layer_decay_and_refuses_bad_settings(seed_layout, tmp_path, capsys, monkeypatch):
+    calls = spy_epochs(monkeypatch)
     assert train_tiny(seed_layout, tmp_path / "a", tmp_path / "cache", "--layer-decay", "0.7",
                       "--phase2-mode", "plain", "--lr-schedule", "cosine", "--lr-finetune", "1e-3") == 0
     rows = [r for r in run_rows(tmp_path / "a") if r["phase"] == "phase2"]
     assert float(rows[0]["lr"]) == pytest.approx(1e-3)  # cosine's base LR is the unscaled one
     assert "layer_decay: 0.7" in (tmp_path / "a" / "config.yaml").read_text()
+    for args, _ in phase2_calls(calls):  # the optimiser the step got scales the units below the top
+        assert {0.7, 0.49} <= {round(g.get("lr_scale", 1.0), 4) for g in args[2].param_groups}
     for bad in ("0", "1.5"):
         assert train_tiny(seed_layout, tmp_path / "b", tmp_path / "cache", "--layer-decay", bad) == 2
         assert "layer_decay" in capsys.readouterr().err

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_rows, train_tiny
+from conftest import phase2_calls, run_rows, spy_epochs, train_tiny
 from melanoma_detector.training.engine import Distillation, train_one_epoch, weighted_bce
 from melanoma_detector.training.mixing import BatchMix
 
@@ -85,10 +85,13 @@ def test_train_one_epoch_blends_the_two_items_losses(with_teacher):
     assert out["loss"] == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_a_run_trains_with_mixing_and_refuses_bad_settings(seed_layout, tmp_path, capsys):
+def test_a_run_trains_with_mixing_and_refuses_bad_settings(seed_layout, tmp_path, capsys, monkeypatch):
+    calls = spy_epochs(monkeypatch)
     assert train_tiny(seed_layout, tmp_path / "a", tmp_path / "cache", "--mix", "cutmix", "--mix-prob", "1",
                       "--threads", "1") == 0
     assert [r["phase"] for r in run_rows(tmp_path / "a")] == ["phase1", "phase2"]
     assert "mix: cutmix" in (tmp_path / "a" / "config.yaml").read_text()
+    for _, kw in phase2_calls(calls):
+        assert isinstance(kw["mix"], BatchMix) and kw["mix"].kind == "cutmix" and kw["mix"].prob == 1.0
     assert train_tiny(seed_layout, tmp_path / "b", tmp_path / "cache", "--mix-alpha", "0") == 2
     assert "mix_alpha" in capsys.readouterr().err

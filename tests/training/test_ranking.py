@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import run_rows, train_tiny
+from conftest import run_rows, spy_epochs, train_tiny
 from melanoma_detector.training.engine import pairwise_rank_loss, train_one_epoch, weighted_bce
 
 
@@ -59,11 +59,13 @@ def test_train_one_epoch_adds_the_weighted_term_to_the_batch_loss():
     assert out["loss"] == pytest.approx(expected.item(), rel=1e-6)
 
 
-def test_a_run_trains_with_the_ranking_term_and_refuses_bad_weights(seed_layout, tmp_path, capsys):
+def test_a_run_trains_with_the_ranking_term_and_refuses_bad_weights(seed_layout, tmp_path, capsys, monkeypatch):
+    calls = spy_epochs(monkeypatch)
     assert train_tiny(seed_layout, tmp_path / "a", tmp_path / "cache", "--rank-weight", "0.5",
                       "--threads", "1") == 0
     assert [r["phase"] for r in run_rows(tmp_path / "a")] == ["phase1", "phase2"]
     assert "rank_weight: 0.5" in (tmp_path / "a" / "config.yaml").read_text()
+    assert calls and all(kw["rank_weight"] == 0.5 for _, kw in calls)  # both phases
     for bad in ("-1", "11"):
         assert train_tiny(seed_layout, tmp_path / "b", tmp_path / "cache", "--rank-weight", bad) == 2
         assert "rank_weight" in capsys.readouterr().err

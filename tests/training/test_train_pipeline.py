@@ -155,7 +155,17 @@ def test_onnx_runtime_feature_engine_matches_pytorch(seed_layout):
     assert m_ref.shape == m_ort.shape and np.abs(m_ref - m_ort).max() < 1e-2  # float16 storage
 
 
-def test_cosine_schedule_and_strong_augmentation_train(seed_layout, tmp_path):
+def test_cosine_schedule_and_strong_augmentation_train(seed_layout, tmp_path, monkeypatch):
+    from melanoma_detector.training import trainer
+
+    real, augmentations = trainer.build_image_loader, []
+
+    def spy(*args, **kwargs):
+        if kwargs.get("train"):
+            augmentations.append(kwargs.get("augmentation"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "build_image_loader", spy)
     out = tmp_path / "run"
     rc = main([
         "train", "--data", str(seed_layout), "--out", str(out), "--backbone", TINY_BACKBONE,
@@ -169,6 +179,7 @@ def test_cosine_schedule_and_strong_augmentation_train(seed_layout, tmp_path):
     assert [float(r["lr"]) for r in rows] == pytest.approx([1e-3, (1e-3 + 1e-7) / 2])
     config = (out / "config.yaml").read_text()
     assert "lr_schedule: cosine" in config and "augmentation: strong" in config
+    assert augmentations == ["strong"]  # the plain phase 2's loader (phase 1 reads cached features)
 
 
 def test_feature_caches_leave_the_global_random_state_alone_and_key_on_precision(seed_layout, tmp_path):
