@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,10 @@ from PIL import Image
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TINY_BACKBONE = "test_efficientnet"  # timm's 0.1M-parameter test model: seconds per epoch
+
+# A training run given no --cache-dir caches features under $MELANOMA_CACHE (else ~/.cache): never the user's
+# cache, whose warm entries a test could be served, and never left behind in the home folder.
+os.environ["MELANOMA_CACHE"] = tempfile.mkdtemp(prefix="melanoma-test-cache-")
 
 
 def lesion_image(rng: np.random.Generator, malignant: bool, size=(96, 72)) -> Image.Image:
@@ -209,6 +215,16 @@ def kill_training_after(cmd: list[str], run: Path, *, epochs: int, env: dict, lo
             if proc.poll() is None:
                 kill_tree(proc.pid)
     return run_rows(run)
+
+
+def fake_bundle(folder: Path) -> Path:
+    """A folder that every output check takes for a model bundle (the shipped metadata, an empty graph), so a
+    test of a refusal never risks writing into the real models/default."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metadata.json").write_bytes((Path(__file__).resolve().parents[1] / "models" / "default" /
+                                            "metadata.json").read_bytes())
+    (folder / "model.onnx").write_bytes(b"")
+    return folder
 
 
 def spy_epochs(monkeypatch) -> list[tuple[tuple, dict]]:

@@ -7,10 +7,12 @@ from melanoma_detector.config import load_config
 from melanoma_detector.errors import UserError
 
 
-@pytest.mark.parametrize("key,value", [("train.amp", "fp8"), ("train.phase2_mode", "fast"), ("train.device", "tpu"),
-                                       ("train.lr_schedule", "step"), ("train.augmentation", "extreme")])
-def test_config_rejects_unknown_choices_with_the_accepted_ones(key, value):
-    with pytest.raises(UserError, match="is not one of"):
+@pytest.mark.parametrize("key,value,accepted", [
+    ("train.amp", "fp8", "auto, bf16, fp16, off"), ("train.phase2_mode", "fast", "auto, plain, cached"),
+    ("train.device", "tpu", "auto, cpu, cuda"), ("train.lr_schedule", "step", "plateau, cosine"),
+    ("train.augmentation", "extreme", "standard, strong, acquisition")])
+def test_config_rejects_unknown_choices_with_the_accepted_ones(key, value, accepted):
+    with pytest.raises(UserError, match=f"is not one of {re.escape(accepted)}"):
         load_config(None, {key: value})
 
 

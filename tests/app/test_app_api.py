@@ -62,11 +62,15 @@ def test_rest_predict_example(live_server, http, app_predictor):
     assert body["probability_malignant"] == pytest.approx(direct["probability_malignant"], abs=1e-6)
 
 
-def test_rest_predict_tta_query(live_server, http):
+def test_rest_predict_tta_query(live_server, http, app_predictor):
     path = EXAMPLE_FILES[0]
     r = _post(http, live_server, params={"tta": "true"}, files={"file": (path.name, path.read_bytes(), "image/jpeg")})
     assert r.status_code == 200, r.text
     assert r.json()["tta"] is True
+    # computed with TTA, not merely labelled: the library's TTA figure, which differs from the plain one
+    with_tta = app_predictor.predict(str(path), tta=True)["probability_malignant"]
+    assert r.json()["probability_malignant"] == pytest.approx(with_tta, abs=1e-6)
+    assert abs(with_tta - app_predictor.predict(str(path))["probability_malignant"]) > 1e-4
     _assert_error(_post(http, live_server, params={"tta": "maybe"}, files={"file": ("a.jpg", path.read_bytes())}), 400)
 
 

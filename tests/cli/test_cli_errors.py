@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY_BACKBONE, make_class_folder
+from conftest import TINY_BACKBONE, fake_bundle, make_class_folder
 from melanoma_detector.cli import main
 
 
@@ -162,17 +162,17 @@ def test_evaluate_never_writes_its_report_into_a_run_or_a_bundle(seed_layout, tm
     assert main(["evaluate", "--data", str(seed_layout), "--out", str(run)]) == 2
     _one_line_error(capsys, "is a training run (it holds config.yaml)", "accepted: a new folder")
     assert (run / "metrics.json").read_text() == '{"best": 1}'
-    from melanoma_detector.inference.bundle import default_bundle_dir
-
-    assert main(["evaluate", "--data", str(seed_layout), "--out", str(default_bundle_dir())]) == 2
+    bundle = fake_bundle(tmp_path / "bundle")
+    assert main(["evaluate", "--data", str(seed_layout), "--out", str(bundle)]) == 2
     _one_line_error(capsys, "is a model bundle")
+    assert sorted(p.name for p in bundle.iterdir()) == ["metadata.json", "model.onnx"]
 
 
-def test_train_never_writes_a_run_into_a_bundle(seed_layout, capsys):
-    from melanoma_detector.inference.bundle import default_bundle_dir
-
-    assert _train(seed_layout, default_bundle_dir()) == 2
+def test_train_never_writes_a_run_into_a_bundle(seed_layout, tmp_path, capsys):
+    bundle = fake_bundle(tmp_path / "bundle")
+    assert _train(seed_layout, bundle) == 2
     _one_line_error(capsys, "holds a model bundle; accepted: a new folder")
+    assert sorted(p.name for p in bundle.iterdir()) == ["metadata.json", "model.onnx"]
 
 
 def test_a_command_whose_extra_is_not_installed_says_which_to_install(seed_layout, tmp_path):

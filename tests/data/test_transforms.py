@@ -33,6 +33,21 @@ def test_training_transform_gives_the_model_input(augmentation):
     assert -1.01 <= float(x.min()) and float(x.max()) <= 1.01
 
 
+def test_acquisition_augmentation_casts_colours_and_standard_keeps_them():
+    """The acquisition set's per-channel gains tint a grey image; the standard set's colour jitter (brightness,
+    contrast, saturation, a small hue shift) cannot turn neutral grey into a colour."""
+    from PIL import Image
+
+    random.seed(0)
+    torch.manual_seed(0)
+    grey = Image.new("RGB", (80, 60), (128, 128, 128))
+    tinted = {}
+    for name in ("acquisition", "standard"):
+        t = build_transforms(PP, train=True, augmentation=name)
+        tinted[name] = sum(float((x.amax(dim=0) - x.amin(dim=0)).mean()) > 0.02 for x in (t(grey) for _ in range(30)))
+    assert tinted["acquisition"] >= 15 and tinted["standard"] == 0  # gains with p = 0.8
+
+
 def test_strong_augmentation_erases_a_patch_and_standard_never_does():
     random.seed(0)
     torch.manual_seed(0)

@@ -321,13 +321,25 @@ def test_bootstrap_ci_coverage_of_true_auc():
     assert 0.85 <= covered / n_sim <= 0.99
 
 
+def test_row_wise_auc_equals_the_one_row_auc_with_ties_and_single_class_rows():
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 2, size=(50, 40))
+    y[3] = 1  # one class only: NaN
+    p = np.round(rng.random((50, 40)), 1)  # many ties
+    got = M.roc_auc_batch(y, p)
+    want = [M.roc_auc(a, b) for a, b in zip(y, p)]
+    assert np.isnan(got[3]) and want[3] is None
+    np.testing.assert_allclose(np.delete(got, 3), np.delete(np.array(want, dtype=float), 3), rtol=0, atol=1e-12)
+
+
 def test_bootstrap_generic_path_matches_vectorised_path():
     y, p = _data(11, n=300, decimals=None)
     fast = M.bootstrap_ci(y, p, M.roc_auc, n_resamples=400, seed=1)
     slow = M.bootstrap_ci(y, p, lambda a, b: M.roc_auc(a, b), n_resamples=400, seed=1)
     assert fast.estimate == slow.estimate
-    assert fast.low == pytest.approx(slow.low, abs=0.02)
-    assert fast.high == pytest.approx(slow.high, abs=0.02)
+    # the same resamples through both paths: the same interval, not merely a close one
+    assert fast.low == pytest.approx(slow.low, abs=1e-12)
+    assert fast.high == pytest.approx(slow.high, abs=1e-12)
     low, high = fast  # unpacks as (low, high)
     assert (low, high) == (fast.low, fast.high)
     assert set(fast.to_dict()) >= {"low", "high", "n_valid"}

@@ -80,3 +80,20 @@ def test_a_prediction_carries_the_box_its_heatmap_belongs_to(tmp_path):
     from_file = predictor.predict(str(rotated))
     from_pil = predictor.predict(Image.open(rotated))
     assert from_pil["probability_malignant"] == from_file["probability_malignant"]
+
+
+def test_tta_is_the_mean_calibrated_probability_of_the_eight_views():
+    pytest.importorskip("onnxruntime")
+    from melanoma_detector.inference import Predictor
+    from melanoma_detector.inference.predictor import dihedral_views
+
+    repo = Path(__file__).parents[2]
+    predictor = Predictor(repo / "models" / "default")
+    example = sorted((repo / "examples").glob("malignant_*.jpg"))[0]
+    _, arr = predictor.prepare(str(example))
+    views = np.stack(dihedral_views(arr))
+    assert len({v.tobytes() for v in views}) == 8  # eight distinct views
+    expected = predictor.calibrate(predictor.run(views)["logit"]).mean()
+    got = predictor.predict(str(example), tta=True)["probability_malignant"]
+    assert got == pytest.approx(expected, abs=1e-9)
+    assert abs(got - predictor.predict(str(example))["probability_malignant"]) > 1e-4
