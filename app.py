@@ -29,9 +29,13 @@ def main() -> None:
     in_space = bool(os.environ.get("SPACE_ID"))
     host = "0.0.0.0" if in_space else "127.0.0.1"
     port = int(os.environ.get("GRADIO_SERVER_PORT") or os.environ.get("PORT") or 7860)
-    app = build_app()  # login from MELANOMA_AUTH when set
+    from melanoma_detector.app.security import LOOPBACK_HOSTS
+    from melanoma_detector.cli import SERVER_LIMITS
+
+    # login from MELANOMA_AUTH when set; a Space shows the app in a frame on huggingface.co
+    app = build_app(allow_framing=in_space, allowed_hosts=None if in_space else LOOPBACK_HOSTS)
     print(f"serving on http://{host}:{port}/  {DISCLAIMER}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5, **SERVER_LIMITS)
 
 
 if __name__ == "__main__":

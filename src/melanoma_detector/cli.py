@@ -631,17 +631,20 @@ def cmd_serve(args) -> int:
         import uvicorn
 
         from melanoma_detector.app import build_app
-        from melanoma_detector.app.security import auth_from_env, exposure_warnings
+        from melanoma_detector.app.security import LOOPBACK_HOSTS, auth_from_env, exposure_warnings, is_loopback
     except ImportError as exc:
         raise UserError(f"the web app needs the app extra: pip install -e '.[app]' ({exc})") from None
 
     credentials = auth_from_env()  # raises a UserError that never shows the value
     for line in exposure_warnings(args.host, share=args.share, login=credentials is not None):
         print(line, file=sys.stderr)
-    app = build_app(args.model, max_upload_mb=args.max_upload_mb, auth=credentials or False)
+    # Bound to loopback, the app answers only for loopback names: a web page cannot reach it through a DNS
+    # name of its own pointed at 127.0.0.1. --share's tunnel arrives at 127.0.0.1 with the tunnel's Host.
+    hosts = LOOPBACK_HOSTS + (args.host,) if is_loopback(args.host) and not args.share else None
+    app = build_app(args.model, max_upload_mb=args.max_upload_mb, auth=credentials or False, allowed_hosts=hosts)
     version = app.state.predictor.bundle.version
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, **SERVER_LIMITS))
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"serving model {version} on http://{shown}:{args.port}/ (REST: /api/v1/predict, model card: /model-card)"
           + ("; login required" if credentials else ""))
@@ -673,6 +676,12 @@ def cmd_serve(args) -> int:
         server.should_exit = True
         thread.join(timeout=10)
     return 0
+
+
+# Connections beyond this get 503 instead of exhausting file descriptors; idle keep-alive connections close
+# after 5 s. A connection that never finishes its request still holds a slot: expose the app through a reverse
+# proxy with request timeouts (docs in README), not directly.
+SERVER_LIMITS = {"limit_concurrency": 128, "timeout_keep_alive": 5}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -157,6 +157,8 @@ def build_app(
     examples_dir: str | Path | None = None,
     concurrency: int = 4,
     inference_workers: int = 2,
+    allowed_hosts: tuple[str, ...] | None = None,
+    allow_framing: bool = False,
 ):
     """Build the FastAPI app with the Gradio page mounted at "/".
 
@@ -168,6 +170,10 @@ def build_app(
     examples_dir: sample images shown under the upload (default: the repository's examples/).
     concurrency: Gradio queue workers (`default_concurrency_limit`).
     inference_workers: model runs at once, shared by the page and the REST API.
+    allowed_hosts: Host names the app answers (`melanoma serve` passes the loopback names when it binds
+        loopback); None answers any.
+    allow_framing: let other sites show the page in a frame (Hugging Face Spaces does); otherwise refused.
+    The model card (/model-card) describes the model, not any user's data, and is served without login.
     """
     import anyio
     import gradio as gr
@@ -197,9 +203,10 @@ def build_app(
         title="melanoma-detector",
         version=__version__,
         description="Benign vs. malignant (melanoma) classification of dermoscopic images. " + DISCLAIMER,
-        docs_url=f"{API_PREFIX}/docs",
+        # behind a login the API's own description is not published either
+        docs_url=None if credentials else f"{API_PREFIX}/docs",
         redoc_url=None,
-        openapi_url=f"{API_PREFIX}/openapi.json",
+        openapi_url=None if credentials else f"{API_PREFIX}/openapi.json",
     )
     app.state.predictor = predictor
     app.state.runner = runner
@@ -318,6 +325,14 @@ def build_app(
         allowed_paths=[str(examples)] if examples.is_dir() else None,
         max_file_size=max_bytes,
         ssr_mode=False,
-        show_error=True,
+        show_error=False,  # an unexpected error's text can name server paths; gr.Error messages are still shown
     )
+    # Gradio refuses an input file that no user uploaded (a server path such as /etc/passwd or /dev/zero in an
+    # API call) only once the Blocks count as launched, which mounting on FastAPI never sets.
+    demo.has_launched = True
+    from melanoma_detector.app.security import RequestGuard
+
+    # a little above the REST route's own limit, so that route still answers 413 for a streamed upload
+    app.add_middleware(RequestGuard, max_body=max_bytes + 2 * _ENVELOPE_BYTES, allowed_hosts=allowed_hosts,
+                       allow_framing=allow_framing)
     return app

@@ -104,6 +104,7 @@ def cache_png(img, cache_dir: str | Path, *, name: str = "heatmap") -> str:
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(target) as tmp:
             tmp.write_bytes(data)
+            os.chmod(tmp, 0o600)  # a lesion photo: not readable by the machine's other users
     return str(target.resolve())
 
 
@@ -144,15 +145,20 @@ def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: st
     def analyse(image_path: str | None, tta: bool):
         if not image_path:
             raise gr.Error("Upload a dermoscopic image first (JPEG, PNG, BMP, TIFF or WebP).")
+        if not isinstance(tta, bool):  # the API's "false" is a non-empty string, truthy to bool()
+            raise gr.Error("test-time augmentation must be true or false")
         result = runner.predict(image_path, tta=bool(tta), heatmap=True, name=Path(image_path).name)
         panel = risk_html(result, threshold=threshold, version=version, tta=bool(tta))
         text = recommendation_md(result, min_side=min_side)
         if result.get("status") != "ok" or "heatmap" not in result:
             return probabilities(result), panel, text, None, None
-        display = _display_copy(result["image"])
+        display = _display_copy(result.pop("image"))
         cam, box = result["heatmap"], tuple(result["heatmap_box"])
         rendered = render(display, cam, box, DEFAULT_OPACITY)
-        return probabilities(result), panel, text, rendered, {"image": display, "cam": cam, "box": box,
+        # A session keeps the display image as a file in Gradio's cache, not in memory: thousands of
+        # visitors' sessions held 1.8 MB each until they expired.
+        shown = cache_png(display, overlay.GRADIO_CACHE, name="display")
+        return probabilities(result), panel, text, rendered, {"display": shown, "cam": cam, "box": box,
                                                                "opacity": DEFAULT_OPACITY}
 
     def analyse_if_image(image_path: str | None, tta: bool):
@@ -163,9 +169,13 @@ def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: st
 
     def rerender(state: dict | None, opacity: float):
         # the render chained after every analysis is a no-op unless the slider was moved first
-        if not state or float(opacity) == state.get("opacity"):
-            return gr.skip(), gr.skip()
-        return render(state["image"], state["cam"], state["box"], opacity), {**state, "opacity": float(opacity)}
+        if not state or float(opacity) == state.get("opacity") or not Path(state["display"]).is_file():
+            return gr.skip(), gr.skip()  # (the display file is gone once Gradio's cache expired it)
+        from PIL import Image
+
+        with Image.open(state["display"]) as display:
+            rendered = render(display.convert("RGB"), state["cam"], state["box"], opacity)
+        return rendered, {**state, "opacity": float(opacity)}
 
     banner = (
         '<div style="background:#fff4d6;border:1px solid #f0a500;border-radius:6px;padding:8px 12px">'
@@ -202,7 +212,7 @@ def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: st
                                    elem_id="heatmap", height=360, format="png")
                 opacity = gr.Slider(0.0, 1.0, value=DEFAULT_OPACITY, step=0.05, label="Heatmap opacity",
                                     elem_id="opacity")
-        state = gr.State(None)
+        state = gr.State(None, time_to_live=1800)  # as long as Gradio keeps the files it points to
         gr.HTML(
             f'<p style="font-size:.9em">{html.escape(DISCLAIMER)} '
             f'<a href="{html.escape(model_card_url)}" target="_blank" rel="noopener">Model card</a>.</p>',
