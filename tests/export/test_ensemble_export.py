@@ -66,6 +66,17 @@ def test_export_cli_builds_a_served_ensemble(tiny_run, tmp_path):
     assert_serves_alike(single, out, min((root / "test" / "malignant").iterdir()))
 
 
+def test_an_ensemble_without_validation_images_is_refused(tiny_run, tmp_path, capsys):
+    """Its members' temperatures and thresholds describe their own logits, not the mean: it would serve
+    miscalibrated probabilities and break its sensitivity promise."""
+    _, run, _ = tiny_run
+    out = tmp_path / "ensemble"
+    assert main(["export", "--model", str(run), str(run), "--out", str(out), "--no-data"]) == 2
+    err = capsys.readouterr().err
+    assert "calibration and thresholds are fitted on validation images" in err and "\n" not in err.strip()
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_members_with_different_preprocessing_are_refused(tiny_run, tmp_path):
     from melanoma_detector.errors import UserError
     from melanoma_detector.export.bundle import export_bundle
@@ -76,18 +87,18 @@ def test_members_with_different_preprocessing_are_refused(tiny_run, tmp_path):
     other = tmp_path / "other.pt"
     torch.save(ckpt, other)
     with pytest.raises(UserError, match="differs .* in input_size"):
-        export_bundle([run, other], tmp_path / "out", use_data=False)
+        export_bundle([run, other], tmp_path / "out", use_data=False, uncalibrated_ensemble=True)
     # A different centre-crop fraction alone is served at the first member's.
     ckpt["preprocessing"] = {**ckpt["preprocessing"], "input_size": 64, "crop_pct": 0.5}
     torch.save(ckpt, other)
-    meta = export_bundle([run, other], tmp_path / "out2", use_data=False)
+    meta = export_bundle([run, other], tmp_path / "out2", use_data=False, uncalibrated_ensemble=True)
     assert meta["preprocessing"]["crop_pct"] != 0.5
     ckpt["preprocessing"] = {**ckpt["preprocessing"], "crop_pct": meta["preprocessing"]["crop_pct"],
                              "color_constancy": "shades_of_gray"}
     torch.save(ckpt, other)
     with pytest.raises(UserError, match="differs .* in color_constancy shades_of_gray against none"):
-        export_bundle([run, other], tmp_path / "out3", use_data=False)
+        export_bundle([run, other], tmp_path / "out3", use_data=False, uncalibrated_ensemble=True)
     # A checkpoint from before colour constancy existed has no such key: it used none.
     del ckpt["preprocessing"]["color_constancy"]
     torch.save(ckpt, other)
-    assert export_bundle([run, other], tmp_path / "out4", use_data=False)["preprocessing"]["color_constancy"] == "none"
+    assert export_bundle([run, other], tmp_path / "out4", use_data=False, uncalibrated_ensemble=True)["preprocessing"]["color_constancy"] == "none"

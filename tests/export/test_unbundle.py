@@ -49,7 +49,7 @@ def test_recovered_members_compute_the_exported_models(tiny_run, tmp_path):
 
     _, run, _ = tiny_run
     other = _perturbed(run, tmp_path / "other.pt")
-    export_bundle([run, other], tmp_path / "pair", use_data=False)
+    export_bundle([run, other], tmp_path / "pair", use_data=False, uncalibrated_ensemble=True)
     members = members_from_bundle(tmp_path / "pair")
     assert [c["source_bundle"]["member"] for _, c in members] == [0, 1]
     x = torch.randn(3, 3, 64, 64)

@@ -107,7 +107,11 @@ def export_bundle(
     use_data: bool = True,
     n_resamples: int = 1000,
     version: str | None = None,
+    uncalibrated_ensemble: bool = False,
 ) -> dict[str, Any]:
+    """`uncalibrated_ensemble`: let an ensemble be exported without validation images, keeping its first
+    member's calibration and thresholds, which do not describe the mean logit (for inspecting the graph only;
+    `melanoma export` never does this)."""
     from melanoma_detector.data.splits import split_csv_fingerprint
     from melanoma_detector.evaluation.metrics import (
         apply_calibration,
@@ -144,6 +148,12 @@ def export_bundle(
     elif use_data:
         log.warning("no split file %s: bundle uses the checkpoint's calibration and has no input-gate statistics",
                     split_path)
+    if images is None and len(loaded) > 1 and not uncalibrated_ensemble:
+        # A member's temperature and thresholds describe its own logit, not the mean of several: served as they
+        # are, the ensemble's probabilities and its 95 %-sensitivity promise would be wrong.
+        raise UserError("an ensemble's calibration and thresholds are fitted on validation images, and none were "
+                        f"found ({split_path}); accepted: --split with the members' split (a run's split.csv, or a "
+                        "keys-only split file whose images are in the data folders they trained on)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fractions = [gate_fraction_of(c) for _, c in loaded]
