@@ -121,3 +121,14 @@ def test_roots_sharing_a_folder_name_get_distinct_keys(tmp_path):
         make_class_folder(r, 1, rng)
     keys = [s.key for src in discover_all([str(r) for r in roots]) for s in src.samples]
     assert len(keys) == len(set(keys)) == 6
+
+
+def test_an_image_id_naming_two_files_is_refused(tmp_path):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        make_class_folder(tmp_path / "d" / split, 1, rng)
+    one = next((tmp_path / "d" / "train" / "benign").iterdir())
+    (tmp_path / "d" / "val" / "benign" / one.name).write_bytes(one.read_bytes()[::-1])  # same name, other file
+    (tmp_path / "d" / "labels.csv").write_text(f"image_id,label\n{one.stem},benign\n")
+    with pytest.raises(DataError, match=f"{one.stem} names 2 files"):
+        discover(str(tmp_path / "d" / "labels.csv"))

@@ -131,11 +131,11 @@ def _load_manifest(manifest: Path, source: str) -> DataSource:
             f"{manifest}: manifest needs a 'label' column and a 'path' or 'image_id' column "
             f"(found: {', '.join(columns) or 'none'})"
         )
-    index: dict[str, Path] = {}
+    index: dict[str, list[Path]] = {}
     if path_col is None:
-        for p in root.rglob("*"):
+        for p in sorted(root.rglob("*")):
             if p.suffix.lower() in IMAGE_EXTENSIONS:
-                index.setdefault(p.stem, p)
+                index.setdefault(p.stem, []).append(p)
     used = {c for c in (path_col, id_col, label_col, group_col, split_col) if c}
     for line, row in enumerate(rows, start=2):
         raw_label = (row.get(label_col) or "").strip().lower()
@@ -150,7 +150,11 @@ def _load_manifest(manifest: Path, source: str) -> DataSource:
             ident = row[id_col].strip()
             if ident not in index:
                 raise DataError(f"{manifest}:{line}: no image file named {ident}.* under {root}")
-            p = index[ident]
+            if len(index[ident]) > 1:  # which one was meant is not for the file system's order to decide
+                found = ", ".join(str(q.relative_to(root)) for q in index[ident][:3])
+                raise DataError(f"{manifest}:{line}: {ident} names {len(index[ident])} files ({found}); accepted: "
+                                "one image file per id, or a 'path' column")
+            p = index[ident][0]
         split = None
         if split_col and row.get(split_col, "").strip():
             split = SPLIT_ALIASES.get(row[split_col].strip().lower())
