@@ -46,11 +46,23 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def model_from_checkpoint(ckpt: dict[str, Any]) -> MelanomaNet:
-    mcfg = ckpt["config"]["model"]
-    model = create_model(
-        ckpt["backbone"], pretrained=False, hidden=tuple(mcfg["hidden"]), dropout=tuple(mcfg["dropout"])
-    )
-    model.load_state_dict(ckpt["model_state"], strict=True)
+    try:
+        name, mcfg = ckpt["backbone"], ckpt["config"]["model"]
+        hidden, dropout = tuple(mcfg["hidden"]), tuple(mcfg["dropout"])
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"not a melanoma-detector checkpoint: no {exc} in it (backbone and config.model are "
+                        "needed)") from None
+    model = create_model(name, pretrained=False, hidden=hidden, dropout=dropout)
+    own, theirs = model.state_dict(), ckpt["model_state"]
+    missing = [k for k in own if k not in theirs]
+    unexpected = [k for k in theirs if k not in own]
+    wrong = [k for k in own if k in theirs and tuple(theirs[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        first = (f"first shape mismatch {wrong[0]} {tuple(theirs[wrong[0]].shape)} vs {tuple(own[wrong[0]].shape)}"
+                 if wrong else f"first: {(missing or unexpected)[0]}")
+        raise UserError(f"the checkpoint's weights do not fit backbone {name!r} with its head {hidden}: "
+                        f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape ({first})")
+    model.load_state_dict(theirs, strict=True)
     return model.eval()
 
 

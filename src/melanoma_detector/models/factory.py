@@ -93,20 +93,43 @@ def backbone_units(backbone: nn.Module) -> list[nn.Module] | None:
     cached phase 2 is unavailable and freezing falls back to parameter order).
     """
     names = set(dict(backbone.named_children()))
+    units: list[nn.Module] | None = None
     if {"conv_stem", "bn1", "blocks"} <= names:
-        units: list[nn.Module] = [nn.Sequential(backbone.conv_stem, backbone.bn1)]
+        units = [nn.Sequential(backbone.conv_stem, backbone.bn1)]
         for stage in backbone.blocks:
             units.extend(stage.children() if isinstance(stage, nn.Sequential) else [stage])
-        tail = [m for m in (getattr(backbone, "conv_head", None), getattr(backbone, "bn2", None)) if m is not None and not isinstance(m, nn.Identity)]
-        if tail:
-            units.append(nn.Sequential(*tail))
-        return units
-    if {"conv1", "bn1", "layer1", "layer4"} <= names:
+        # EfficientNet's conv_head is part of forward_features; MobileNetV3's and GhostNet's run after pooling
+        if type(backbone).__name__ == "EfficientNet":
+            tail = [m for m in (getattr(backbone, "conv_head", None), getattr(backbone, "bn2", None))
+                    if m is not None and not isinstance(m, nn.Identity)]
+            if tail:
+                units.append(nn.Sequential(*tail))
+    elif {"conv1", "bn1", "layer1", "layer4"} <= names:
         units = [nn.Sequential(backbone.conv1, backbone.bn1, backbone.act1, backbone.maxpool)]
         for layer in (backbone.layer1, backbone.layer2, backbone.layer3, backbone.layer4):
             units.extend(layer.children())
-        return units
-    return None
+    # The family names are only a guess at the layout: a model that names its parts alike but composes them
+    # otherwise would be frozen, cached and trained in the wrong pieces, so the guess is checked.
+    return units if units is not None and _composes(backbone, units) else None
+
+
+def _composes(backbone: nn.Module, units: list[nn.Module]) -> bool:
+    """Whether running `units` in order gives `forward_features` (eval mode, a small random input)."""
+    modes = {m: m.training for m in backbone.modules()}  # per module: a frozen bottom stays in eval mode
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+            y = x
+            for unit in units:
+                y = unit(y)
+            ref = backbone.forward_features(x)
+        return y.shape == ref.shape and bool(torch.allclose(y, ref, rtol=1e-4, atol=1e-5))
+    except Exception:  # noqa: BLE001 - a layout this guess does not fit
+        return False
+    finally:
+        for m, training in modes.items():
+            m.training = training
 
 
 def split_backbone(backbone: nn.Module, unfreeze_fraction: float) -> tuple[nn.Sequential, nn.Sequential] | None:

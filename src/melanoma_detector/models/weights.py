@@ -54,6 +54,9 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
+_HEAD_PREFIXES = ("classifier.", "fc.", "head.", "aux_head.", "conv_head_classifier.")
+
+
 def strict_load_backbone(backbone: nn.Module, state_dict: dict[str, torch.Tensor], *, source: str) -> None:
     """Load `state_dict` into `backbone`, failing unless every backbone tensor matches.
 
@@ -64,8 +67,13 @@ def strict_load_backbone(backbone: nn.Module, state_dict: dict[str, torch.Tensor
     sd = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state_dict.items()}
     missing = [k for k in own if k not in sd]
     wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or wrong:
+    # Tensors the backbone lacks mean another architecture (an EfficientNet-B0 file for Lite0 loads every Lite0
+    # tensor and drops its squeeze-excitation layers): its features would be meaningless.
+    extra = [k for k in sd if k not in own and not k.startswith(_HEAD_PREFIXES)]
+    if missing or wrong or extra:
         detail = f"{len(missing)} missing (first: {missing[:3]})" if missing else ""
+        if extra:
+            detail += f"{'; ' if detail else ''}{len(extra)} not in this backbone (first: {extra[:3]})"
         if wrong:
             k = wrong[0]
             detail += f"{'; ' if detail else ''}{len(wrong)} shape mismatches (first: {k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)})"
