@@ -261,19 +261,20 @@ def _evaluate_set(predictor, info, es: EvalSet, set_dir: Path, out: Path, *, sco
                               prevalence=prevalence)
     confusion = {name: M.confusion_at_threshold(y, p, thr) for name, thr in thresholds.items()}
 
-    temperature = info["temperature"]
-    p_raw = _uncalibrated(p, temperature, info.get("logit_bias", 0.0))
+    temperature, bias = info["temperature"], float(info.get("logit_bias", 0.0))
+    p_raw = _uncalibrated(p, temperature, bias)
     calibration = {
         "temperature": temperature,
+        "logit_bias": bias,
         "ece_before": M.expected_calibration_error(y, p_raw, 15),
         "ece_after": M.expected_calibration_error(y, p, 15),
         "brier_before": M.brier_score(y, p_raw),
         "brier_after": M.brier_score(y, p),
-        "note": ("'before' = probabilities at T = 1, recovered as sigmoid(logit(p) x T)"
+        "note": ("'before' = the model's raw probabilities (T = 1, b = 0), recovered as sigmoid((logit(p) - b) x T)"
                  + ("; with TTA the model averages probabilities over views, so this is approximate"
                     if info.get("tta") else "")
-                 + ("; this model applies no temperature (T = 1), so before and after coincide"
-                    if abs(temperature - 1.0) < 1e-9 else "")),
+                 + ("; this model applies no calibration (T = 1, b = 0), so before and after coincide"
+                    if abs(temperature - 1.0) < 1e-9 and bias == 0 else "")),
     }
 
     def rel(path: Path) -> str:
@@ -291,7 +292,7 @@ def _evaluate_set(predictor, info, es: EvalSet, set_dir: Path, out: Path, *, sco
         "precision-recall curve")
     add("reliability", P.plot_reliability(
         y, p_raw, set_dir / "reliability.png", p_after=p,
-        labels=("before (T = 1)", f"after temperature scaling (T = {temperature:.3g})"),
+        labels=("before (T = 1, b = 0)", f"after calibration (T = {temperature:.3g}, b = {bias:.3g})"),
         title=f"Reliability diagram: {es.name}"),
         "reliability diagram before and after temperature scaling")
     for name, thr in thresholds.items():

@@ -284,7 +284,8 @@ def render_html(results: Mapping[str, Any], out: Path) -> str:
         parts.append(_threshold_table(s, prevalence))
         cal = s["calibration"]
         parts.append("<h3>Calibration</h3>")
-        parts.append(_table(["", "before (T = 1)", f"after (T = {_num(cal['temperature'], 3)})"],
+        parts.append(_table(["", "before (T = 1, b = 0)",
+                             f"after (T = {_num(cal['temperature'], 3)}, b = {_num(cal.get('logit_bias', 0.0), 3)})"],
                             [["ECE (15 bins)", _num(cal["ece_before"]), _num(cal["ece_after"])],
                              ["Brier score", _num(cal["brier_before"]), _num(cal["brier_after"])]]))
         parts.append(f"<p class='note'>{_e(cal['note'])}</p>")
