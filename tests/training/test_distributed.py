@@ -80,6 +80,10 @@ def test_two_gloo_processes_match_one_process_at_the_same_effective_batch(layout
     a = torch.load(ddp / "checkpoint.pt", map_location="cpu", weights_only=True)
     b = torch.load(single / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert a["metrics"]["val"]["n"] == b["metrics"]["val"]["n"] == 14  # the whole validation set
+    # the epoch was picked by the AUC of the very weights it kept (ranks once validated their own BatchNorm
+    # statistics, so the gathered AUC belonged to no model)
+    for ckpt in (a, b):
+        assert ckpt["best"]["val_auc"] == pytest.approx(ckpt["metrics"]["val"]["roc_auc"], abs=1e-3)
     assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in single.iterdir())
 
 
@@ -105,3 +109,40 @@ def test_a_killed_torchrun_job_resumes_under_torchrun(layout, tmp_path):
     assert rows[: len(before) - 1] == before[: len(before) - 1]  # finished epochs are kept as they were
     assert torch.load(run / "resume.pt", map_location="cpu", weights_only=True)["stage"] == "done"
     assert (run / "checkpoint.pt").is_file()
+
+
+def _two_ranks(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from melanoma_detector.training.distributed import DistInfo, GlobalBatchNorm1d, broadcast_buffers
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2, local_rank=rank)
+    try:
+        # each rank's statistics drifted apart during the epoch; afterwards all hold rank 0's
+        bn = torch.nn.BatchNorm2d(3)
+        bn.running_mean.fill_(float(rank + 1))
+        shadow = {"w": torch.full((2,), float(10 * (rank + 1)))}
+        broadcast_buffers([*bn.buffers(), *shadow.values()], info)
+        # the global batch norm of the head under bf16 autocast: statistics of both ranks' rows, in float32
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(16, 4, generator=gen) * 0.5 + 10.0  # mean/std 20: bf16's E[x^2] - mean^2 loses it all
+        gbn = GlobalBatchNorm1d(4).train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = gbn(x[rank * 8 : (rank + 1) * 8].to(torch.bfloat16))
+        ref = torch.nn.BatchNorm1d(4).train()(x)[rank * 8 : (rank + 1) * 8]
+        torch.save({"mean": bn.running_mean, "shadow": shadow["w"], "err": (y.float() - ref).abs().max().detach()},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_buffers_follow_rank_0_and_the_global_batch_norm_survives_bf16(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert torch.equal(got["mean"], torch.ones(3)) and torch.equal(got["shadow"], torch.full((2,), 10.0))
+        assert float(got["err"]) < 0.1  # bf16 rounding of the output only (NaN or ~1 before)

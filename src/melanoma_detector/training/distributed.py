@@ -127,6 +127,22 @@ def broadcast_module(module: nn.Module, info: DistInfo) -> None:
             dist.broadcast(t, src=0)
 
 
+def broadcast_buffers(tensors, info: DistInfo) -> None:
+    """Copy rank 0's values of `tensors` (a module's buffers, EMA averages) to every rank, in place.
+
+    After an epoch each rank's BatchNorm running statistics were last updated from its own batches (DDP copies
+    rank 0's buffers at the start of every forward pass, then each rank updates its own). Validated as they
+    were, each rank's slice of the validation set would be scored by a different model, and the gathered
+    metric, which picks the checkpoint, would belong to none of them."""
+    if not info.enabled:
+        return
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+
+
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d whose training statistics cover the whole global batch across ranks.
 
@@ -144,21 +160,24 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
         from torch.distributed.nn.functional import all_reduce
 
-        n_local = torch.tensor([float(x.shape[0])], dtype=x.dtype)
+        # float32 whatever the autocast: E[x^2] - mean^2 in bf16 cancels to garbage (even a negative variance)
+        out_dtype = x.dtype
+        x = x.float()
+        n_local = torch.tensor([float(x.shape[0])], dtype=torch.float32, device=x.device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # deprecated in favour of a private API
             stats = all_reduce(torch.cat([x.sum(0), (x * x).sum(0), n_local]))
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
-        var = stats[c : 2 * c] / n - mean * mean
+        var = (stats[c : 2 * c] / n - mean * mean).clamp_min(0)
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
             self.running_mean.mul_(1 - m).add_(m * mean.detach())
             self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(float(n) - 1, 1.0))
         y = (x - mean) / torch.sqrt(var + self.eps)
-        return y * self.weight + self.bias if self.affine else y
+        return (y * self.weight + self.bias if self.affine else y).to(out_dtype)
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:

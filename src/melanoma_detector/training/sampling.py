@@ -3,7 +3,9 @@ the epoch folded into the index so datasets can seed each item's augmentation pe
 
 With N ranks at batch b, rank r's k-th batch is `perm[r::N][k*b:(k+1)*b]`, and the union of the
 N batches is `perm[k*N*b:(k+1)*N*b]`: exactly the k-th batch of one process at batch N*b. That is
-why a distributed run matches a single-process run at the same effective batch and seed.
+why a distributed run matches a single-process run at the same effective batch and seed, when the
+number of training images is a multiple of N: otherwise DistributedSampler pads the epoch with up to N - 1
+repeated images.
 """
 
 from __future__ import annotations

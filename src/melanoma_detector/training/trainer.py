@@ -43,6 +43,7 @@ from melanoma_detector.models.factory import (
 from melanoma_detector.training.auxiliary import DIAGNOSES, AuxDiagnosis, diagnosis_targets
 from melanoma_detector.training.distributed import (
     DistInfo,
+    broadcast_buffers,
     broadcast_module,
     broadcast_object,
     init_distributed,
@@ -539,6 +540,8 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
                 ema=ema, mix=mix, rank_weight=tc.rank_weight,
             )
             train_seconds = time.perf_counter() - t0
+            # every rank validates (and keeps) rank 0's model, BatchNorm statistics and EMA included
+            broadcast_buffers([*module.buffers(), *(ema.shadow.values() if ema is not None else ())], dist)
             # With EMA, the averaged weights are the ones validated, kept and shipped.
             with ema.applied() if ema is not None else contextlib.nullcontext():
                 va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
