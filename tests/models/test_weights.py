@@ -99,3 +99,27 @@ def test_lite_rename_matches_timm_keys():
     missing = [k for k in ref.state_dict() if k not in sd]
     assert not missing
     assert np.isfinite(sd["conv_stem.weight"].numpy()).all()
+
+
+def test_offline_a_populated_hugging_face_cache_is_used(tmp_path, monkeypatch, caplog):
+    """Offline, timm was skipped outright, though its weights may sit in the local Hugging Face cache."""
+    import logging
+
+    import huggingface_hub.constants as hf_constants
+    import timm
+    from safetensors.torch import save_file
+
+    repo = timm.models.get_pretrained_cfg(TINY_BACKBONE).hf_hub_id
+    reference = timm.create_model(TINY_BACKBONE, pretrained=False)
+    torch.nn.init.normal_(reference.conv_stem.weight)  # values no fresh model would have
+    snapshot = tmp_path / f"models--{repo.replace('/', '--')}" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(snapshot / "model.safetensors"))
+    (tmp_path / f"models--{repo.replace('/', '--')}" / "refs").mkdir()
+    (tmp_path / f"models--{repo.replace('/', '--')}" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with caplog.at_level(logging.INFO, logger="melanoma_detector.models.weights"):
+        net = W.load_pretrained_backbone(TINY_BACKBONE)
+    assert "timm pretrained" in caplog.text
+    assert torch.equal(net.conv_stem.weight, reference.conv_stem.weight)

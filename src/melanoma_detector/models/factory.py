@@ -222,11 +222,14 @@ def check_backbone_name(name: str) -> None:
         raise UserError(f"unknown backbone {name!r}; any timm model name is accepted (see timm.list_models())")
 
 
-def create_timm_backbone(name: str, *, pretrained: bool = False) -> nn.Module:
+def create_timm_backbone(name: str, *, pretrained: bool = False, weights_file: str | None = None) -> nn.Module:
+    """timm's `name` without classifier or pooling; `weights_file`: its pretrained weights from a local file
+    (timm's own loading and key mapping), for a populated Hugging Face cache offline."""
     import timm
 
+    overlay = {"pretrained_cfg_overlay": {"file": weights_file}} if weights_file else {}
     try:
-        return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="")
+        return timm.create_model(name, pretrained=pretrained, num_classes=0, global_pool="", **overlay)
     except RuntimeError as exc:
         if "Unknown model" in str(exc):
             raise UserError(f"unknown backbone {name!r}; any timm model name is accepted (see timm.list_models())") from None

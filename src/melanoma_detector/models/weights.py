@@ -122,18 +122,42 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def cached_timm_weights(name: str) -> str | None:
+    """The file of timm's pretrained weights for `name` in the local Hugging Face cache, if a download left one
+    there: offline, timm is not asked (huggingface_hub would retry for a minute), but a cache is still used."""
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001 - an unknown name or no huggingface_hub: no cache to read
+        return None
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, filename)
+        if isinstance(found, str):
+            return found
+    return None
+
+
 def _timm_online(name: str, *, with_classifier: bool) -> nn.Module | None:
     import timm
 
     from melanoma_detector.models.factory import create_timm_backbone
 
+    cached = None
     if not hub_reachable():
-        log.debug("huggingface.co unreachable: skipping timm pretrained weights")
-        return None
+        cached = cached_timm_weights(name)
+        if cached is None:
+            log.debug("huggingface.co unreachable and no cached weights: skipping timm pretrained weights")
+            return None
     try:
         if with_classifier:
-            return timm.create_model(name, pretrained=True)
-        return create_timm_backbone(name, pretrained=True)
+            return timm.create_model(name, pretrained=True,
+                                     **({"pretrained_cfg_overlay": {"file": cached}} if cached else {}))
+        return create_timm_backbone(name, pretrained=True, weights_file=cached)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - offline, hub errors, missing files: try the next source
