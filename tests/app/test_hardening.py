@@ -52,7 +52,7 @@ def test_tta_must_be_a_boolean_in_the_gradio_api(live_server):
 
 def test_any_route_refuses_a_body_over_the_limit_and_pages_cannot_be_framed(live_server):
     with httpx.Client(timeout=60) as http:
-        r = http.post(f"{live_server}/gradio_api/queue/join", content=b"{" + b" " * (21 * 1024 * 1024) + b"}",
+        r = http.post(f"{live_server}/gradio_api/queue/join", content=b"{" + b" " * (25 * 1024 * 1024) + b"}",
                       headers={"content-type": "application/json"})
         assert r.status_code == 413
         page = http.get(f"{live_server}/")

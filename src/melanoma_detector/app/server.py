@@ -332,7 +332,8 @@ def build_app(
     demo.has_launched = True
     from melanoma_detector.app.security import RequestGuard
 
-    # a little above the REST route's own limit, so that route still answers 413 for a streamed upload
-    app.add_middleware(RequestGuard, max_body=max_bytes + 2 * _ENVELOPE_BYTES, allowed_hosts=allowed_hosts,
+    # Well above the REST route's own limit (a body arrives in pieces of up to a few hundred kB), so that route
+    # always sees its limit crossed first and answers a streamed upload with 413, not a cut-off connection.
+    app.add_middleware(RequestGuard, max_body=max_bytes + _ENVELOPE_BYTES + 4 * 2**20, allowed_hosts=allowed_hosts,
                        allow_framing=allow_framing)
     return app
