@@ -60,3 +60,11 @@ def test_a_checkpoint_that_does_not_fit_its_backbone_is_a_one_line_error():
         model_from_checkpoint({**good, "backbone": "resnet18"})
     with pytest.raises(UserError, match="no 'config'"):
         model_from_checkpoint({"backbone": TINY_BACKBONE, "model_state": model.state_dict()})
+
+
+def test_units_are_found_for_a_backbone_on_another_device_or_dtype():
+    """The composition check ran a CPU float32 input: a backbone already on the GPU (or in another dtype) got no
+    units, and training silently fell back to freezing by parameter order, without the cached phase 2."""
+    backbone = create_model(TINY_BACKBONE, pretrained=False).backbone.to(torch.float64)
+    units = backbone_units(backbone)
+    assert units is not None and len(units) == len(backbone_units(create_model(TINY_BACKBONE).backbone))

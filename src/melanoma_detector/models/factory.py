@@ -118,8 +118,12 @@ def _composes(backbone: nn.Module, units: list[nn.Module]) -> bool:
     modes = {m: m.training for m in backbone.modules()}  # per module: a frozen bottom stays in eval mode
     backbone.eval()
     try:
+        first = next(backbone.parameters(), None)
         with torch.no_grad():
+            # on the backbone's own device and dtype: a model already moved to the GPU must pass too
             x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+            if first is not None:
+                x = x.to(device=first.device, dtype=first.dtype)
             y = x
             for unit in units:
                 y = unit(y)
