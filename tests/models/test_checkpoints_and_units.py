@@ -67,4 +67,4 @@ def test_units_are_found_for_a_backbone_on_another_device_or_dtype():
     units, and training silently fell back to freezing by parameter order, without the cached phase 2."""
     backbone = create_model(TINY_BACKBONE, pretrained=False).backbone.to(torch.float64)
     units = backbone_units(backbone)
-    assert units is not None and len(units) == len(backbone_units(create_model(TINY_BACKBONE).backbone))
+    assert units is not None and len(units) == len(backbone_units(create_model(TINY_BACKBONE, pretrained=False).backbone))
