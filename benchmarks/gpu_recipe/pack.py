@@ -105,7 +105,10 @@ def main(argv=None) -> int:
     model = create_model(args.backbone, pretrained=True)
     state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
              for k, v in model.backbone.state_dict().items()}
-    weights_buf = args.out.with_name(args.out.name + ".weights.tmp")
+    import tempfile
+
+    # outside the repository, whose travelling size is measured next
+    weights_buf = Path(tempfile.mkdtemp(prefix="pack-weights-")) / f"{args.backbone}.safetensors"
     save_file(state, str(weights_buf))
     # counted in every shard's budget, so that all shards choose the same quality and size
     weights_size = weights_buf.stat().st_size

@@ -5,7 +5,8 @@
 # Extra flags go to `melanoma train` (e.g. --max-steps-per-epoch 2 --device cpu for a smoke run).
 # Training stops (Ctrl-C, resumable) after TRAIN_LIMIT seconds, 480 by default, so that the report
 # still runs inside the device tool's 10 minutes a command; the report (report.json, metrics.csv)
-# goes to $OUT, the folder the device tool brings back, when it is set. `--resume $RUN` continues.
+# goes to $OUT, the folder the device tool brings back, when it is set. Continue a stopped run with
+# `python -m melanoma_detector train --resume $RUN` (run.sh itself starts afresh).
 set -uo pipefail
 DATA=${DATA:-.device-data}
 RUN=${RUN:-/tmp/gpu-run}
@@ -34,6 +35,8 @@ timeout --signal=INT --kill-after=30 "${TRAIN_LIMIT:-480}" \
 status=$?
 end=$(date +%s)
 echo "train exit status $status after $((end - start)) s"
+# 124: stopped by TRAIN_LIMIT, as planned (the device tool would read 124 as its own time-out)
+if [ "$status" -eq 124 ]; then echo "stopped at TRAIN_LIMIT; continue with: $PY -m melanoma_detector train --resume $RUN"; status=0; fi
 $PY benchmarks/gpu_recipe/report.py "$RUN" --wall "$((end - start))" --workers "${REPORT_WORKERS:-12}" \
   --json "$REPORT/report.json"
 cp "$RUN/metrics.csv" "$REPORT/metrics.csv" 2>/dev/null || true

@@ -615,6 +615,9 @@ def _add_serve(sub) -> None:
     p.add_argument("--share", action="store_true",
                    help="also publish a temporary public gradio.live link (off by default)")
     p.add_argument("--max-upload-mb", type=float, default=20, help="largest accepted upload in MB (default 20)")
+    p.add_argument("--allowed-host", action="append", metavar="NAME",
+                   help="a Host name the app also answers when bound to loopback, such as the public name a reverse "
+                        "proxy forwards; repeatable (also $MELANOMA_ALLOWED_HOSTS, comma-separated)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -640,7 +643,8 @@ def cmd_serve(args) -> int:
         print(line, file=sys.stderr)
     # Bound to loopback, the app answers only for loopback names: a web page cannot reach it through a DNS
     # name of its own pointed at 127.0.0.1. --share's tunnel arrives at 127.0.0.1 with the tunnel's Host.
-    hosts = LOOPBACK_HOSTS + (args.host,) if is_loopback(args.host) and not args.share else None
+    extra = tuple(args.allowed_host or ()) + tuple(h for h in os.environ.get("MELANOMA_ALLOWED_HOSTS", "").split(",") if h)
+    hosts = LOOPBACK_HOSTS + (args.host,) + extra if is_loopback(args.host) and not args.share else None
     app = build_app(args.model, max_upload_mb=args.max_upload_mb, auth=credentials or False, allowed_hosts=hosts)
     version = app.state.predictor.bundle.version
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",

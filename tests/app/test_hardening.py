@@ -92,6 +92,8 @@ def test_a_session_keeps_a_file_path_not_the_image_and_the_slider_still_rerender
     path = next(p for p in EXAMPLE_FILES if p.name.startswith("malignant"))
     *_, first, state = fns["analyse"](str(path), False)
     assert set(state) == {"display", "cam", "box", "opacity"} and os.path.isfile(state["display"])
+    # never an output, so Gradio's cache clean-up has to know the file, or the copy of the upload stays forever
+    assert any(state["display"] in getattr(block, "temp_files", ()) for block in demo.blocks.values())
     assert len(json.dumps({k: v for k, v in state.items() if k != "cam"})) < 1000
     again, new_state = fns["rerender"](state, 0.9)
     assert os.path.isfile(again) and again != first and new_state["opacity"] == 0.9

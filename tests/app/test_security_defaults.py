@@ -48,6 +48,10 @@ def test_serve_binds_loopback_by_default_without_warning(fake_serving, capsys):
     assert fake_serving["host"] == "127.0.0.1" and "http://127.0.0.1:0/" in out
     assert "warning" not in err
     assert fake_serving["max_upload_mb"] == 20 and fake_serving["auth"] is False
+    assert "localhost" in fake_serving["allowed_hosts"] and "127.0.0.1" in fake_serving["allowed_hosts"]
+    # behind a reverse proxy that forwards its public Host
+    assert main(["serve", "--port", "0", "--allowed-host", "melanoma.example.org"]) == 0
+    assert "melanoma.example.org" in fake_serving["allowed_hosts"]
 
 
 def test_serve_on_all_interfaces_warns_and_never_shows_the_secret(fake_serving, capsys, monkeypatch, caplog):

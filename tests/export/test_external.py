@@ -85,6 +85,13 @@ def test_a_manifest_listing_training_images_is_refused_and_refusals_are_shown(tm
     (rep / "cannot_assess.csv").write_text("set,path,label,reason\nmanifest.csv,/d/ham10000/benign/y.jpg,benign,r\n")
     with pytest.raises(UserError, match="first: /d/ham10000/benign/y.jpg"):
         read_external_evaluation(rep, bundle_meta=meta)
+    # a relative path is relative to where evaluate ran, not to where the card is written
+    metrics = json.loads((rep / "metrics.json").read_text())
+    (rep / "metrics.json").write_text(json.dumps({**metrics, "working_folder": "/d"}))
+    (rep / "cannot_assess.csv").write_text("set,path,label,reason\nmanifest.csv,ham10000/benign/y.jpg,benign,r\n")
+    with pytest.raises(UserError, match="first: /d/ham10000/benign/y.jpg"):
+        read_external_evaluation(rep, bundle_meta=meta)
+    (rep / "metrics.json").write_text(json.dumps(metrics))
     (rep / "cannot_assess.csv").unlink()
     metrics = json.loads((rep / "metrics.json").read_text())
     metrics["sets"][0]["n_cannot_assess"] = 7

@@ -207,3 +207,18 @@ def test_feature_caches_leave_the_global_random_state_alone_and_key_on_precision
     assert len(list(tmp_path.glob("pooled-*.npy"))) == 2 and not np.array_equal(fp32, bf16)
     flipped = pooled_features(model.backbone, samples, pp, flip_average=True, **kw)  # crashed on the torch path
     assert flipped.shape == fp32.shape
+
+
+def test_a_checkpoint_served_keeps_the_sensitivity_its_threshold_was_fitted_for(trained_run):
+    """The checkpoint's thresholds are fitted in one pass (batch 64, the training memory layout); TorchPredictor
+    serves in another, whose float32 logits differ in the last bits. The melanoma that set the threshold must
+    stay above it."""
+    from melanoma_detector.evaluation.metrics import SCREENING_SENSITIVITY
+    from melanoma_detector.models.torch_predictor import TorchPredictor
+
+    rows = [r for r in csv.DictReader((trained_run / "split.csv").open()) if r["split"] == "val"]
+    predictor = TorchPredictor(trained_run)
+    for batch_size in (1, 5):
+        served = predictor.predict_paths([r["path"] for r in rows], batch_size=batch_size)
+        mal = [s["probability_malignant"] for s, r in zip(served, rows) if r["label"] == "1"]
+        assert mal and np.mean([p >= predictor.threshold for p in mal]) >= SCREENING_SENSITIVITY

@@ -158,6 +158,7 @@ def build_blocks(runner, *, examples_dir: Path | None = None, model_card_url: st
         # A session keeps the display image as a file in Gradio's cache, not in memory: thousands of
         # visitors' sessions held 1.8 MB each until they expired.
         shown = cache_png(display, overlay.GRADIO_CACHE, name="display")
+        overlay.temp_files.add(shown)  # never an output, so Gradio's delete_cache must be told about it
         return probabilities(result), panel, text, rendered, {"display": shown, "cam": cam, "box": box,
                                                                "opacity": DEFAULT_OPACITY}
 

@@ -162,13 +162,15 @@ def write_split_rows(rows: list[dict[str, str]], path: str | Path) -> None:
         w.writerows(rows)
 
 
-def apply_split_file(samples: list[Sample], path: str | Path, *, present: Iterable[str] | None = None) -> list[Sample]:
+def apply_split_file(samples: list[Sample], path: str | Path, *, present: Iterable[str] | None = None,
+                     require_complete: bool = True) -> list[Sample]:
     """Use a saved split (matched by `key`, so it works on any machine that has the data).
 
     Every sample must be listed, and every listed image of the sources at hand must be there: a split whose
     images went missing would quietly train, select or test on fewer images than it says. `present`: the keys
     found on disk when some were dropped before (unreadable images skipped by --skip-bad-images); rows of
-    sources not given (the committed split with --data ham10000 alone) are not asked for."""
+    sources not given (the committed split with --data ham10000 alone) are not asked for. Evaluation only selects
+    images by the split, so it passes `require_complete=False` (a manifest of some test images is fine)."""
     p = Path(path)
     rows = _read_split_csv(p)[0]
     mapping = {row["key"]: row["split"] for row in rows}
@@ -183,7 +185,7 @@ def apply_split_file(samples: list[Sample], path: str | Path, *, present: Iterab
         )
     present = {s.key for s in samples} if present is None else set(present)
     sources = {k.split("/", 1)[0] for k in present}
-    absent = [k for k in mapping if k.split("/", 1)[0] in sources and k not in present]
+    absent = [k for k in mapping if require_complete and k.split("/", 1)[0] in sources and k not in present]
     if absent:
         raise DataError(f"{p}: {len(absent)} image(s) it lists are not in the data, first: {absent[0]}; accepted: "
                         "the data folders the split was made on, complete")

@@ -60,7 +60,7 @@ def evaluation_samples(path: str | Path, *, split_file: str | Path | None = None
     if split_file is not None:
         from melanoma_detector.data.splits import apply_split_file
 
-        apply_split_file(src.samples, split_file)
+        apply_split_file(src.samples, split_file, require_complete=False)
     splits = {s.split for s in src.samples}
     if split == "all":  # a collection scored whole, e.g. an external one that ships its own splits
         chosen = src.samples
@@ -477,6 +477,7 @@ def evaluate_model(
         "disclaimer": DISCLAIMER,
         "software": f"melanoma-detector {__version__}",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "working_folder": str(Path.cwd()),  # what relative image paths in predictions.csv are relative to
         "model": info,
         "settings": {
             "n_resamples": int(n_resamples), "seed": int(seed), "confidence": 0.95,

@@ -46,7 +46,9 @@ def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any
     trained_on = model.get("trained_on")
     if trained_on is None:
         trained_on = _run_data_paths(model.get("path"))
-    scored = _scored_paths(Path(eval_dir)) if trained_on is not None else {}
+    # relative paths are relative to where evaluate ran, not to where this runs
+    base = Path(report.get("working_folder") or Path(eval_dir).resolve().parent)
+    scored = _scored_paths(Path(eval_dir), base) if trained_on is not None else {}
     entries = []
     for s in sets:
         data = str(s.get("data", ""))
@@ -84,7 +86,7 @@ def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any
     return entries
 
 
-def _scored_paths(eval_dir: Path) -> dict[str, list[str]]:
+def _scored_paths(eval_dir: Path, base: Path) -> dict[str, list[str]]:
     """Every image path an evaluate run scored or refused, by set name."""
     import csv
 
@@ -95,7 +97,7 @@ def _scored_paths(eval_dir: Path) -> dict[str, list[str]]:
             with f.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
                 for row in csv.DictReader(fh):
                     if row.get("path"):
-                        out.setdefault(row.get("set") or "", []).append(row["path"])
+                        out.setdefault(row.get("set") or "", []).append(str(base / row["path"]))
     return out
 
 
