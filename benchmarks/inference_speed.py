@@ -92,7 +92,7 @@ def bench_torch(pred_onnx, checkpoint: Path | None, threads: int, repeats: int):
     @torch.inference_mode()
     def one(path):
         x = torch.from_numpy(preprocess_image(load_image(path), pp))[None]
-        return torch.sigmoid(model(x) / pred_onnx.temperature).item()
+        return torch.sigmoid(model(x) / pred_onnx.temperature + pred_onnx.logit_bias).item()  # as served
 
     for p in paths[:3]:
         one(p)

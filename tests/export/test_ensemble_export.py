@@ -102,3 +102,19 @@ def test_members_with_different_preprocessing_are_refused(tiny_run, tmp_path):
     del ckpt["preprocessing"]["color_constancy"]
     torch.save(ckpt, other)
     assert export_bundle([run, other], tmp_path / "out4", use_data=False, uncalibrated_ensemble=True)["preprocessing"]["color_constancy"] == "none"
+
+
+def test_a_split_whose_val_images_hold_one_class_is_a_one_line_error(tiny_run, tmp_path, capsys):
+    import csv
+
+    _, run, _ = tiny_run
+    rows = list(csv.DictReader((run / "split.csv").open()))
+    one_class = [r for r in rows if r["split"] != "val" or r["label"] == "0"]
+    split = tmp_path / "split.csv"
+    with split.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(one_class)
+    assert main(["export", "--model", str(run), "--out", str(tmp_path / "b"), "--split", str(split)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one class only" in err and "\n" not in err and "Traceback" not in err

@@ -148,6 +148,9 @@ def export_bundle(
     elif use_data:
         log.warning("no split file %s: bundle uses the checkpoint's calibration and has no input-gate statistics",
                     split_path)
+    if images is not None and len({int(r["label"]) for r in images[0]}) < 2:
+        raise DataError(f"{split_path}: its validation images hold one class only; calibration and thresholds are "
+                        "fitted on benign and malignant ones; accepted: a split whose val rows hold both")
     if images is None and len(loaded) > 1 and not uncalibrated_ensemble:
         # A member's temperature and thresholds describe its own logit, not the mean of several: served as they
         # are, the ensemble's probabilities and its 95 %-sensitivity promise would be wrong.
