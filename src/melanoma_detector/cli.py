@@ -360,8 +360,9 @@ def _check_output_file(flag: str, path: str | None) -> None:
 
 def _printable(text: str) -> str:
     """One table cell on any terminal: a file name's undecodable bytes as backslash escapes, newlines escaped."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return text.replace("\r", "\\r").replace("\n", "\\n")
+    from melanoma_detector.fileio import escape_undecodable
+
+    return escape_undecodable(text).replace("\r", "\\r").replace("\n", "\\n")
 
 
 def cmd_predict(args) -> int:

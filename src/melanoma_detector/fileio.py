@@ -1,4 +1,4 @@
-"""Writing files so that a crash or a kill never leaves half of one behind."""
+"""Writing files so that a crash or a kill never leaves half of one behind, and file names any text output can hold."""
 
 from __future__ import annotations
 
@@ -7,6 +7,12 @@ import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def escape_undecodable(text: str) -> str:
+    """`text` with the bytes of a non-UTF-8 file name (held as surrogates, as os.fsdecode gives them) written as
+    backslash escapes (`caf\\xe9.jpg`): valid UTF-8 for a terminal, a Markdown report or an Arrow string."""
+    return text if text.isascii() else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 @contextmanager

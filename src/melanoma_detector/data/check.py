@@ -36,6 +36,7 @@ from melanoma_detector import CLASS_NAMES
 from melanoma_detector.data.discovery import DataSource, Sample, discover
 from melanoma_detector.data.io import load_image
 from melanoma_detector.errors import ImageDecodeError, UserError
+from melanoma_detector.fileio import escape_undecodable
 
 UNSPLIT = "unsplit"
 SPLIT_ORDER = ("train", "val", "test", UNSPLIT)
@@ -443,8 +444,7 @@ def check_dataset(
 
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     # a file name that is not UTF-8 is shown with its bad bytes escaped (report.json escapes them itself)
-    text = _markdown(report).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    (out / "report.md").write_text(text, encoding="utf-8")
+    (out / "report.md").write_text(escape_undecodable(_markdown(report)), encoding="utf-8")
     _plot_sample_grid(samples, infos, out / "sample_grid.png", int(sample_grid))
     _plot_class_balance(report["counts"], out / "class_balance.png")
     return report

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from melanoma_detector.errors import UserError
+from melanoma_detector.fileio import escape_undecodable
 from melanoma_detector.inference.predictor import RESULT_COLUMNS, ImagePrep
 
 log = logging.getLogger(__name__)
@@ -284,12 +285,6 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     return {c: r.get(c) for c in RESULT_COLUMNS}
 
 
-def _arrow_safe(text: str) -> str:
-    """Arrow strings must be valid UTF-8: a non-UTF-8 file name (surrogate-escaped) is kept with its bad bytes
-    written as backslash escapes."""
-    return text if text.isascii() else text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
 class _CsvSink:
     @staticmethod
     def key(path: str) -> str:
@@ -397,7 +392,7 @@ def _scan_csv(path: Path) -> tuple[set[str], int, bool]:
 
 
 class _ParquetSink:
-    key = staticmethod(_arrow_safe)  # a path as this file stores it, so a resume finds it
+    key = staticmethod(escape_undecodable)  # a path as this file stores it, so a resume finds it
 
     def __init__(self, out: Path):
         try:
@@ -459,7 +454,7 @@ class _ParquetSink:
         for r in self.buffer:
             for k in ("path", "reason", "recommendation"):
                 if isinstance(r[k], str):
-                    r[k] = _arrow_safe(r[k])
+                    r[k] = escape_undecodable(r[k])  # Arrow strings must be valid UTF-8
         table = self.pa.Table.from_pylist(self.buffer, schema=self.schema)
         part = self.parts / f"part-{self.next_part:05d}.parquet"
         tmp = part.with_suffix(".tmp")
