@@ -293,6 +293,13 @@ def test_the_report_never_goes_inside_the_data_and_empty_files_do_not_leak(tmp_p
     r = check_dataset(root, out_dir=tmp_path / "out", progress=False)
     assert r["summary"]["exact_duplicate_groups"] == 1 and r["exact_duplicates"][0]["unreadable"]
     assert r["leakage"] is False and r["summary"]["label_conflicts"] == 0
+    # counted apart, not as a within-split duplicate: its copies lie in train and test
+    assert r["summary"]["exact_duplicate_groups_unreadable"] == 1
+    assert r["summary"]["exact_duplicate_groups_within_split"] == 0
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "unreadable copies in splits train, test (not counted as leakage)" in md
+    assert "within split" not in md.split("## Exact duplicates")[1].split("##")[0]
+    assert "1 of unreadable files" in format_summary(r)
 
 
 def test_a_file_name_that_is_not_utf8_is_reported_not_a_crash(tmp_path):

@@ -399,6 +399,7 @@ def check_dataset(
     ]
 
     exact_cross = sum(g["cross_split"] for g in exact)
+    exact_unreadable = sum(g["unreadable"] for g in exact)
     near_cross = sum(p["cross_split"] for p in near)
     leakage = bool(exact_cross or near_cross or group_leaks)
     summary = {
@@ -407,7 +408,10 @@ def check_dataset(
         "unreadable": len(unreadable),
         "non_images": len(non_images),
         "exact_duplicate_groups": len(exact),
-        "exact_duplicate_groups_within_split": len(exact) - exact_cross,
+        # groups of identical unreadable files are counted apart: nothing trains on them, so they are
+        # neither leakage nor a within-split duplicate, wherever their copies lie
+        "exact_duplicate_groups_within_split": len(exact) - exact_cross - exact_unreadable,
+        "exact_duplicate_groups_unreadable": exact_unreadable,
         "exact_duplicate_groups_cross_split": exact_cross,
         "exact_duplicate_extra_files": sum(len(g["files"]) - 1 for g in exact),
         "near_duplicate_pairs": len(near),
@@ -466,6 +470,9 @@ def _fmt_member(m: dict) -> str:
 
 
 def _scope(item: dict) -> str:
+    if item.get("unreadable"):
+        where = "in splits " + ", ".join(item["splits"]) if len(item["splits"]) > 1 else "within split"
+        return f"unreadable copies {where} (not counted as leakage)"
     return "**cross-split**" if item["cross_split"] or item.get("cross_split_to_review") else "within split"
 
 
@@ -517,6 +524,11 @@ def _markdown(r: dict) -> str:
         f"| exact-duplicate groups | {s['exact_duplicate_groups_within_split']} | "
         f"{s['exact_duplicate_groups_cross_split']} | {s['exact_duplicate_groups']} |"
     )
+    if s["exact_duplicate_groups_unreadable"]:
+        lines.append(
+            f"| exact-duplicate groups of unreadable files (not counted as leakage) | | | "
+            f"{s['exact_duplicate_groups_unreadable']} |"
+        )
     lines.append(
         f"| near-duplicate pairs ({_near_rule(r)}, any orientation) | "
         f"{s['near_duplicate_pairs_within_split']} | {s['near_duplicate_pairs_cross_split']} copies, "
@@ -658,7 +670,9 @@ def format_summary(report: dict) -> str:
         f"unreadable: {s['unreadable']}, non-image files: {s['non_images']}",
         f"exact-duplicate groups: {s['exact_duplicate_groups']} "
         f"({s['exact_duplicate_groups_within_split']} within split, "
-        f"{s['exact_duplicate_groups_cross_split']} cross-split)",
+        f"{s['exact_duplicate_groups_cross_split']} cross-split"
+        + (f", {s['exact_duplicate_groups_unreadable']} of unreadable files" if s["exact_duplicate_groups_unreadable"] else "")
+        + ")",
         f"near-duplicate pairs ({_near_rule(report)}, any orientation): {s['near_duplicate_pairs']} "
         f"({s['near_duplicate_pairs_within_split']} within split, "
         f"{s['near_duplicate_pairs_cross_split']} cross-split copies, "
