@@ -146,3 +146,38 @@ def test_buffers_follow_rank_0_and_the_global_batch_norm_survives_bf16(tmp_path)
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert torch.equal(got["mean"], torch.ones(3)) and torch.equal(got["shadow"], torch.full((2,), 10.0))
         assert float(got["err"]) < 0.1  # bf16 rounding of the output only (NaN or ~1 before)
+
+
+def _one_image_step(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from melanoma_detector.training.distributed import DistInfo
+    from melanoma_detector.training.engine import train_one_epoch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    info = DistInfo(rank=rank, world_size=2, local_rank=rank)
+    try:
+        torch.manual_seed(0)
+        # a trainable backbone norm over a 1x1 map, as a 32 px input leaves at the last stage
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                  torch.nn.Linear(4, 1), torch.nn.Flatten(0))
+        model = torch.nn.parallel.DistributedDataParallel(net)
+        gen = torch.Generator().manual_seed(rank)
+        x = torch.randn(3, 3, 1, 1, generator=gen)
+        y = torch.tensor([0.0, 1.0, 1.0])
+        # a rank's shard of 3 images at batch 2: the last per-rank batch holds one image on every rank
+        loader = [(x[:2], y[:2], torch.arange(2)), (x[2:], y[2:], torch.arange(2, 3))]
+        out = train_one_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.1), device=torch.device("cpu"),
+                              dist=info)
+        torch.save(out, f"{out_dir}/step{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_one_image_batch_per_rank_is_skipped_on_every_rank_not_a_crash(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_one_image_step, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"step{rank}.pt", weights_only=False)["n"] == 4  # 2 images on each rank

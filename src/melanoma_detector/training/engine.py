@@ -178,15 +178,20 @@ def train_one_epoch(
     total, count = 0.0, 0
     all_logits, all_targets = [], []
     total_steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-    has_bn1d = any(isinstance(m, nn.BatchNorm1d) for m in model.modules())
+    # Batches of one image cannot train every BatchNorm: alone, the head's (the seed's Keras would also
+    # fail); under torchrun the head's norm is global, but a training backbone norm over a 1x1 map (inputs
+    # of 32 px or less) still sees one value per channel. Every rank holds the same number of images
+    # (DistributedSampler pads), so all ranks skip the same step together and no collective waits.
+    skip_single = (any(isinstance(m, nn.BatchNorm2d) and m.training for m in model.modules()) if dist.enabled
+                   else any(isinstance(m, nn.BatchNorm1d) for m in model.modules()))
     terms = {"class_w": class_w, "distill": distill, "aux": aux, "rank_weight": rank_weight}
     bar = tqdm(_batches(loader, max_steps), total=total_steps, desc=desc, disable=not progress, leave=False)
     for batch in bar:
         x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if x.shape[0] < 2 and has_bn1d and not dist.enabled:
-            continue  # BatchNorm cannot train on a batch of one (the seed's Keras would also fail)
+        if x.shape[0] < 2 and skip_single:
+            continue
         mixed = mix(x) if mix is not None else None
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             out = model(x if mixed is None else mixed.inputs)
