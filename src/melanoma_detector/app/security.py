@@ -7,11 +7,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextvars
+import hmac
 import ipaddress
+import logging
+import math
 import os
-import secrets
+import threading
+import time
+from collections import OrderedDict, deque
+from typing import Callable
 
 from melanoma_detector.errors import UserError
+
+log = logging.getLogger(__name__)
 
 AUTH_ENV = "MELANOMA_AUTH"
 
@@ -45,9 +54,144 @@ def check_basic_auth(header: str | None, credentials: tuple[str, str]) -> bool:
     user, sep, password = decoded.partition(":")
     if not sep:
         return False
-    ok_user = secrets.compare_digest(user.encode(), credentials[0].encode())
-    ok_password = secrets.compare_digest(password.encode(), credentials[1].encode())
+    return credentials_match(user, password, credentials)
+
+
+def credentials_match(user: str, password: str, credentials: tuple[str, str]) -> bool:
+    """True when (user, password) are exactly these credentials; both are always compared, in constant time."""
+    ok_user = hmac.compare_digest(user.encode(), credentials[0].encode())
+    ok_password = hmac.compare_digest(password.encode(), credentials[1].encode())
     return ok_user and ok_password
+
+
+class LoginLocked(Exception):
+    """Raised instead of checking a password while the client (or every client) is locked out."""
+
+    def __init__(self, retry_after: int):
+        super().__init__(f"too many failed logins; try again in {retry_after} s")
+        self.retry_after = retry_after
+
+
+class _Client:
+    __slots__ = ("failures", "locked_until")
+
+    def __init__(self):
+        self.failures: deque[float] = deque()
+        self.locked_until = 0.0
+
+
+class LoginThrottle:
+    """Failed-login limiter shared by the page's login form and the REST API's basic auth (thread-safe).
+
+    `max_failures` failed logins from one client within `window_s` lock that client out for `lockout_s`;
+    `global_max_failures` failed logins from all clients together within `window_s` lock every client out for
+    `lockout_s` (a distributed guess). A successful login clears the client's own count. At most `max_clients`
+    clients are tracked: idle ones are forgotten first, then the least recently failing. A client is an IPv4
+    address or an IPv6 /64 (one host usually holds a whole /64). `clock` is monotonic seconds (tests inject one).
+    """
+
+    def __init__(self, *, max_failures: int = 5, window_s: float = 300.0, lockout_s: float = 300.0,
+                 global_max_failures: int = 100, max_clients: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic):
+        if min(max_failures, global_max_failures, max_clients) < 1 or min(window_s, lockout_s) <= 0:
+            raise ValueError("LoginThrottle: limits must be positive")
+        self.max_failures, self.window_s, self.lockout_s = int(max_failures), float(window_s), float(lockout_s)
+        self.global_max_failures, self.max_clients, self.clock = int(global_max_failures), int(max_clients), clock
+        self._lock = threading.Lock()
+        self._clients: OrderedDict[str, _Client] = OrderedDict()  # least recently failing first
+        self._global: deque[float] = deque()
+        self._global_until = 0.0
+
+    @property
+    def tracked_clients(self) -> int:
+        """How many clients the table holds now (at most `max_clients`)."""
+        return len(self._clients)
+
+    def retry_after(self, client: str | None) -> int | None:
+        """Whole seconds until `client` may try a password again, or None when it may now."""
+        key = client_key(client)
+        with self._lock:
+            now = self.clock()
+            entry = self._clients.get(key)
+            until = max(self._global_until, entry.locked_until if entry else 0.0)
+            if entry is not None and 0 < entry.locked_until <= now:
+                del self._clients[key]  # lockout over: a fresh count
+        return max(1, math.ceil(until - now)) if until > now else None
+
+    def failure(self, client: str | None) -> None:
+        key = client_key(client)
+        with self._lock:
+            now = self.clock()
+            entry = self._clients.pop(key, None) or _Client()
+            self._forget_idle(now)
+            self._clients[key] = entry  # most recent last
+            _expire(entry.failures, now - self.window_s)
+            entry.failures.append(now)
+            if len(entry.failures) >= self.max_failures:
+                entry.failures.clear()
+                entry.locked_until = now + self.lockout_s
+                log.warning("login throttled: %d failed logins from %s within %g s; its logins are refused for %g s",
+                            self.max_failures, key, self.window_s, self.lockout_s)
+            _expire(self._global, now - self.window_s)
+            self._global.append(now)
+            if len(self._global) >= self.global_max_failures:
+                self._global.clear()
+                self._global_until = now + self.lockout_s
+                log.warning("login throttled: %d failed logins from all clients within %g s; every login is "
+                            "refused for %g s", self.global_max_failures, self.window_s, self.lockout_s)
+
+    def success(self, client: str | None) -> None:
+        with self._lock:
+            self._clients.pop(client_key(client), None)
+
+    def attempt(self, client: str | None, check: Callable[[], bool]) -> bool:
+        """Run the password `check` for `client` and count its result; raises LoginLocked, without
+        running `check`, while the client is locked out (so a right guess then does not get in)."""
+        wait = self.retry_after(client)
+        if wait is not None:
+            raise LoginLocked(wait)
+        ok = bool(check())
+        (self.success if ok else self.failure)(client)
+        return ok
+
+    def _forget_idle(self, now: float) -> None:
+        """Caller holds the lock. Drops idle clients from the front, then the oldest while the table is full."""
+        while self._clients:
+            key, entry = next(iter(self._clients.items()))
+            idle = entry.locked_until <= now and (not entry.failures or entry.failures[-1] <= now - self.window_s)
+            if not idle and len(self._clients) < self.max_clients:
+                break
+            del self._clients[key]
+
+
+def _expire(times: deque[float], cutoff: float) -> None:
+    while times and times[0] <= cutoff:
+        times.popleft()
+
+
+def client_key(host: str | None) -> str:
+    """The throttle's key for a client address: IPv4 as is, IPv6 by its /64, anything else as given."""
+    if not host:
+        return "unknown"
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return host[:100]
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+_CLIENT_HOST: contextvars.ContextVar[str | None] = contextvars.ContextVar("melanoma_client_host", default=None)
+
+
+def current_client_host() -> str | None:
+    """The ASGI client address of the request being served (set by RequestGuard), for code such as Gradio's
+    `auth=` callable that is not handed the request. Behind a reverse proxy it is the proxy's address unless
+    uvicorn trusts that proxy's X-Forwarded-For (its --forwarded-allow-ips / $FORWARDED_ALLOW_IPS)."""
+    return _CLIENT_HOST.get()
 
 
 def is_loopback(host: str) -> bool:
@@ -90,7 +234,8 @@ class RequestGuard:
       web page that points a DNS name of its own at 127.0.0.1 (DNS rebinding);
     - every response says `nosniff`, files served from Gradio's cache (uploads, heatmaps) are never cached
       by a proxy, and, unless `allow_framing` (Hugging Face Spaces shows the app in a frame), no page of
-      this app can be framed by another site.
+      this app can be framed by another site;
+    - the client's address is published to `current_client_host()` for the login throttle.
     """
 
     def __init__(self, app, *, max_body: int, allowed_hosts: tuple[str, ...] | None = None,
@@ -133,7 +278,11 @@ class RequestGuard:
                 message = {**message, "headers": [*own, *[(k, v) for k, v in extra if k not in names]]}
             await send(message)
 
-        return await self.app(scope, limited_receive, send_with_headers)
+        token = _CLIENT_HOST.set((scope.get("client") or (None, None))[0])
+        try:
+            return await self.app(scope, limited_receive, send_with_headers)
+        finally:
+            _CLIENT_HOST.reset(token)
 
 
 def _host_name(host: str) -> str:

@@ -11,6 +11,7 @@ REST error contract (always JSON `{"error": "...", "disclaimer": "..."}`, never 
   401 login required (only when MELANOMA_AUTH or `auth=` is set; HTTP basic, same credentials as the page)
   413 upload larger than `max_upload_mb`
   422 the file is not a decodable image (random bytes, truncated or unsupported format)
+  429 too many failed logins from this address (or from all of them); `Retry-After` says when to try again
 An image that decodes but that the model's input gate refuses (too small, nearly uniform, not
 dermoscopy-like) is a valid request: 200 with `status: "cannot_assess"` and the `reason`.
 
@@ -25,7 +26,14 @@ from typing import Any
 from fastapi import Request  # module level: FastAPI resolves route annotations against module globals
 
 from melanoma_detector import DISCLAIMER, __version__
-from melanoma_detector.app.security import auth_from_env, check_basic_auth
+from melanoma_detector.app.security import (
+    LoginLocked,
+    LoginThrottle,
+    auth_from_env,
+    check_basic_auth,
+    credentials_match,
+    current_client_host,
+)
 from melanoma_detector.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -159,6 +167,7 @@ def build_app(
     inference_workers: int = 2,
     allowed_hosts: tuple[str, ...] | None = None,
     allow_framing: bool = False,
+    login_throttle: LoginThrottle | None = None,
 ):
     """Build the FastAPI app with the Gradio page mounted at "/".
 
@@ -173,11 +182,14 @@ def build_app(
     allowed_hosts: Host names the app answers (`melanoma serve` passes the loopback names when it binds
         loopback); None answers any.
     allow_framing: let other sites show the page in a frame (Hugging Face Spaces does); otherwise refused.
+    login_throttle: the failed-login limiter for the page's login form and the REST API's basic auth
+        (default `LoginThrottle()`: 5 failures from one address in 5 minutes lock it out for 5 minutes, 100 from
+        all addresses lock everyone out); used only with a login.
     The model card (/model-card) describes the model, not any user's data, and is served without login.
     """
     import anyio
     import gradio as gr
-    from fastapi import FastAPI
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
     from starlette.requests import ClientDisconnect
 
@@ -210,14 +222,31 @@ def build_app(
     )
     app.state.predictor = predictor
     app.state.runner = runner
+    throttle = (LoginThrottle() if login_throttle is None else login_throttle) if credentials else None
+    app.state.login_throttle = throttle
 
     def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": message, "disclaimer": DISCLAIMER}, status_code=status, headers=headers)
 
     def unauthorized(request: Request) -> JSONResponse | None:
-        if credentials is None or check_basic_auth(request.headers.get("authorization"), credentials):
+        if credentials is None:
             return None
+        header = request.headers.get("authorization")
+        try:  # a request without credentials is not a guess: plain 401, not counted
+            if header and throttle.attempt(request.client.host if request.client else None,
+                                           lambda: check_basic_auth(header, credentials)):
+                return None
+        except LoginLocked as exc:
+            return error(429, str(exc), {"Retry-After": str(exc.retry_after)})
         return error(401, "login required (HTTP basic auth)", {"WWW-Authenticate": 'Basic realm="melanoma-detector"'})
+
+    def gradio_login(username: str, password: str) -> bool:
+        """Gradio's POST /login calls this (and nothing else checks a password for the page or its API);
+        Gradio answers False with 400 "Incorrect credentials", and the HTTPException here with 429."""
+        try:
+            return throttle.attempt(current_client_host(), lambda: credentials_match(username, password, credentials))
+        except LoginLocked as exc:
+            raise HTTPException(429, detail=str(exc), headers={"Retry-After": str(exc.retry_after)}) from None
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):  # never a stack trace to the client
@@ -320,7 +349,7 @@ def build_app(
         app,
         demo,
         path="/",
-        auth=credentials,
+        auth=gradio_login if credentials else None,
         auth_message="Research software: log in to use the melanoma detector. " + DISCLAIMER,
         allowed_paths=[str(examples)] if examples.is_dir() else None,
         max_file_size=max_bytes,
