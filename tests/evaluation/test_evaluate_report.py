@@ -488,3 +488,27 @@ def test_cli_error_cases(tiny_models, datasets, tmp_path, capsys):
         f.unlink()
     assert main(["evaluate", "--model", str(bundle), "--data", str(single)]) == 2
     _one_line_error(capsys, "only one class")
+
+
+def test_report_csvs_escape_formula_text_and_external_reads_it_back(datasets, tmp_path, monkeypatch):
+    """predictions.csv / cannot_assess.csv: a path or set name starting with `=` gets a leading `'` (CSV injection),
+    the probabilities stay numbers, and the external-validation leak check reads the real paths back."""
+    import shutil
+
+    from melanoma_detector.export.external import _scored_paths
+
+    _, kaggle = datasets
+    shutil.copytree(kaggle, tmp_path / "=kaggle")
+    Image.new("RGB", (80, 80), (128, 128, 128)).save(tmp_path / "=kaggle" / "test" / "benign" / "-flat.jpg")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "e"
+    res = evaluate_model(FakeBundlePredictor(), "=kaggle", out_dir=out, progress=False, n_resamples=20)
+    assert res["sets"][0]["name"] == "=kaggle"  # JSON keeps the raw text
+    rows = list(csv.DictReader((out / "predictions.csv").open(newline="")))
+    assert rows and all(r["path"].startswith("'=kaggle") and r["set"] == "'=kaggle" for r in rows)
+    assert all(0 <= float(r["probability_malignant"]) <= 1 for r in rows)
+    (refused,) = csv.DictReader((out / "cannot_assess.csv").open(newline=""))
+    assert refused["path"] == "'" + str(Path("=kaggle", "test", "benign", "-flat.jpg")) and refused["set"] == "'=kaggle"
+    scored = _scored_paths(out, tmp_path)
+    assert list(scored) == ["=kaggle"] and len(scored["=kaggle"]) == len(rows) + 1
+    assert str(tmp_path / "=kaggle" / "test" / "benign" / "-flat.jpg") in scored["=kaggle"]

@@ -138,3 +138,13 @@ def test_shipped_model_card_is_rendered_from_its_metadata(tmp_path):
     shipped = REPO / "models" / "default"
     meta = json.loads((shipped / "metadata.json").read_text())
     assert write_model_card(tmp_path, meta).read_text() == (shipped / "MODEL_CARD.md").read_text()
+
+
+def test_a_formula_escaped_path_in_the_report_is_still_checked_for_training_images(tmp_path, meta):
+    """evaluate writes `'=ham/...` for a relative path =ham/... (CSV injection guard); the leak check reads =ham/..."""
+    rep = _report(tmp_path, "ev", data=["/elsewhere/=ham"], trained_on=["/d/=ham"], sha=SHA)
+    metrics = json.loads((rep / "metrics.json").read_text())
+    (rep / "metrics.json").write_text(json.dumps({**metrics, "working_folder": "/d"}))
+    (rep / "cannot_assess.csv").write_text("set,path,label,reason\n'=ham,'=ham/benign/y.jpg,benign,r\n")
+    with pytest.raises(UserError, match="first: /d/=ham/benign/y.jpg"):
+        read_external_evaluation(rep, bundle_meta=meta)

@@ -4,6 +4,7 @@ worker processes, resume after a kill, Parquet, manifests, incremental flushing,
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import signal
@@ -434,3 +435,73 @@ def test_cli_table_and_csv_take_any_file_name(tmp_path):
     assert "caf\\xe9.jpg" in table and "new\\nline.jpg" in table
     rows = list(csv.DictReader(out_csv.open(newline="", encoding="utf-8", errors="surrogateescape")))
     assert sorted(os.fsencode(r["path"]).rsplit(b"/", 1)[1] for r in rows) == [b"caf\xe9.jpg", b"new\nline.jpg"]
+
+
+# ---- CSV formula injection (CWE-1236): a cell starting with = + - @ opens as a formula in a spreadsheet
+def _copy_examples(folder: Path, names: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        shutil.copy(EXAMPLES[i % len(EXAMPLES)], folder / name)
+
+
+def test_csv_formula_cells_are_escaped_and_resume_scores_each_file_once(predictor, tmp_path, monkeypatch):
+    """Relative names starting with a formula character get a leading `'` in the CSV; an interrupted run resumed
+    skips them (the escape is undone when the file is read back), and a real name `'=1+1.jpg` stays apart from
+    `=1+1.jpg` (written `''=1+1.jpg`)."""
+    first = ["=1+1.jpg", "-x.jpg", "'@a.jpg", "a.jpg"]
+    rest = ["'=1+1.jpg", "@a.jpg", "+cmd|' C calc'!A0.jpg"]
+    _copy_examples(tmp_path / "imgs", first + rest)
+    (tmp_path / "imgs" / "-junk.jpg").write_bytes(b"not an image")
+    monkeypatch.chdir(tmp_path / "imgs")
+    names = first + rest + ["-junk.jpg"]
+    out = tmp_path / "r.csv"
+
+    score, calls = predictor.predict_prepared, []
+
+    def killed_on_third_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return score(*a, **k)
+
+    monkeypatch.setattr(predictor, "predict_prepared", killed_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        predict_to_file(predictor, names, out, workers=0, batch_size=2, flush_every=1)
+    monkeypatch.setattr(predictor, "predict_prepared", score)
+    s = predict_to_file(predictor, names, out, workers=0, batch_size=2, resume=True)
+    assert s["already_done"] == len(first) and s["skipped"] == len(first) and s["processed"] == len(names) - len(first)
+
+    rows = list(csv.DictReader(out.open(newline="", encoding="utf-8")))
+    cells = [r["path"] for r in rows]
+    assert sorted(cells) == sorted(["'=1+1.jpg", "'-x.jpg", "''@a.jpg", "a.jpg", "''=1+1.jpg", "'@a.jpg",
+                                    "'+cmd|' C calc'!A0.jpg", "'-junk.jpg"])  # each input exactly once
+    junk = next(r for r in rows if r["path"] == "'-junk.jpg")
+    assert junk["status"] == "cannot_assess" and junk["reason"].startswith("'-junk.jpg: ")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert ok and all(0 <= float(r["probability_malignant"]) <= 1 for r in ok)
+
+
+def test_csv_numbers_are_written_as_numbers_even_when_negative(tmp_path):
+    class Stub:  # decodes nothing: any object with predict_paths scores in-process
+        def predict_paths(self, paths, batch_size=16):
+            return [{"path": p, "probability_malignant": -0.25, "predicted_label": "benign", "risk_level": "Low",
+                     "recommendation": "Routine", "status": "ok", "reason": ""} for p in paths]
+
+    out = tmp_path / "r.csv"
+    predict_to_file(Stub(), ["-x.jpg", "/abs/-y.jpg"], out, workers=0)
+    assert out.read_text().splitlines()[1:] == ["'-x.jpg,-0.25,benign,Low,Routine,ok,",
+                                                "/abs/-y.jpg,-0.25,benign,Low,Routine,ok,"]
+
+
+def test_cli_csv_escapes_formula_names_and_json_keeps_them(tmp_path, monkeypatch, capsys):
+    names = ["=1+1.jpg", "-x.jpg", "@a.jpg"]
+    _copy_examples(tmp_path / "imgs", names)
+    monkeypatch.chdir(tmp_path / "imgs")
+    out_csv, out_json = tmp_path / "r.csv", tmp_path / "r.json"
+    assert main(["predict", "--csv", str(out_csv), "--json", str(out_json), "--model", str(BUNDLE),
+                 "--no-progress", "--", *names]) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader(out_csv.open(newline="", encoding="utf-8")))
+    assert [r["path"] for r in rows] == ["'=1+1.jpg", "'-x.jpg", "'@a.jpg"]
+    assert all(float(r["probability_malignant"]) >= 0 for r in rows if r["status"] == "ok")
+    assert [r["path"] for r in json.loads(out_json.read_text())["results"]] == names

@@ -39,6 +39,7 @@ from melanoma_detector.calibration import sigmoid
 from melanoma_detector.config import EVAL_SPLITS
 from melanoma_detector.data.discovery import Sample, discover, require_both_classes
 from melanoma_detector.errors import DataError, UserError
+from melanoma_detector.fileio import escape_formula as _cell
 
 __all__ = ["EVAL_SPLITS", "EvalSet", "evaluate_model", "evaluation_samples", "load_eval_sets", "model_info",
            "model_thresholds"]
@@ -408,13 +409,15 @@ def _clean(obj: Any) -> Any:
 
 
 def _write_predictions(path: Path, items: list[tuple[EvalSet, Scored]], threshold: float) -> None:
+    # the user's text (path, set name from a folder name, group from a manifest) is formula-escaped
+    # (`fileio.escape_formula`, undone by export/external.py); the numbers are not
     with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "probability_malignant", "predicted_label", "set", "group"])
         for es, sc in items:
             for s, prob in zip(sc.samples, sc.p):
-                w.writerow([s.path, CLASS_NAMES[s.label], f"{prob:.6f}",
-                            CLASS_NAMES[int(prob >= threshold)], es.name, s.group or ""])
+                w.writerow([_cell(s.path), CLASS_NAMES[s.label], f"{prob:.6f}",
+                            CLASS_NAMES[int(prob >= threshold)], _cell(es.name), _cell(s.group or "")])
 
 
 # Files that mark a folder as a training run or a model bundle: a report written into a run would
@@ -521,7 +524,7 @@ def evaluate_model(
             w = csv.writer(fh)
             w.writerow(["set", "path", "label", "reason"])
             for es, s, r in refused:
-                w.writerow([es.name, s.path, CLASS_NAMES[s.label], r])
+                w.writerow([_cell(es.name), _cell(s.path), CLASS_NAMES[s.label], _cell(r)])
     elif ca_path.exists():
         ca_path.unlink()  # stale from an earlier run into the same folder
 

@@ -90,14 +90,17 @@ def _scored_paths(eval_dir: Path, base: Path) -> dict[str, list[str]]:
     """Every image path an evaluate run scored or refused, by set name."""
     import csv
 
+    from melanoma_detector.fileio import unescape_formula
+
     out: dict[str, list[str]] = {}
     for name in ("predictions.csv", "cannot_assess.csv"):
         f = eval_dir / name
         if f.is_file():
             with f.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
                 for row in csv.DictReader(fh):
-                    if row.get("path"):
-                        out.setdefault(row.get("set") or "", []).append(str(base / row["path"]))
+                    if row.get("path"):  # evaluate wrote `'=x.jpg` for =x.jpg (a spreadsheet-safe cell)
+                        out.setdefault(unescape_formula(row.get("set") or ""), []).append(
+                            str(base / unescape_formula(row["path"])))
     return out
 
 

@@ -192,14 +192,16 @@ def _write_split(path: Path, fit, held, refused) -> None:
     """Which image fitted, which measured, which was left out: enough to audit or redo the numbers."""
     import csv
 
+    from melanoma_detector.fileio import escape_formula as cell  # user text: spreadsheet-safe (`=x.jpg` -> `'=x.jpg`)
+
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "label", "group", "role", "reason"])
         for role, part in (("fit", fit), ("holdout", held)):
             for s in part:
-                w.writerow([s.path, s.label, s.group_key, role, ""])
+                w.writerow([cell(s.path), s.label, cell(s.group_key), role, ""])
         for p, why in refused:
-            w.writerow([p, "", "", "cannot_assess", why])
+            w.writerow([cell(p), "", "", "cannot_assess", cell(why)])
 
 
 def _score(predictor, samples, *, progress: bool) -> _Scored:

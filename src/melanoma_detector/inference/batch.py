@@ -8,7 +8,8 @@ processes (`workers`); the ONNX model runs in this process, one batch at a time.
 Resume: the output is the record of what is done. With `resume=True` the paths already in it are
 skipped and new rows are appended, so an interrupted run (Ctrl-C, kill, power loss) continues
 where its output ends. Paths are compared as written, so resume with the same arguments (and
-working directory, for relative paths).
+working directory, for relative paths). A CSV's text cells that would open as a spreadsheet formula
+(`=...`, `-...`) are written with a leading `'` (`fileio.escape_formula`), which resume takes off again.
 
 Output formats, by the file name:
   .csv      rows appended and flushed every `flush_every` rows. A last line cut off by a kill is
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from melanoma_detector.errors import UserError
-from melanoma_detector.fileio import escape_undecodable
+from melanoma_detector.fileio import escape_formula, escape_undecodable, unescape_formula
 from melanoma_detector.inference.predictor import RESULT_COLUMNS, ImagePrep
 
 log = logging.getLogger(__name__)
@@ -285,10 +286,24 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
     return {c: r.get(c) for c in RESULT_COLUMNS}
 
 
+# The result columns that hold text from the user (a path, a reason or recommendation naming the file): escaped
+# in a CSV, so that a file named `=HYPERLINK(...).jpg` is not a live formula in a spreadsheet. The numbers (and
+# the labels the model's bundle names) are written as they are.
+CSV_TEXT_COLUMNS = ("path", "recommendation", "reason")
+
+
+def csv_row(r: dict[str, Any]) -> dict[str, Any]:
+    """A result row for a CSV file: RESULT_COLUMNS, the text ones formula-escaped (`fileio.escape_formula`)."""
+    row = _row(r)
+    for c in CSV_TEXT_COLUMNS:
+        row[c] = escape_formula(row[c])
+    return row
+
+
 class _CsvSink:
     @staticmethod
     def key(path: str) -> str:
-        """A path as this file stores it (CSV keeps every byte of a file name)."""
+        """A path as `open` returns it (CSV keeps every byte of a file name; `_scan_csv` undoes the formula escape)."""
         return path
 
     def __init__(self, out: Path):
@@ -319,7 +334,7 @@ class _CsvSink:
         return done
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        self.buffer.extend(_row(r) for r in rows)
+        self.buffer.extend(csv_row(r) for r in rows)
 
     def flush(self) -> None:
         if self.buffer:
@@ -338,7 +353,8 @@ class _CsvSink:
 
 
 def _scan_csv(path: Path) -> tuple[set[str], int, bool]:
-    """(paths in complete rows, byte offset after the last complete row, header present)."""
+    """(paths in complete rows, as given to the run (formula escape undone), byte offset after the last
+    complete row, header present)."""
     ncols = len(RESULT_COLUMNS)
     with path.open("rb") as fh:
         consumed, ended = 0, True
@@ -386,7 +402,7 @@ def _scan_csv(path: Path) -> tuple[set[str], int, bool]:
             if bad_at is not None:
                 raise UserError(f"{path}: malformed row at byte {bad_at} before the end; not a file this tool wrote "
                                 "(or it was edited); choose another --out")
-            done.add(row[0])
+            done.add(unescape_formula(row[0]))  # `'=x.jpg` was written for =x.jpg (and `''=x.jpg` for '=x.jpg)
             good = consumed
         return done, good, True
 
