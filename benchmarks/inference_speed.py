@@ -4,8 +4,9 @@ eager on the same model, in the same run; and the serving process's peak RSS.
     python benchmarks/inference_speed.py [--bundle models/default] [--checkpoint RUN/checkpoint.pt [RUN2/checkpoint.pt]]
                                          [--threads 2] [--repeats 60] [--install-time]
 
-Without --checkpoint the PyTorch side is the bundle's architecture with ImageNet backbone weights
-and a random head: the same graph and cost, so the timing comparison holds.
+Without --checkpoint the PyTorch side is the bundle's architecture (each member's, for an ensemble)
+with ImageNet backbone weights and a random head: the same graph and cost, so the timing comparison
+holds, but no probability parity is checked.
 """
 
 from __future__ import annotations
@@ -79,10 +80,12 @@ def bench_torch(pred_onnx, checkpoint: Path | None, threads: int, repeats: int):
     torch.set_num_threads(threads)
     if checkpoint:
         members = [load_checkpoint(c)[0] for c in checkpoint]
-    elif "members" in pred_onnx.bundle.metadata.get("training", {}):
-        raise SystemExit("an ensemble bundle: pass its members' checkpoints with --checkpoint A B")
-    else:
-        members = [create_model(pred_onnx.bundle.metadata["backbone"], pretrained=True, allow_random_init=True).eval()]
+    else:  # each member's architecture with ImageNet backbone weights and a random head: the same cost
+        meta = pred_onnx.bundle.metadata
+        configs = [m["config"]["model"] for m in meta.get("training", {}).get("members", [])] or \
+            [{"backbone": meta["backbone"], **meta.get("training", {}).get("config", {}).get("model", {})}]
+        members = [create_model(c["backbone"], pretrained=True, allow_random_init=True,
+                                hidden=c.get("hidden", (512, 256))).eval() for c in configs]
 
     def model(x):  # an ensemble bundle serves the members' mean logit
         return members[0](x) if len(members) == 1 else torch.stack([m(x) for m in members]).mean(dim=0)
