@@ -74,9 +74,9 @@ def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
 
 
 def sixteen_bit(img: Image.Image) -> Image.Image:
-    """An I;16 greyscale copy using only the low 12 bits (as many scientific cameras do), so a
-    decoder that clips 16-bit values to 255 returns an all-white image."""
-    grey = np.asarray(img.convert("L"), dtype=np.uint16) * 16  # 0..4080
+    """An I;16 greyscale copy at full 16-bit scale (x257, as an 8-bit picture saved as 16-bit is), so
+    a decoder that clips 16-bit values to 255 returns an all-white image."""
+    grey = np.asarray(img.convert("L"), dtype=np.uint16) * 257  # 0..65535
     return Image.fromarray(grey.astype("<u2"))  # numpy uint16 -> Pillow mode I;16
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from melanoma_detector.errors import ImageDecodeError
 
@@ -25,21 +25,55 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+# Orientation tag values that need a transpose (1 is "as stored"; anything else is invalid and ignored,
+# as Pillow's exif_transpose does).
+_TRANSPOSING_ORIENTATIONS = (2, 3, 4, 5, 6, 7, 8)
+
+
+def upright(img: Image.Image, *, in_place: bool = False) -> Image.Image:
+    """`img` turned upright per its EXIF orientation tag, the tag then removed.
+
+    Without a tag (or with 1) it is `img` itself, not a copy: ImageOps.exif_transpose copies every
+    image, which for a 48-megapixel photo is another ~180 MB. `in_place=True` turns `img` itself
+    (releasing the stored pixels once turned); otherwise `img` is left as it was.
+    """
+    img.load()
+    if img.getexif().get(ExifTags.Base.Orientation, 1) not in _TRANSPOSING_ORIENTATIONS:
+        return img
+    if in_place:
+        ImageOps.exif_transpose(img, in_place=True)
+        return img
+    return ImageOps.exif_transpose(img) or img
+
+
+def _rescaled_grey(img: Image.Image) -> Image.Image:
+    """High-bit-depth greyscale -> 8-bit L (Pillow's convert would clip everything above 255 to white)."""
+    if img.mode.startswith("I;16"):
+        # 16-bit: full scale, 65535 -> 255 (value / 257, rounded; no ties, as 257 is odd), as 16-bit
+        # RGB and LA images decode, so an 8-bit picture saved as 16-bit (x257) decodes to itself.
+        arr = np.asarray(img).astype(np.uint32)
+        arr += 128
+        arr //= 257
+        return Image.fromarray(arr.astype(np.uint8))
+    # "I" (32-bit integer) and "F" (float) have no known full scale: [0, max] -> [0, 255] (negative
+    # values, NaN and infinities become 0).
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    arr = np.clip(arr, 0, None)
+    hi = float(arr.max()) if arr.size else 0.0
+    arr = arr * np.float32(255.0 / hi) if hi > 0 else arr
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB (16/32-bit and float greyscale rescaled, alpha composited on black)."""
+    """Any PIL mode -> RGB (16-bit greyscale at full scale, 32-bit and float greyscale stretched to
+    their maximum, alpha composited on black). An RGB image is returned as it is, not copied."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        # High-bit-depth greyscale: convert("RGB") would clip everything above 255 to white, so
-        # scale [0, max] to [0, 255] first (negative values, possible in "I" and "F", become 0).
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        arr = np.clip(arr, 0, None)
-        hi = float(arr.max()) if arr.size else 0.0
-        arr = arr * np.float32(255.0 / hi) if hi > 0 else arr
-        img = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
+        img = _rescaled_grey(img)
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _error(name: str, reason: str) -> ImageDecodeError:
@@ -80,8 +114,9 @@ def load_image(source: ImageSource, *, name: str | None = None) -> Image.Image:
         with fp, Image.open(fp, formats=PILLOW_FORMATS) as img:
             _check_pixels(img, name)
             img.load()
-            img = ImageOps.exif_transpose(img) or img
-            return to_rgb(img)
+            # In place, and only with an orientation tag; to_rgb copies only to change the mode: a
+            # large photo is then held once, not three times (decode, transpose, convert).
+            return to_rgb(upright(img, in_place=True))
     except ImageDecodeError:
         raise
     except PermissionError:

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from melanoma_detector import DISCLAIMER
 from melanoma_detector.calibration import calibrated_probabilities
-from melanoma_detector.data.io import ImageSource, load_image, to_rgb
+from melanoma_detector.data.io import ImageSource, load_image, to_rgb, upright
 from melanoma_detector.errors import ImageDecodeError
 from melanoma_detector.inference.bundle import Bundle, load_bundle
 from melanoma_detector.preprocess import Preprocessing, crop_box, preprocess_image
@@ -72,9 +72,9 @@ class ImagePrep:
     min_std: float = 4.0
 
     def prepare(self, source: ImageSource | Image.Image) -> tuple[Image.Image, np.ndarray]:
-        # An image the caller opened keeps its EXIF orientation unapplied; upright it as load_image does a file.
-        # An image the caller opened keeps its EXIF orientation unapplied; upright it as load_image does a file.
-        img = to_rgb(ImageOps.exif_transpose(source) or source) if isinstance(source, Image.Image) else load_image(source)
+        # An image the caller opened keeps its EXIF orientation unapplied; upright it as load_image does a file
+        # (a copy only when it has an orientation tag or is not RGB: the caller's image is left as it is).
+        img = to_rgb(upright(source)) if isinstance(source, Image.Image) else load_image(source)
         gate_image(img, min_side=self.min_side, min_std=self.min_std)
         return img, preprocess_image(img, self.pp)
 
@@ -108,7 +108,7 @@ class Predictor:
         self.logit_bias = self.bundle.logit_bias
         self.thresholds = self.bundle.thresholds
         self.threshold = self.thresholds["screening"]
-        self.tiers = sorted(meta.get("risk_tiers", []), key=lambda t: t["min_probability"])
+        self.tiers = sorted(meta["risk_tiers"], key=lambda t: t["min_probability"])
         gate = meta.get("input_gate", {})
         self.min_side = int(gate.get("min_side", 64))
         self.min_std = float(gate.get("min_std", 4.0))
