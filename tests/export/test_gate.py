@@ -128,6 +128,29 @@ def test_refit_gate_refuses_bad_targets_and_another_split(bundle_and_split, tmp_
     assert "not the ones" in capsys.readouterr().err and not (tmp_path / "o2").exists()
 
 
+def test_interrupted_refit_gate_leaves_no_half_bundle(bundle_and_split, tmp_path, monkeypatch, capsys):
+    """Ctrl-C after ood.npz, the graph and metadata.json are written: --out does not appear (a half bundle
+    there made the rerun fail with "exists and is not empty"), and the same command then succeeds."""
+    import melanoma_detector.export.model_card as model_card
+
+    root, split, bundle = bundle_and_split
+    out = tmp_path / "results" / "refit"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    args = ["refit-gate", "--model", str(bundle), "--data", str(root), "--split-file", str(split),
+            "--out", str(out), "--variants", "0", "--no-progress"]
+    with monkeypatch.context() as m:
+        m.setattr(model_card, "write_model_card", interrupted)
+        assert main(args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not out.exists() and list(out.parent.iterdir()) == []
+    assert main(args) == 0
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "metadata.json", "MODEL_CARD.md", "ood.npz"}
+    assert list(out.parent.iterdir()) == [out]
+
+
 def test_a_fit_on_already_scored_images_matches_the_full_pass(bundle_and_split):
     """Export and recalibrate have scored the images themselves; passing those features in must fit the same
     gate as scoring them again, with only the variants going through the graph."""

@@ -149,3 +149,34 @@ def test_holdout_split_keeps_groups_whole_and_classes_balanced():
     share = Counter(s.label for s in held)[1] / len(held)
     assert abs(share - 0.2) < 0.06
     assert holdout_split(samples, 0, seed=1) == (samples, [])
+
+
+@pytest.mark.parametrize("gate", ["refit", "keep"])
+def test_interrupted_recalibration_leaves_no_half_bundle(tiny, tmp_path, monkeypatch, capsys, gate):
+    """Ctrl-C in the bootstrap (after the re-fitted gate's ood.npz is written): --out does not appear, or an
+    empty one stays empty, nothing is left beside it, and the same command then succeeds."""
+    import melanoma_detector.export.recalibrate as recalibrate
+
+    bundle, site = tiny
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    parent = tmp_path / "results"
+    for out in (parent / "recal", parent / "empty"):
+        if out.name == "empty":
+            out.mkdir()
+        args = ["recalibrate", "--model", str(bundle), "--data", str(site), "--out", str(out), "--gate", gate,
+                "--resamples", "20", "--no-progress"]
+        with monkeypatch.context() as m:
+            m.setattr(recalibrate, "_measure_holdout", interrupted)
+            assert main(args) == 130
+        assert "interrupted" in capsys.readouterr().err
+        assert (not out.exists()) if out.name == "recal" else (out.is_dir() and not any(out.iterdir()))
+        # no stage or temporary file left beside it
+        assert sorted(p.name for p in parent.iterdir()) == (["empty", "recal"] if out.name == "empty" else [])
+        assert main(args) == 0
+        assert {p.name for p in out.iterdir()} == {"model.onnx", "metadata.json", "MODEL_CARD.md", "ood.npz",
+                                                   "recalibration_split.csv"}
+        assert json.loads((out / "metadata.json").read_text())["recalibration"]["gate"] == gate
+    assert sorted(p.name for p in parent.iterdir()) == ["empty", "recal"]

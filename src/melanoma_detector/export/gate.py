@@ -185,7 +185,7 @@ def refit_bundle_gate(bundle_dir: str | Path, data: Sequence[str | Path], out_di
     from melanoma_detector.data.discovery import discover_all
     from melanoma_detector.data.splits import apply_split_file, split_csv_fingerprint
     from melanoma_detector.errors import DataError, UserError
-    from melanoma_detector.export.bundle import check_export_target, write_metadata
+    from melanoma_detector.export.bundle import check_export_target, staged_bundle, write_metadata
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.predictor import Predictor
 
@@ -206,17 +206,19 @@ def refit_bundle_gate(bundle_dir: str | Path, data: Sequence[str | Path], out_di
         raise DataError(f"{len(val)} validation image(s) in {split_file}: too few to fit an input gate (accepted: 20 or more)")
 
     ood = fit_bundle_gate(predictor, val, variants=variants, progress=progress)
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(predictor.bundle.graph_path, out / predictor.bundle.graph_path.name)
-    stamp = _dt.datetime.now(_dt.timezone.utc)
-    meta["input_gate"] = {**(meta.get("input_gate") or {}), "ood": write_ood(out, ood),
-                          "refitted": {"by": "melanoma refit-gate", "date": stamp.date().isoformat(),
-                                       "split_file": str(split_file), "n_val": len(val)}}
-    meta["model_version"] = f"{meta.get('model_version', 'unknown')}+gate.{stamp:%Y%m%d}"
-    if test and "test" in (meta.get("metrics") or {}):
-        feats, _ = gate_features(predictor, test, progress=progress, desc="gate on test")
-        meta["metrics"] = {**meta["metrics"], "test": {**meta["metrics"]["test"], "ood_refused_fraction":
-                                                        float((mahalanobis(feats, ood) > ood["threshold"]).mean())}}
-    write_metadata(out, meta)
-    write_model_card(out, meta)
+    # Written into a staged folder that becomes `out` only once the bundle is complete: an interrupted run leaves
+    # no half bundle (an ood.npz alone) that its rerun would refuse as not empty.
+    with staged_bundle(out) as stage:
+        shutil.copy2(predictor.bundle.graph_path, stage / predictor.bundle.graph_path.name)
+        stamp = _dt.datetime.now(_dt.timezone.utc)
+        meta["input_gate"] = {**(meta.get("input_gate") or {}), "ood": write_ood(stage, ood),
+                              "refitted": {"by": "melanoma refit-gate", "date": stamp.date().isoformat(),
+                                           "split_file": str(split_file), "n_val": len(val)}}
+        meta["model_version"] = f"{meta.get('model_version', 'unknown')}+gate.{stamp:%Y%m%d}"
+        if test and "test" in (meta.get("metrics") or {}):
+            feats, _ = gate_features(predictor, test, progress=progress, desc="gate on test")
+            meta["metrics"] = {**meta["metrics"], "test": {**meta["metrics"]["test"], "ood_refused_fraction":
+                                                            float((mahalanobis(feats, ood) > ood["threshold"]).mean())}}
+        write_metadata(stage, meta)
+        write_model_card(stage, meta)
     return meta

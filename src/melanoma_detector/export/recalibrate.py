@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     the source gate and fits only on the images it accepts."""
     from melanoma_detector.data.discovery import discover_all, require_both_classes
     from melanoma_detector.evaluation.metrics import fit_operating_points
-    from melanoma_detector.export.bundle import check_export_target, write_metadata
+    from melanoma_detector.export.bundle import check_export_target, staged_bundle, write_metadata
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.bundle import OOD_FILE
     from melanoma_detector.inference.predictor import Predictor
@@ -66,42 +68,52 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     y = np.array([s.label for s in sc.kept], dtype=np.int64)
     temperature, bias, thresholds = fit_operating_points(sc.logits[fit_i], y[fit_i])
 
-    out.mkdir(parents=True, exist_ok=True)
-    held_refused_fraction = new_gate = None
-    if gate == "refit":
-        new_gate, held_i, held_refused_fraction = _refit_gate(predictor, sc, fit_i, held_i, out)
-    meta = _new_metadata(src_meta, temperature, bias, thresholds, n_fit=len(fit_i), n_resamples=n_resamples)
-    if new_gate is not None:
-        # the source's record of how its gate was fitted (by refit-gate, on its validation split) no longer holds
-        gate_meta = {k: v for k, v in (meta.get("input_gate") or {}).items() if k != "refitted"}
-        meta["input_gate"] = {**gate_meta, "ood": new_gate,
-                              "refitted": {"by": "melanoma recalibrate", "date": meta["created"][:10],
-                                           "data": [str(d) for d in data], "n_fit": len(fit_i)}}
-    meta["recalibration"] = {
-        "source_bundle": {"path": str(bundle_dir), "model_version": src_meta.get("model_version"),
-                          "temperature": src_meta.get("temperature"), "logit_bias": src_meta.get("logit_bias", 0.0),
-                          "thresholds": src_meta.get("thresholds"), "metrics": src_meta.get("metrics", {})},
-        "data": [str(d) for d in data],
-        "n_fit": len(fit_i), "n_fit_malignant": int(y[fit_i].sum()),
-        "n_holdout": len(held_i), "n_holdout_malignant": int(y[held_i].sum()) if len(held_i) else 0,
-        "holdout_fraction": holdout, "seed": seed, "n_cannot_assess": len(sc.refused),
-        "gate": gate, "source_gate_refused_fraction": float(src_far.mean()),
-        "holdout_refused_fraction": held_refused_fraction,
-        "split_file": SPLIT_FILE,
-    }
-    if len(held_i):
-        before, after = _measure_holdout(sc.logits[held_i], y[held_i], [sc.kept[i].group_key for i in held_i],
-                                         src_meta, temperature, bias, thresholds, n_resamples=n_resamples)
-        # the card's test column: these images were never used to fit anything in this bundle
-        meta["metrics"]["test"], meta["recalibration"]["holdout_before"] = after, before
+    # Written into a staged folder that becomes `out` only once the bundle is complete: an interrupted run
+    # (Ctrl-C in the bootstrap) leaves no half bundle that its rerun would refuse as not empty. The split record
+    # is no bundle file (staged_bundle moves only those): it is written beside the stage and moved in last.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    split_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.split-", dir=out.parent))
+    split_tmp = split_dir / SPLIT_FILE
+    try:
+        with staged_bundle(out) as stage:
+            held_refused_fraction = new_gate = None
+            if gate == "refit":
+                new_gate, held_i, held_refused_fraction = _refit_gate(predictor, sc, fit_i, held_i, stage)
+            meta = _new_metadata(src_meta, temperature, bias, thresholds, n_fit=len(fit_i), n_resamples=n_resamples)
+            if new_gate is not None:
+                # the source's record of how its gate was fitted (by refit-gate, on its validation split) no longer holds
+                gate_meta = {k: v for k, v in (meta.get("input_gate") or {}).items() if k != "refitted"}
+                meta["input_gate"] = {**gate_meta, "ood": new_gate,
+                                      "refitted": {"by": "melanoma recalibrate", "date": meta["created"][:10],
+                                                   "data": [str(d) for d in data], "n_fit": len(fit_i)}}
+            meta["recalibration"] = {
+                "source_bundle": {"path": str(bundle_dir), "model_version": src_meta.get("model_version"),
+                                  "temperature": src_meta.get("temperature"), "logit_bias": src_meta.get("logit_bias", 0.0),
+                                  "thresholds": src_meta.get("thresholds"), "metrics": src_meta.get("metrics", {})},
+                "data": [str(d) for d in data],
+                "n_fit": len(fit_i), "n_fit_malignant": int(y[fit_i].sum()),
+                "n_holdout": len(held_i), "n_holdout_malignant": int(y[held_i].sum()) if len(held_i) else 0,
+                "holdout_fraction": holdout, "seed": seed, "n_cannot_assess": len(sc.refused),
+                "gate": gate, "source_gate_refused_fraction": float(src_far.mean()),
+                "holdout_refused_fraction": held_refused_fraction,
+                "split_file": SPLIT_FILE,
+            }
+            if len(held_i):
+                before, after = _measure_holdout(sc.logits[held_i], y[held_i], [sc.kept[i].group_key for i in held_i],
+                                                 src_meta, temperature, bias, thresholds, n_resamples=n_resamples)
+                # the card's test column: these images were never used to fit anything in this bundle
+                meta["metrics"]["test"], meta["recalibration"]["holdout_before"] = after, before
 
-    shutil.copy2(predictor.bundle.graph_path, out / predictor.bundle.graph_path.name)
-    ood = (src_meta.get("input_gate") or {}).get("ood") or {}
-    if gate == "keep" and ood.get("file"):
-        shutil.copy2(predictor.bundle.root / ood["file"], out / OOD_FILE)
-    _write_split(out / SPLIT_FILE, [sc.kept[i] for i in fit_i], [sc.kept[i] for i in held_i], sc.refused)
-    write_metadata(out, meta)
-    write_model_card(out, meta)
+            shutil.copy2(predictor.bundle.graph_path, stage / predictor.bundle.graph_path.name)
+            ood = (src_meta.get("input_gate") or {}).get("ood") or {}
+            if gate == "keep" and ood.get("file"):
+                shutil.copy2(predictor.bundle.root / ood["file"], stage / OOD_FILE)
+            _write_split(split_tmp, [sc.kept[i] for i in fit_i], [sc.kept[i] for i in held_i], sc.refused)
+            write_metadata(stage, meta)
+            write_model_card(stage, meta)
+        os.replace(split_tmp, out / SPLIT_FILE)
+    finally:
+        shutil.rmtree(split_dir, ignore_errors=True)
     return meta
 
 
@@ -117,16 +129,16 @@ class _Scored:
 
 
 def _refit_gate(predictor, sc: _Scored, fit_i: np.ndarray, held_i: np.ndarray,
-                out: Path) -> tuple[dict[str, Any], np.ndarray, float | None]:
+                stage: Path) -> tuple[dict[str, Any], np.ndarray, float | None]:
     """Fit the input gate on the fitting images and acquisition variants of each (export/gate.py, as `melanoma
-    export` does), write it to `out` and serve with it; the held-out rows it refuses are left out (and recorded),
+    export` does), write it to `stage` and serve with it; the held-out rows it refuses are left out (and recorded),
     because the served bundle answers only what its gate accepts."""
     from melanoma_detector.export.gate import fit_bundle_gate, write_ood
 
     # The fitting images were scored by `_score`; only their acquisition variants still need the graph.
     new_ood = fit_bundle_gate(predictor, [str(sc.kept[i].path) for i in fit_i], features=sc.feats[fit_i],
                               images="recalibration")
-    entry = write_ood(out, new_ood)
+    entry = write_ood(stage, new_ood)
     predictor.set_ood(new_ood)
     if not len(held_i):
         return entry, held_i, None
