@@ -247,3 +247,19 @@ def test_a_split_named_on_the_command_line_that_cannot_be_used_is_refused(tiny_b
     err = capsys.readouterr().err
     assert "val/test image(s) not found" in err and "accepted" in err
     assert not out.exists()  # refused before anything was written
+
+
+def test_an_out_path_through_a_file_is_a_one_line_error(tmp_path, capsys):
+    """--out below a file (or a file itself): refused in one line, not mkdir's FileExistsError traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for command, out in [("export", afile / "sub"), ("export", afile), ("unbundle", afile), ("unbundle", afile / "s")]:
+        capsys.readouterr()
+        args = ["--model", str(tmp_path / "nope")] if command == "export" else []
+        assert main([command, *args, "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == err.splitlines()[0] and "Traceback" not in err
+        assert f"--out {out}: {afile} is a file; accepted: a new" in err, err
+        if command == "export":
+            assert "or a bundle with --overwrite" in err
+    assert afile.read_text() == "x"

@@ -49,7 +49,7 @@ def test_recovered_members_compute_the_exported_models(tiny_run, tmp_path):
 
     _, run, _ = tiny_run
     other = _perturbed(run, tmp_path / "other.pt")
-    export_bundle([run, other], tmp_path / "pair", use_data=False, uncalibrated_ensemble=True)
+    export_bundle([run, other], tmp_path / "pair", use_data=False, uncalibrated=True)
     members = members_from_bundle(tmp_path / "pair")
     assert [c["source_bundle"]["member"] for _, c in members] == [0, 1]
     x = torch.randn(3, 3, 64, 64)
@@ -166,3 +166,47 @@ def test_the_shipped_bundle_is_recoverable_and_its_members_score_the_examples_al
         mean_logit = torch.stack([m(x) for m, _ in members]).mean(dim=0).numpy()
     graph = run_graph(predictor, [str(p) for p in examples], progress=False)["logit"]
     np.testing.assert_allclose(mean_logit, graph, atol=1e-4)
+
+
+def test_a_split_goes_beside_the_members_only_when_they_all_trained_on_it(tiny_run, tmp_path, capsys, caplog):
+    """A split.csv beside a checkpoint says which images it trained on (export then records train_keys_sha256
+    from it, which --distill-from trusts), so unbundle writes one only when the bundle records that every
+    member trained on that split's train images."""
+    import shutil
+
+    from melanoma_detector.data.splits import split_csv_fingerprint
+    from melanoma_detector.export.bundle import export_bundle
+
+    _, run, _ = tiny_run
+    # Members from runs whose splits are not known to agree: the bundle records no training split.
+    other = _perturbed(run, tmp_path / "other.pt")
+    export_bundle([run, other], tmp_path / "mixed", use_data=False, uncalibrated=True)
+    caplog.clear()
+    assert main(["unbundle", "--model", str(tmp_path / "mixed"), "--out", str(tmp_path / "m"),
+                 "--split", str(run / "split.csv")]) == 0
+    assert [p.name for p in sorted((tmp_path / "m").rglob("*")) if p.is_file()] == ["checkpoint.pt"] * 2
+    assert any("no split.csv written" in m and "every member" in m for m in caplog.messages)
+    assert "no split.csv" in capsys.readouterr().out
+    # Members that trained on one split: it goes beside each.
+    same = tmp_path / "same"
+    same.mkdir()
+    shutil.copy(other, same / "checkpoint.pt")
+    shutil.copy(run / "split.csv", same / "split.csv")
+    meta = export_bundle([run, same], tmp_path / "pair", use_data=False, uncalibrated=True)
+    assert meta["training"]["train_keys_sha256"] == split_csv_fingerprint(run / "split.csv")
+    assert main(["unbundle", "--model", str(tmp_path / "pair"), "--out", str(tmp_path / "n"),
+                 "--split", str(run / "split.csv")]) == 0
+    for i in (0, 1):
+        assert (tmp_path / "n" / f"member-{i}" / "split.csv").read_text() == (run / "split.csv").read_text()
+
+
+def test_the_documented_rebuild_of_the_shipped_bundle_gets_the_committed_split():
+    """`melanoma unbundle --split configs/splits/default.csv` writes it beside both shipped members because the
+    bundle records that they trained on exactly its train images."""
+    from pathlib import Path
+
+    from melanoma_detector.data.splits import split_csv_fingerprint
+
+    repo = Path(__file__).resolve().parents[2]
+    meta = json.loads((repo / "models" / "default" / "metadata.json").read_text())
+    assert meta["training"]["train_keys_sha256"] == split_csv_fingerprint(repo / "configs" / "splits" / "default.csv")

@@ -107,11 +107,12 @@ def export_bundle(
     use_data: bool = True,
     n_resamples: int = 1000,
     version: str | None = None,
-    uncalibrated_ensemble: bool = False,
+    uncalibrated: bool = False,
 ) -> dict[str, Any]:
-    """`uncalibrated_ensemble`: let an ensemble be exported without validation images, keeping its first
-    member's calibration and thresholds, which do not describe the mean logit (for inspecting the graph only;
-    `melanoma export` never does this)."""
+    """`uncalibrated`: let a model be exported without validation images even when its calibration is unknown:
+    an ensemble keeps its first member's calibration and thresholds, which do not describe the mean logit, and a
+    checkpoint without calibration gets T=1, b=0 and thresholds 0.5 (for inspecting the graph only; `melanoma
+    export` never does this)."""
     from melanoma_detector.data.splits import split_csv_fingerprint
     from melanoma_detector.evaluation.metrics import (
         apply_calibration,
@@ -145,18 +146,30 @@ def export_bundle(
     images = None
     if use_data and (split_file or split_path.is_file()):
         images = _split_images(split_path, training_data_paths(ckpt.get("config")), strict=bool(split_file))
-    elif use_data:
-        log.warning("no split file %s: bundle uses the checkpoint's calibration and has no input-gate statistics",
-                    split_path)
     if images is not None and len({int(r["label"]) for r in images[0]}) < 2:
         raise DataError(f"{split_path}: its validation images hold one class only; calibration and thresholds are "
                         "fitted on benign and malignant ones; accepted: a split whose val rows hold both")
-    if images is None and len(loaded) > 1 and not uncalibrated_ensemble:
+    if images is not None:
+        _refuse_images_members_trained_on(split_path, images, paths)
+    where = "--no-data" if not use_data else str(split_path)
+    if images is None and len(loaded) > 1 and not uncalibrated:
         # A member's temperature and thresholds describe its own logit, not the mean of several: served as they
         # are, the ensemble's probabilities and its 95 %-sensitivity promise would be wrong.
         raise UserError("an ensemble's calibration and thresholds are fitted on validation images, and none were "
-                        f"found ({split_path}); accepted: --split with the members' split (a run's split.csv, or a "
+                        f"found ({where}); accepted: --split with the members' split (a run's split.csv, or a "
                         "keys-only split file whose images are in the data folders they trained on)")
+    calibrated = ckpt.get("temperature") is not None and bool(ckpt.get("thresholds"))
+    if images is None and not calibrated and not uncalibrated:
+        # T=1 and thresholds 0.5 are no calibration: the card's "set on the validation split" would be untrue.
+        raise UserError(f"{ckpt_path} holds no calibration (temperature and thresholds) and no validation images "
+                        f"were found ({where}); accepted: --split with val images to calibrate on (a run's split.csv, "
+                        "or a keys-only split file whose images are in the data folders it trained on), or a "
+                        "checkpoint from `melanoma train`, which stores its calibration")
+    if images is None and use_data and not split_path.is_file():
+        log.warning("no split file %s: bundle keeps %s and has no input-gate statistics", split_path,
+                    "the checkpoint's calibration and thresholds" if calibrated and len(loaded) == 1 else
+                    "T=1, b=0 and thresholds 0.5 (uncalibrated)" if not calibrated else
+                    "the first member's calibration and thresholds, which do not describe the mean logit")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fractions = [gate_fraction_of(c) for _, c in loaded]
@@ -165,6 +178,8 @@ def export_bundle(
     # Recorded only when every member trained on the same images: `--distill-from BUNDLE` checks it.
     fingerprints = {split_csv_fingerprint(p.parent / "split.csv") for p in paths}
     train_keys_sha256 = fingerprints.pop() if len(fingerprints) == 1 else None
+    # Every member's data, not the first's: the credits and the most restrictive licence must not depend on order.
+    data_paths = list(dict.fromkeys(str(p) for _, c in loaded for p in training_data_paths(c.get("config"))))
     backbone = ckpt["backbone"] if len(loaded) == 1 else \
         "mean-logit ensemble of " + " + ".join(c["backbone"] for _, c in loaded)
     thresholds = dict(ckpt.get("thresholds") or {"screening": 0.5, "high_specificity": 0.5})
@@ -188,17 +203,18 @@ def export_bundle(
             **({"members": [{"checkpoint": str(path), "backbone": c["backbone"], "best": c.get("best"),
                              "config": c["config"]} for path, (_, c) in zip(paths, loaded)]}
                if len(loaded) > 1 else {}),
-            "data": _data_credits(ckpt["config"]["data"]["paths"]),
+            "data": _data_credits(data_paths),
             "train_keys_sha256": train_keys_sha256,
         },
         "licence": "Model weights trained on HAM10000: CC BY-NC-SA 4.0 (non-commercial use only)"
-        if _looks_like_shared(ckpt) else "see the training data's licence",
+        if _looks_like_shared(data_paths) else "see the training data's licence",
         "metrics": {"n_resamples": n_resamples},
         "disclaimer": DISCLAIMER,
     }
     if images is not None:
         val, test = images
-        write_metadata(out, meta)
+        # Served once to fit on, so a complete metadata.json, checkpoint calibration and all (re-fitted below).
+        write_metadata(out, {**meta, "risk_tiers": risk_tiers(meta["thresholds"])})
         predictor = Predictor(out, verify=True)
         v = run_graph(predictor, [r["path"] for r in val], outputs=("logit", "gate_features"))
         v_logits = v["logit"]
@@ -252,8 +268,30 @@ def _data_credits(paths: list[str]) -> list[dict[str, str]]:
     return credits + ([{"name": ", ".join(others)}] if others else [])
 
 
-def _looks_like_shared(ckpt: dict[str, Any]) -> bool:
-    return any("ham10000" in str(p).lower() for p in ckpt["config"]["data"]["paths"])
+def _looks_like_shared(paths: list[str]) -> bool:
+    return any("ham10000" in str(p).lower() for p in paths)
+
+
+def _refuse_images_members_trained_on(split_path: Path, images: tuple[list[dict[str, str]], list[dict[str, str]]],
+                                      members: list[Path]) -> None:
+    """Calibration and metrics on an image a member trained on would be optimistic, silently: refuse a split
+    whose val or test images are in any member's train split (its run's split.csv, matched by image key). A
+    member without a split.csv cannot be checked, which is said."""
+    from melanoma_detector.data.splits import _read_split_csv
+
+    used = [r["key"] for r in images[0] + images[1]]
+    for i, path in enumerate(members):
+        own = path.parent / "split.csv"
+        if not own.is_file():
+            log.warning("%s: no split.csv beside it, so its training images cannot be checked against %s's "
+                        "val/test images", path, split_path)
+            continue
+        train = {r["key"] for r in _read_split_csv(own)[0] if r["split"] == "train"}
+        seen = [k for k in used if k in train]
+        if seen:
+            raise UserError(f"{split_path}: {len(seen)} of its val/test images are in the train split of member {i} "
+                            f"({own}), first: {seen[0]}; accepted: a split none of whose val/test images any member "
+                            "trained on (members trained on one split, exported with that split)")
 
 
 def write_metadata(out: Path, meta: dict[str, Any]) -> None:
@@ -275,8 +313,8 @@ def check_export_target(out_dir: str | Path, *, overwrite: bool | None = None,
     overwrite=True also a folder that holds a bundle, which `staged_bundle` then replaces only once the new
     one is complete; overwrite=None for commands that offer no --overwrite."""
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a folder; accepted: a new or empty folder")
+    refuse_file_on_the_way(out, "a new or empty folder" + (", or a bundle with --overwrite" if overwrite is not None
+                                                           else ""))
     if source is not None and out.exists() and out.resolve() == Path(source).resolve():
         raise UserError(f"--out {out}: is the source bundle; accepted: a new folder (the source bundle is never "
                         "changed)")
@@ -289,6 +327,13 @@ def check_export_target(out_dir: str | Path, *, overwrite: bool | None = None,
         hint = ", or --overwrite to replace it once the new bundle is complete" if overwrite is False else ""
         raise UserError(f"--out {out}: exists and is not empty (it holds a model bundle); accepted: a new or "
                         f"empty folder{hint}")
+
+
+def refuse_file_on_the_way(out: Path, accepted: str) -> None:
+    """--out, or a folder above it, that is a file: a one-line refusal instead of mkdir's FileExistsError."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise UserError(f"--out {out}: {p} is a file; accepted: {accepted}")
 
 
 @contextmanager

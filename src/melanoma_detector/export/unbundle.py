@@ -227,26 +227,46 @@ def write_member_checkpoints(path: str | Path | None, out_dir: str | Path, *,
     model), with the split beside each as split.csv, as in a run folder, so export and evaluation find
     the same split. `split_file` (default: the split file the bundle records, when it is at hand) may be
     a run's split.csv or a keys-only --split-file; the latter's images are looked up in `data_paths`
-    (default: the folders the bundle's models trained on), and a key not found there is refused."""
+    (default: the folders the bundle's models trained on), and a key not found there is refused.
+
+    A split.csv says which images its model trained on (export's leakage checks and the train_keys_sha256 it
+    records read it), so it is written only when the bundle records that every member trained on exactly that
+    split's train images (training.train_keys_sha256); otherwise no split.csv is written, with a warning."""
     from melanoma_detector.config import training_data_paths
-    from melanoma_detector.data.splits import read_split_rows, write_split_rows
+    from melanoma_detector.data.splits import read_split_rows, split_csv_fingerprint, write_split_rows
+    from melanoma_detector.export.bundle import refuse_file_on_the_way
     from melanoma_detector.models.checkpoint import save_checkpoint
     from melanoma_detector.models.factory import serving_state
 
-    bundle = load_bundle(path)
     out = Path(out_dir)
+    accepted = "a new folder, or one that holds no checkpoint"
+    refuse_file_on_the_way(out, accepted)
+    bundle = load_bundle(path)
     info = _members_info(bundle.metadata)
     folders = [out] if len(info) == 1 else [out / f"member-{i}" for i in range(len(info))]
+    for f in folders:
+        refuse_file_on_the_way(f, accepted)
     taken = [f / "checkpoint.pt" for f in folders if (f / "checkpoint.pt").exists()]
     if taken:  # never overwrite a trained model
         raise UserError(f"{taken[0]} already exists; accepted: an --out folder that holds no checkpoint")
     recorded = Path((bundle.metadata.get("splits") or {}).get("file", ""))
+    trained_on = (bundle.metadata.get("training") or {}).get("train_keys_sha256")
+    source = Path(split_file) if split_file else recorded if recorded.name and recorded.is_file() else None
+    if split_file and not source.is_file():
+        read_split_rows(source)  # refused: not found
+    if source is not None and (trained_on is None or split_csv_fingerprint(source) != trained_on):
+        log.warning("%s: the bundle does not record that %s trained on its train images (%s); no split.csv "
+                    "written beside the checkpoints (give export --split to calibrate or probe them)", source,
+                    "its model" if len(info) == 1 else "every member",
+                    "its members trained on different or unrecorded splits" if trained_on is None else
+                    "training.train_keys_sha256 differs")
+        source = None
     rows = None
     if data_paths is None:
         data_paths = training_data_paths(info[0]["config"])
-    if split_file:
+    if source is not None and split_file:
         rows = read_split_rows(split_file, data_paths=data_paths)
-    elif recorded.name and recorded.is_file():
+    elif source is not None:
         try:  # a default the user did not ask for: without its images, the checkpoints go without it
             rows = read_split_rows(recorded, data_paths=data_paths)
         except DataError as e:
