@@ -13,17 +13,23 @@ from melanoma_detector.export.model_card import write_model_card
 
 REPO = Path(__file__).resolve().parents[2]
 SHA = "ab" * 32
+SHIPPED = json.loads((REPO / "models" / "default" / "metadata.json").read_text())
+# what evaluate records of the model it scored when that model is the shipped bundle (graph sha256 SHA)
+SERVED = {"version": SHIPPED["model_version"], "temperature": SHIPPED["temperature"],
+          "logit_bias": SHIPPED["logit_bias"], "thresholds": SHIPPED["thresholds"], "kind": "model bundle"}
 
 
 def _metric(v, lo, hi):
     return {"value": v, "ci95": [lo, hi], "n_valid": 100}
 
 
-def _report(tmp_path, name, *, data, trained_on, sha="other", path="runs/proxy", auc=0.74):
+def _report(tmp_path, name, *, data, trained_on, sha="other", path="runs/proxy", auc=0.74, served=None):
     out = tmp_path / name
     out.mkdir()
     model = {"path": path, "kind": "torch checkpoint", "version": "checkpoint", "backbone": "tf_efficientnet_lite0",
-             "sha256": sha, "tta": False, "best_val_auc": 0.88}
+             "sha256": sha, "tta": False, "best_val_auc": 0.88,
+             "temperature": 1.0, "logit_bias": 0.0, "thresholds": {"screening": 0.5}}
+    model.update(SERVED if served is None and sha == SHA else served or {})
     if trained_on is not None:
         model["trained_on"] = trained_on
     sets = [{"name": Path(d).name, "data": d, "split": None, "n": 200, "n_malignant": 40,
@@ -148,3 +154,58 @@ def test_a_formula_escaped_path_in_the_report_is_still_checked_for_training_imag
     (rep / "cannot_assess.csv").write_text("set,path,label,reason\n'=ham,'=ham/benign/y.jpg,benign,r\n")
     with pytest.raises(UserError, match="first: /d/=ham/benign/y.jpg"):
         read_external_evaluation(rep, bundle_meta=meta)
+
+
+def _recalibrated(meta):
+    """`melanoma recalibrate` output of `meta`: the same graph, calibration and thresholds re-fitted on /d/site."""
+    return {**meta, "model_version": meta["model_version"] + "+recal.20261202", "temperature": 0.9,
+            "logit_bias": 0.25, "thresholds": {"screening": 0.11, "high_specificity": 0.4},
+            "recalibration": {"data": ["/d/site"], "n_fit": 60, "n_fit_malignant": 12}}
+
+
+def test_a_report_on_the_same_graph_at_other_thresholds_is_not_this_bundle(tmp_path, meta):
+    """evaluate --model SOURCE; recalibrate SOURCE --data site: the source's report shares the recalibrated
+    bundle's graph, not the calibration and thresholds its figures were computed at."""
+    recal = _recalibrated(meta)
+    rep = _report(tmp_path, "ev", data=["/d/elsewhere"], trained_on=["/d/ham10000"], sha=SHA)
+    with pytest.raises(UserError, match="same graph served with another temperature, logit bias, thresholds, "
+                                        "model version than this bundle's.*--note"):
+        read_external_evaluation(rep, bundle_meta=recal)
+    (entry,) = read_external_evaluation(rep, bundle_meta=recal, note="the source bundle, before recalibration")
+    assert not entry["same_model"] and entry["unseen_verified"]
+    # each of them alone is enough; a report that does not record the version is judged by the rest
+    for change in ({"thresholds": {**SERVED["thresholds"], "screening": 0.2}}, {"temperature": 1.5},
+                   {"logit_bias": 0.0}, {"version": "0.0.9"}, {"thresholds": {"screening": SERVED["thresholds"]["screening"]}}):
+        rep = _report(tmp_path, f"ev{len(list(tmp_path.iterdir()))}", data=["/d/x"], trained_on=[], sha=SHA,
+                      served={**SERVED, **change})
+        with pytest.raises(UserError, match="--note"):
+            read_external_evaluation(rep, bundle_meta=meta)
+    rep = _report(tmp_path, "ev-nover", data=["/d/x"], trained_on=[], sha=SHA, served={**SERVED, "version": None})
+    assert read_external_evaluation(rep, bundle_meta=meta)[0]["same_model"]
+
+
+def test_the_images_a_bundle_was_recalibrated_on_are_not_external_to_it_whoever_scored_them(tmp_path, meta):
+    recal = _recalibrated(meta)
+    # the source bundle scored the site: a proxy, but on the very images the target's thresholds were fitted on
+    rep = _report(tmp_path, "ev", data=["/d/site"], trained_on=["/d/ham10000"], sha=SHA)
+    with pytest.raises(UserError, match=r"re-fitted on \(`melanoma recalibrate`\).*first: /d/site"):
+        read_external_evaluation(rep, bundle_meta=recal, note="the source bundle")
+    # the recalibrated bundle itself, in a report that did not record what it trained or was calibrated on
+    served = {"version": recal["model_version"], "temperature": 0.9, "logit_bias": 0.25,
+              "thresholds": recal["thresholds"]}
+    for trained_on in (None, ["/d/ham10000"]):
+        rep = _report(tmp_path, f"ev-{trained_on is None}", data=["/d/site/a"], trained_on=trained_on, sha=SHA,
+                      served=served)
+        with pytest.raises(UserError, match="first: /d/site/a"):
+            read_external_evaluation(rep, bundle_meta=recal)
+
+
+def test_a_report_of_this_bundle_is_checked_against_the_bundles_own_training_data(tmp_path, meta):
+    """A report that does not record the training data cannot vouch for unseen images; the bundle's metadata can."""
+    ham = meta["training"]["members"][0]["config"]["data"]["paths"][0]
+    rep = _report(tmp_path, "ev", data=[ham + "/test"], trained_on=None, sha=SHA, path=str(tmp_path / "gone"))
+    with pytest.raises(UserError, match="trained or was calibrated on"):
+        read_external_evaluation(rep, bundle_meta=meta)
+    rep = _report(tmp_path, "ev2", data=["/d/isic2019"], trained_on=None, sha=SHA, path=str(tmp_path / "gone"))
+    (entry,) = read_external_evaluation(rep, bundle_meta=meta)
+    assert entry["same_model"] and entry["unseen_verified"] and ham in entry["trained_on"]

@@ -11,6 +11,7 @@ and must carry a note saying how that model relates to the bundle.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,32 +39,45 @@ def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any
         raise UserError(f"--external-eval {eval_dir}: metrics.json is not a `melanoma evaluate` report "
                         "(each of its 'sets' needs n, n_malignant and metrics)")
     sha = (bundle_meta.get("graph") or {}).get("sha256")
-    same = bool(sha) and model.get("sha256") == sha
+    differs = _differences(model, bundle_meta)
+    same = not differs
     if not same and not (note or "").strip():
-        raise UserError(f"--external-eval {eval_dir}: it scored {model.get('path')!r}, not this bundle "
-                        f"(graph sha256 {str(sha)[:12]}); a proxy evaluation needs --note saying how that model "
+        why = (f"it scored {model.get('path')!r}, not this bundle (graph sha256 {str(sha)[:12]})"
+               if "graph sha256" in differs else
+               f"it scored {model.get('path')!r}, the same graph served with another {', '.join(differs)} than this "
+               "bundle's, so its figures are not this bundle's")
+        raise UserError(f"--external-eval {eval_dir}: {why}; a proxy evaluation needs --note saying how that model "
                         "relates to this bundle, e.g. 'the same recipe trained on HAM10000 alone'")
     trained_on = model.get("trained_on")
     if trained_on is None:
         trained_on = _run_data_paths(model.get("path"))
+    # What the figures must not have seen: the evaluated model's training (and calibration) data; when that model
+    # is this bundle, its own metadata says so too, whatever the report recorded; and whatever model was scored,
+    # the images this bundle's calibration and thresholds were re-fitted on are not a new collection for it.
+    recal = [str(d) for d in (bundle_meta.get("recalibration") or {}).get("data") or []]
+    own = _bundle_data(bundle_meta) if same else []
+    if own:
+        trained_on = _unique([*(trained_on or []), *own, *recal])
+    checked = _unique([*(trained_on or []), *recal])
     # relative paths are relative to where evaluate ran, not to where this runs
     base = Path(report.get("working_folder") or Path(eval_dir).resolve().parent)
-    scored = _scored_paths(Path(eval_dir), base) if trained_on is not None else {}
+    scored = _scored_paths(Path(eval_dir), base) if checked else {}
     entries = []
     for s in sets:
         data = str(s.get("data", ""))
-        if trained_on is None:
-            unseen = None  # reports written before models recorded their training data
-        else:
-            # The set's folder, and every image it scored: a manifest, or a folder of links, can list
-            # training images from anywhere.
-            inside = next((q for q in [str(s.get("data_resolved") or data), *scored.get(s.get("name"), [])]
-                           if _overlaps(q, trained_on)), None)
-            unseen = inside is None
-            if not unseen:
-                raise UserError(f"--external-eval {eval_dir}: set {s.get('name')!r} ({data}) holds images of the "
-                                f"data the evaluated model trained or was calibrated on ({', '.join(trained_on)}; "
-                                f"first: {inside}); accepted: images that model never saw")
+        # The set's folder, and every image it scored: a manifest, or a folder of links, can list
+        # training images from anywhere.
+        inside = next((q for q in [str(s.get("data_resolved") or data), *scored.get(s.get("name"), [])]
+                       if _overlaps(q, checked)), None) if checked else None
+        if inside is not None:
+            if _overlaps(inside, trained_on or []):
+                whose, accepted = "the data the evaluated model trained or was calibrated on", "images that model never saw"
+            else:
+                whose = "the data this bundle's calibration and thresholds were re-fitted on (`melanoma recalibrate`)"
+                accepted = "images neither that model nor this bundle's recalibration saw"
+            raise UserError(f"--external-eval {eval_dir}: set {s.get('name')!r} ({data}) holds images of {whose} "
+                            f"({', '.join(checked)}; first: {inside}); accepted: {accepted}")
+        unseen = None if trained_on is None else True  # None: reports written before models recorded their data
         entries.append({
             "data": data,
             "split": s.get("split"),
@@ -84,6 +98,44 @@ def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any
     if not entries:
         raise UserError(f"--external-eval {eval_dir}: the report scored no data set")
     return entries
+
+
+def _differences(model: dict[str, Any], bundle_meta: dict[str, Any]) -> list[str]:
+    """What keeps an evaluated model from being the bundle: its graph, and the calibration and thresholds
+    the bundle serves (a recalibrated bundle keeps its source's graph, not its figures); the version too,
+    when the report recorded one. Something a report left out cannot be shown to match."""
+    sha = (bundle_meta.get("graph") or {}).get("sha256")
+    if not sha or model.get("sha256") != sha:
+        return ["graph sha256"]
+    out = []
+    if not _close(model.get("temperature"), bundle_meta.get("temperature", 1.0)):
+        out.append("temperature")
+    if not _close(model.get("logit_bias", 0.0), bundle_meta.get("logit_bias", 0.0)):
+        out.append("logit bias")
+    mine, theirs = bundle_meta.get("thresholds") or {}, model.get("thresholds")
+    if not isinstance(theirs, dict) or set(theirs) != set(mine) or not all(_close(theirs[k], mine[k]) for k in mine):
+        out.append("thresholds")
+    if model.get("version") is not None and model.get("version") != bundle_meta.get("model_version"):
+        out.append("model version")
+    return out
+
+
+def _close(a: Any, b: Any) -> bool:
+    try:
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    except (TypeError, ValueError):
+        return False
+
+
+def _bundle_data(meta: dict[str, Any]) -> list[str]:
+    """The data folders a bundle's own metadata says it trained on (every member's, for an ensemble)."""
+    training = meta.get("training") or {}
+    configs = [m.get("config") or {} for m in training.get("members") or []] or [training.get("config") or {}]
+    return _unique([str(p) for cfg in configs for p in (cfg.get("data") or {}).get("paths") or []])
+
+
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
 
 
 def _scored_paths(eval_dir: Path, base: Path) -> dict[str, list[str]]:

@@ -110,8 +110,10 @@ def recalibration_text(recal: dict[str, Any], after: dict[str, Any] | None) -> s
 def write_model_card(out_dir: str | Path, meta: dict[str, Any]) -> Path:
     pp = meta["preprocessing"]
     th = meta["thresholds"]
-    data = "\n".join(f"- **{d['name']}**: {d.get('citation', '')} Licence: {d.get('licence', 'see source')}."
+    data = "\n".join(f"- **{d['name']}**: " + " ".join(x for x in (d.get("citation"), "Licence: "
+                                                                     f"{d.get('licence', 'see source')}.") if x)
                      for d in meta["training"]["data"])
+    facts = _data_facts(meta)
     members = meta["training"].get("members")
     if members:  # an ensemble: one recipe line per member, in export order
         recipe = "- Mean logit of separately trained models:\n" + "\n".join(
@@ -139,8 +141,7 @@ must not be used to decide whether a person seeks care. Out of scope: clinical (
 photos, non-skin images, mucosal/acral/nail lesions beyond what the training data holds, children.
 
 ## Model
-- Backbone: `{meta['backbone']}` (ImageNet-pretrained, timm) + the seed notebook's head
-  (GAP -> BatchNorm -> Dense 512 ReLU -> Dropout 0.45 -> Dense 256 ReLU -> Dropout 0.35 -> Dense 1).
+- Backbone: `{meta['backbone']}` ({_init_text(meta)}) + {_head_text(meta)}.
 - Input: {pp['input_size']}x{pp['input_size']} RGB, resize mode `{pp['resize_mode']}`, crop_pct {pp['crop_pct']},
   {pp['interpolation']} interpolation, mean {pp['mean']}, std {pp['std']}{colour}.
 {recipe}
@@ -149,9 +150,7 @@ photos, non-skin images, mucosal/acral/nail lesions beyond what the training dat
 ## Training data and licence
 {data}
 
-Split: lesion-grouped (no lesion on two sides), stratified, seeded; HAM10000 70/15/15 train/val/test,
-ISIC 2017 train -> train, ISIC 2017 val -> val. **{meta['licence']}.** Anything derived from this
-model inherits the non-commercial terms of HAM10000.
+Split: lesion-grouped (no lesion on two sides), stratified, seeded; {facts['split']}. **{meta['licence']}.** {facts['inherits']}
 
 ## Calibration and operating points (set on {fitted_on})
 - Temperature scaling with a bias: p = sigmoid(logit / T + b), T = {meta['temperature']:.3f},
@@ -169,13 +168,11 @@ model inherits the non-commercial terms of HAM10000.
 {external_table(meta)}
 ## Input gate
 Refused as `cannot_assess` with a reason: files that do not decode, images under {gate.get('min_side', 64)} px on a
-side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and images whose gate features are far from those of the validation images (' + ood['method'] + '; threshold ' + f"{ood['threshold']:.2f}" + ', ' + ood['threshold_rule'] + ')' if ood else ' (no out-of-distribution statistics in this bundle)'}.{f' On the test split it refuses {refused:.1%} of dermoscopic images.' if refused is not None else ''}
+side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and images whose gate features are far from those of ' + _gate_images(meta) + ' (' + ood['method'] + '; threshold ' + f"{ood['threshold']:.2f}" + ', ' + ood['threshold_rule'] + ')' if ood else ' (no out-of-distribution statistics in this bundle)'}.{f' On the test split it refuses {refused:.1%} of dermoscopic images.' if refused is not None else ''}
 
 ## Limitations
 - Dermoscopic images only; clinical photos, screenshots and non-skin images are out of distribution.
-- HAM10000 was shrunk to 200x150 and ISIC 2017 squashed to 256x256 for this training run: the model has
-  never seen full-resolution dermoscopy, and fine structures may be under-used.
-- Skin types V-VI are under-represented in both data sets; performance on darker skin is unknown.
+{facts['resolution']}{facts['skin']}
 - Validation and test come from the same collections as training; expect lower performance on other
   dermatoscopes, clinics and populations ({_external_summary(meta)}).
   Calibration and thresholds drift with the source and with prevalence: check them on labelled images from
@@ -185,6 +182,99 @@ side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and i
     path = Path(out_dir) / "MODEL_CARD.md"
     path.write_text(text)
     return path
+
+
+HAM, ISIC = "HAM10000", "ISIC 2017"
+SEED_HEAD = ([512, 256], [0.45, 0.35])
+
+
+def _configs(meta: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(backbone, training config) of every member (one for a single model)."""
+    training = meta["training"]
+    members = training.get("members")
+    if members:
+        return [(m.get("backbone", "?"), m.get("config") or {}) for m in members]
+    return [(meta.get("backbone", "?"), training.get("config") or {})]
+
+
+def _per_member(texts: list[tuple[str, str]]) -> str:
+    distinct = list(dict.fromkeys(t for _, t in texts))
+    return distinct[0] if len(distinct) == 1 else "; ".join(f"`{b}`: {t}" for b, t in texts)
+
+
+def _init_text(meta: dict[str, Any]) -> str:
+    """How the backbone was initialised, as each training config says."""
+    def one(cfg: dict[str, Any]) -> str:
+        m = cfg.get("model") or {}
+        if m.get("weights"):
+            return f"pretrained weights from `{Path(str(m['weights'])).name}`, timm"
+        if "pretrained" not in m:
+            return "initialisation not recorded, timm"
+        if not m["pretrained"]:
+            return "randomly initialised, no pretrained weights, timm"
+        if m.get("allow_random_init"):
+            return "ImageNet-pretrained weights asked for, random initialisation allowed where none loaded, timm"
+        return "ImageNet-pretrained, timm"
+    return _per_member([(b, one(c)) for b, c in _configs(meta)])
+
+
+def _head_text(meta: dict[str, Any]) -> str:
+    def one(cfg: dict[str, Any]) -> str:
+        m = cfg.get("model") or {}
+        hidden, dropout = m.get("hidden", SEED_HEAD[0]), m.get("dropout", SEED_HEAD[1])
+        who = "the seed notebook's head" if (list(hidden), list(dropout)) == SEED_HEAD else "a head"
+        layers = " -> ".join(f"Dense {h} ReLU -> Dropout {d}" for h, d in zip(hidden, dropout))
+        return f"{who}\n  (GAP -> BatchNorm -> {layers} -> Dense 1)"
+    return _per_member([(b, one(c)) for b, c in _configs(meta)])
+
+
+def _gate_images(meta: dict[str, Any]) -> str:
+    """The images the input gate's out-of-distribution threshold was fitted on."""
+    gate = meta.get("input_gate") or {}
+    refitted = gate.get("refitted") or {}
+    recal = meta.get("recalibration") or {}
+    if refitted.get("by") == "melanoma recalibrate" or recal.get("gate") == "refit":
+        data = refitted.get("data") or recal.get("data") or []
+        return "the recalibration images" + (f" of {', '.join(str(d) for d in data)}" if data else "")
+    return "the validation images"
+
+
+def _data_facts(meta: dict[str, Any]) -> dict[str, str]:
+    """The card's statements about the training data, for the collections the bundle credits: what holds for
+    HAM10000 and ISIC 2017 (their layout, resolution, licence) is said of them only."""
+    names = [str(d.get("name", "")) for d in meta["training"].get("data") or []]
+    ham = HAM in names
+    isic = any(n.startswith(ISIC) for n in names)
+    others = [n for n in names if n != HAM and not n.startswith(ISIC)]
+    data_cfg = (meta["training"].get("config") or {}).get("data") or {}
+    v, t = data_cfg.get("val_fraction"), data_cfg.get("test_fraction")
+    fractions = (f"{round(100 * (1 - v - t))}/{round(100 * v)}/{round(100 * t)} train/val/test"
+                 if isinstance(v, (int, float)) and isinstance(t, (int, float)) else "train/val/test (fractions not recorded)")
+    split = [f"{HAM} {fractions}"] if ham else []
+    if isic:
+        split.append(f"{ISIC} train -> train, {ISIC} val -> val")
+    if others:
+        split.append(f"{', '.join(others)} {fractions} (a collection's own train/val folders are kept)")
+    inherits = ("Anything derived from this\nmodel inherits the non-commercial terms of HAM10000." if ham else
+                "Anything derived from this model inherits the terms of the data it was trained on.")
+    shrunk = ([f"{HAM} was shrunk to 200x150"] if ham else []) + ([f"{ISIC} squashed to 256x256"] if isic else [])
+    if not shrunk:
+        resolution = ""
+    elif others:
+        resolution = (f"- {' and '.join(shrunk)} for this training run (the other data's resolution is not recorded): "
+                      "fine structures\n  may be under-used.\n")
+    else:
+        resolution = (f"- {' and '.join(shrunk)} for this training run: the model has\n"
+                      "  never seen full-resolution dermoscopy, and fine structures may be under-used.\n")
+    known = [x for x, here in ((HAM, ham), (ISIC, isic)) if here]
+    if not known:
+        skin = "- The training data's mix of skin types is not recorded; performance on darker skin (V-VI) is unknown."
+    else:
+        where = "both data sets" if len(known) == 2 else known[0]
+        rest = "; the other training data's mix is not recorded" if others else ""
+        skin = f"- Skin types V-VI are under-represented in {where}{rest}; performance on darker skin is unknown."
+    return {"split": ",\n".join(split) or "no training data recorded", "inherits": inherits,
+            "resolution": resolution, "skin": skin}
 
 
 def _external_summary(meta: dict[str, Any]) -> str:
