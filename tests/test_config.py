@@ -46,3 +46,62 @@ def test_config_file_whose_section_is_not_a_mapping_is_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("train: 3\n")
     with pytest.raises(UserError, match="'train' is not a section of options; accepted"):
         load_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("yaml_text,key,shown,accepted", [
+    ("model: {pretrained: [false]}", "model.pretrained", "[False]", "true or false"),
+    ("model: {pretrained: 1}", "model.pretrained", "1", "true or false"),
+    ("model: {pretrained: maybe}", "model.pretrained", "'maybe'", "true or false"),
+    ("model: {hidden: [a, b]}", "model.hidden", "['a', 'b']", "a list of 2 integers, e.g. [512, 256]"),
+    ("model: {hidden: [512]}", "model.hidden", "[512]", "a list of 2 integers, e.g. [512, 256]"),
+    ("model: {dropout: [0.1, 0.2, 0.3]}", "model.dropout", "[0.1, 0.2, 0.3]", "a list of 2 finite numbers"),
+    ("model: {backbone: [tf_efficientnet_lite0]}", "model.backbone", "['tf_efficientnet_lite0']", "a string"),
+    ("model: {backbone: null}", "model.backbone", "null", "a string"),
+    ("model: {image_size: big}", "model.image_size", "'big'", "an integer, or null"),
+    ("data: {paths: [[a]]}", "data.paths", "[['a']]", "a list of strings"),
+    ("train: {batch_size: 1e3x}", "train.batch_size", "'1e3x'", "an integer"),
+    ("train: {batch_size: 32.5}", "train.batch_size", "32.5", "an integer"),
+    ("train: {batch_size: true}", "train.batch_size", "True", "an integer"),
+    ("train: {seed: 99999999999999999999}", "train.seed", "99999999999999999999", "an integer in [0, 2**63)"),
+    ("train: {seed: -1}", "train.seed", "-1", "an integer in [0, 2**63)"),
+    ("train: {lr_frozen: .inf}", "train.lr_frozen", "inf", "a finite number"),
+    ("train: {min_lr: .nan}", "train.min_lr", "nan", "a finite number"),
+    ("train: {distill_temperature: 1e999}", "train.distill_temperature", "inf", "a finite number"),
+    ("train: {amp: off}", "train.amp", "False", "a string (YAML reads unquoted"),
+])
+def test_config_file_values_of_the_wrong_type_are_one_line_errors(tmp_path, yaml_text, key, shown, accepted):
+    # Not a traceback later on, nor a silent misreading ([false] used to become pretrained: true).
+    (tmp_path / "c.yaml").write_text(yaml_text + "\n")
+    with pytest.raises(UserError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert str(info.value).startswith(f"config {key}: {shown}; accepted: {accepted}"), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("key", ["train.lr_frozen", "train.lr_finetune", "train.l2", "train.min_lr",
+                                 "train.distill_temperature", "train.mix_alpha", "train.distill_weight",
+                                 "train.ema_decay", "train.layer_decay", "data.val_fraction"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_config_refuses_non_finite_numbers(key, value):
+    # --lr-frozen inf used to pass and fail mid-run with "scores contain NaN or infinite values".
+    with pytest.raises(UserError, match=rf"config {re.escape(key)}: .*accepted: a finite number"):
+        load_config(None, {key: value})
+
+
+def test_config_reads_the_spellings_yaml_and_the_cli_give():
+    # PyYAML reads 1e3 and 1e-4 (no dot) as strings; booleans as the words the module has always taken.
+    cfg = load_config(None, {"train.batch_size": "1e3", "train.lr_frozen": "1e-4", "train.epochs_frozen": 3.0,
+                             "model.pretrained": "no", "train.compile": True, "model.hidden": "64,32",
+                             "train.seed": 2**63 - 1, "data.paths": ["a", "b"]})
+    assert (cfg.train.batch_size, cfg.train.lr_frozen, cfg.train.epochs_frozen) == (1000, 1e-4, 3)
+    assert cfg.model.pretrained is False and cfg.train.compile is True and cfg.model.hidden == (64, 32)
+    assert cfg.train.seed == 2**63 - 1 and cfg.data.paths == ("a", "b")
+
+
+def test_every_shipped_config_and_a_saved_one_load(tmp_path):
+    from melanoma_detector.config import Config, save_config
+
+    for path in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"):
+        load_config(path)
+    save_config(Config(), tmp_path / "saved.yaml")
+    assert load_config(tmp_path / "saved.yaml") == Config()

@@ -7,6 +7,7 @@ be repeated from that file alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -31,13 +32,84 @@ _POSITIVE = (lambda v: v > 0, "a positive number")
 _AT_LEAST_ONE = (lambda v: v >= 1, "an integer >= 1")
 _NON_NEGATIVE = (lambda v: v >= 0, "a number >= 0")
 _FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+# The seed feeds random.Random, torch.manual_seed (up to 2**64), numpy (taken mod 2**32) and
+# numpy's default_rng (non-negative only); [0, 2**63) suits all of them, with room for seed + epoch.
+SEED_LIMIT = 2**63
+_SEED = (lambda v: 0 <= v < SEED_LIMIT, "an integer in [0, 2**63)")
+
+_TYPE_WORDS = {"bool": ("true or false", "true/false values"), "int": ("an integer", "integers"),
+               "float": ("a finite number", "finite numbers"), "str": ("a string", "strings")}
+
+
+def _finite(v: Any) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _is_type(v: Any, typ: str) -> bool:
+    if typ == "bool":
+        return isinstance(v, bool)
+    if typ == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if typ == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)
+    return isinstance(v, str)
+
+
+def _field_type(f) -> tuple[list[str] | str, bool, bool]:
+    """(element type(s), is a tuple, accepts None) of a dataclass field, from its declared type:
+    'int', 'str | None', 'tuple[int, int]' (a list of two types), 'tuple[str, ...]' (one type)."""
+    typ = str(f.type).replace(" ", "")
+    optional = typ.endswith("|None")
+    typ = typ.removesuffix("|None")
+    if typ.startswith("tuple["):
+        inner = typ[len("tuple["):-1].split(",")
+        return (inner[0] if inner[-1] == "..." else inner), True, optional
+    return typ, False, optional
+
+
+def _accepted_words(f) -> str:
+    elems, is_tuple, optional = _field_type(f)
+    if not is_tuple:
+        words = _TYPE_WORDS[elems][0]
+    elif isinstance(elems, str):
+        words = f"a list of {_TYPE_WORDS[elems][1]}"
+    else:
+        kinds = set(elems)
+        plural = _TYPE_WORDS[elems[0]][1] if len(kinds) == 1 else "values"
+        default = f.default if f.default is not dataclasses.MISSING else None
+        words = f"a list of {len(elems)} {plural}" + (f", e.g. {list(default)}" if default else "")
+    return words + (", or null" if optional else "")
+
+
+def _check_types(obj: Any, section: str) -> None:
+    """Every field holds its declared type (tuples of the declared length, finite floats), so a
+    wrong YAML value is one line naming `section.key` rather than a traceback or a silent misreading."""
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        elems, is_tuple, optional = _field_type(f)
+        if value is None:
+            ok = optional
+        elif is_tuple:
+            ok = isinstance(value, tuple) and (
+                all(_is_type(v, elems) for v in value) if isinstance(elems, str)
+                else len(value) == len(elems) and all(_is_type(v, t) for v, t in zip(value, elems)))
+        else:
+            ok = _is_type(value, elems)
+        if not ok:
+            shown = "null" if value is None else repr(list(value) if isinstance(value, tuple) else value)
+            hint = (" (YAML reads unquoted yes/no/on/off as true/false: quote the word)"
+                    if isinstance(value, bool) and elems == "str" else "")
+            raise UserError(f"config {section}.{f.name}: {shown}; accepted: {_accepted_words(f)}{hint}")
 
 
 def _check_ranges(obj: Any, section: str, rules: dict[str, tuple[Any, str]]) -> None:
     for name, (ok, accepted) in rules.items():
         value = getattr(obj, name)
         values = value if isinstance(value, tuple) else (value,)
-        if value is not None and not all(ok(v) for v in values):
+        if value is not None and not all(_finite(v) and ok(v) for v in values):
             raise UserError(f"config {section}.{name}: {value!r}; accepted: {accepted}")
 
 
@@ -51,6 +123,7 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self):
+        _check_types(self, "data")
         _check_ranges(self, "data", {"val_fraction": _FRACTION, "test_fraction": _FRACTION,
                                      "num_workers": _NON_NEGATIVE})
         if self.val_fraction + self.test_fraction >= 1:
@@ -73,6 +146,7 @@ class ModelConfig:
     dropout: tuple[float, float] = (0.45, 0.35)
 
     def __post_init__(self):
+        _check_types(self, "model")
         _check_ranges(self, "model", {"image_size": (lambda v: v >= 16, "an integer >= 16 (pixels)"),
                                       "hidden": _AT_LEAST_ONE, "dropout": _FRACTION})
         for name, accepted in (("resize_mode", RESIZE_MODES), ("color_constancy", COLOR_CONSTANCY)):
@@ -143,6 +217,7 @@ class TrainConfig:
     drop_path: float = 0.0
 
     def __post_init__(self):
+        _check_types(self, "train")
         for name, accepted in (("phase2_mode", ("auto", "plain", "cached")), ("amp", ("auto", "bf16", "fp16", "off")),
                                ("device", ("auto", "cpu", "cuda", "mps")),
                                ("feature_engine", ("auto", "torch", "onnxruntime")),
@@ -155,7 +230,7 @@ class TrainConfig:
             "unfreeze_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "early_stopping_patience": _AT_LEAST_ONE,
             "reduce_lr_patience": _NON_NEGATIVE, "reduce_lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
             "min_lr": _NON_NEGATIVE, "cache_views": _AT_LEAST_ONE, "threads": _AT_LEAST_ONE,
-            "max_steps_per_epoch": _AT_LEAST_ONE})
+            "max_steps_per_epoch": _AT_LEAST_ONE, "seed": _SEED})
         if not 0 <= self.distill_weight <= 1:
             raise UserError(f"config train.distill_weight: {self.distill_weight} is not between 0 and 1")
         if not self.distill_temperature > 0:
@@ -197,38 +272,47 @@ def _to_plain(value: Any) -> Any:
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _convert(typ: str, value: Any) -> Any:
+    """`value` as `typ` where it is a spelling of one (a YAML/CLI string, 32.0 for an int); else
+    unchanged, for _check_types to refuse with the field's name."""
+    if typ == "bool" and isinstance(value, str):
+        return True if value.lower() in _TRUE else False if value.lower() in _FALSE else value
+    if typ not in ("int", "float") or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        return value
+    if typ == "int" and isinstance(value, int):
+        return value
+    if typ == "int" and isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            pass
+    try:
+        number = float(value)  # PyYAML reads 1e-3 and 1e3 (no dot) as strings
+    except (ValueError, OverflowError):
+        return value
+    if typ == "float":
+        return number
+    return int(number) if number.is_integer() else value  # 32.0 or '1e3' for an int
+
+
 def _coerce(cls: type, name: str, value: Any) -> Any:
-    """Turn YAML/CLI values into the field's declared type (tuples stay tuples: frozen)."""
+    """Turn YAML/CLI values into the field's declared type (tuples stay tuples: frozen); what is not
+    a spelling of that type stays as given and the dataclass refuses it."""
     f = {f.name: f for f in fields(cls)}[name]
-    typ = str(f.type)
+    elems, is_tuple, _ = _field_type(f)
     if value is None:
         return None
-    if typ.startswith("tuple"):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        if not isinstance(value, (list, tuple)):
-            value = [value]
-        inner = typ[len("tuple[") : -1].split(",")[0].strip()
-        conv = {"int": int, "float": float, "str": str}.get(inner, lambda v: v)
-        return tuple(conv(v) for v in value)
-    if typ.startswith("bool"):
-        if isinstance(value, str):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise UserError(f"config {name}: expected true/false, got {value!r}")
-        return bool(value)
-    try:
-        if typ.startswith("int"):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
-            return int(value)
-        if typ.startswith("float"):
-            return float(value)
-    except (TypeError, ValueError):
-        raise UserError(f"config {name}: expected {typ}, got {value!r}") from None
-    return value
+    if not is_tuple:
+        return _convert(elems, value)
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    return tuple(_convert(elems if isinstance(elems, str) else elems[min(i, len(elems) - 1)], v)
+                 for i, v in enumerate(value))
 
 
 def _build_section(cls: type, values: Mapping[str, Any], section: str):
