@@ -14,6 +14,12 @@ Output folder:
 * the plots as PNG files: in the output folder itself for a single set, else in one subfolder per
   set.
 
+Images the model trained on, or chose its epoch, calibration and thresholds on (its val split), make figures
+optimistic: each set's ``overlap`` counts them (``train``, ``val``; ``recalibration`` for a recalibrated bundle),
+matched by the model's own split record (a run's split.csv; a bundle's split file, checked by its training
+fingerprint) by image key, real path, or file name and size, and the console and report warn. They are counted,
+not refused; with no split record at hand ``checked`` is false and the log says so.
+
 Images the input gate refuses (``status == "cannot_assess"``) are counted and listed, never
 scored: a screening tool answers "cannot assess" for them, so the metrics describe the images it
 does assess. Confidence intervals are 95 % percentile bootstrap intervals, resampling whole
@@ -25,7 +31,9 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import json
+import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -39,10 +47,13 @@ from melanoma_detector.calibration import sigmoid
 from melanoma_detector.config import EVAL_SPLITS
 from melanoma_detector.data.discovery import Sample, discover, require_both_classes
 from melanoma_detector.errors import DataError, UserError
+from melanoma_detector.export.external import _bundle_data, _overlaps  # as `card --external-eval` decides them
 from melanoma_detector.fileio import escape_formula as _cell
 
 __all__ = ["EVAL_SPLITS", "EvalSet", "evaluate_model", "evaluation_samples", "load_eval_sets", "model_info",
            "model_thresholds"]
+
+log = logging.getLogger(__name__)
 
 GALLERY_SIZE = 8
 CANNOT_ASSESS_LISTED = 1000  # per set in metrics.json; cannot_assess.csv always has all
@@ -175,7 +186,7 @@ def model_info(predictor, source: str | Path | None = None, *, tta: bool = False
                     backbone=meta.get("backbone"), created=meta.get("created"),
                     software=meta.get("software"),
                     sha256=(meta.get("graph") or {}).get("sha256"),
-                    trained_on=_trained_on(meta.get("training") or {})
+                    trained_on=_bundle_data(meta)
                     # a recalibrated bundle's thresholds were fitted on these: not unseen either
                     + [str(d) for d in (meta.get("recalibration") or {}).get("data") or []])
         if info["path"] is None and getattr(bundle, "root", None) is not None:
@@ -184,20 +195,199 @@ def model_info(predictor, source: str | Path | None = None, *, tta: bool = False
         best = ckpt.get("best") or {}
         info.update(kind="torch checkpoint", backbone=ckpt.get("backbone"),
                     version=f"checkpoint (melanoma-detector {ckpt.get('package_version', '?')})",
-                    best_val_auc=best.get("val_auc"), trained_on=_trained_on(ckpt))
+                    best_val_auc=best.get("val_auc"), trained_on=_bundle_data({"training": ckpt}))
     return info
 
 
-def _trained_on(training: dict[str, Any]) -> list[str]:
-    """The data folders a checkpoint or bundle trained on (every member's, for an ensemble), so that a
-    later reader can tell whether an evaluation was on unseen images."""
+# ------------------------------------------------------------------------------ the model's own images
+
+
+@dataclass
+class _Seen:
+    """The images a model used in one role (train, val, recalibration), indexed for set lookups, never read:
+    by key (a split file's "<data folder name>/<path under it>", so a copy of the whole folder elsewhere still
+    matches), by real path (a subfolder of the training data, a folder of links, a manifest pointing into it) and
+    by file name, a copy under another folder name when its byte size is the same too."""
+
+    keys: set[str] = field(default_factory=set)
+    paths: set[str] = field(default_factory=set)
+    names: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, key: str | None, path: str | None) -> None:
+        if key:
+            self.keys.add(key)
+        if path:
+            real = os.path.realpath(path)
+            self.paths.add(real)
+            self.names.setdefault(os.path.basename(real), []).append(real)
+
+    def holds(self, key: str, real: str) -> bool:
+        if key in self.keys or real in self.paths:
+            return True
+        twins = self.names.get(os.path.basename(real))
+        size = _size(real) if twins else None
+        return size is not None and any(_size(t) == size for t in twins or ())
+
+
+def _size(path: str) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+@dataclass
+class ModelImages:
+    """What the evaluated model saw: `roles` (train and val when its split was found; recalibration for a
+    bundle re-fitted by `melanoma recalibrate`), the split file read (`record`) or why none could be
+    (`why_not`), and the data folders it trained on."""
+
+    roles: dict[str, _Seen]
+    record: str | None
+    why_not: str | None
+    folders: list[str]
+
+
+def _roots(folders: Sequence[str]) -> dict[str, str]:
+    """Data folder name (a key's first part) -> the folder its keys are relative to, as discovery names them."""
+    out: dict[str, str] = {}
+    for f in folders:
+        p = Path(f).expanduser()
+        root = p.parent if p.suffix.lower() == ".csv" else p  # a manifest: keys are relative to its folder
+        out.setdefault(root.name, str(root))
+    return out
+
+
+def _split_roles(path: Path, folders: Sequence[str], roles: dict[str, _Seen], wanted=("train", "val")) -> None:
+    """Add a split file's rows to `roles`: a run's split.csv names each image's path; a keys-only split file
+    (configs/splits/default.csv) is placed in the training data folders by key."""
+    from melanoma_detector.data.splits import _read_split_csv
+
+    roots = _roots(folders)
+    for row in _read_split_csv(path)[0]:
+        if row.get("split") not in wanted:
+            continue
+        key = row.get("key") or ""
+        where = row.get("path")
+        if not where and "/" in key and key.split("/", 1)[0] in roots:
+            where = os.path.join(roots[key.split("/", 1)[0]], key.split("/", 1)[1])
+        roles.setdefault(row["split"], _Seen()).add(key, where)
+
+
+def _recalibration_roles(meta: Mapping[str, Any], root: Path | None, roles: dict[str, _Seen]) -> None:
+    """The images a recalibrated bundle's calibration and thresholds were fitted on (its
+    recalibration_split.csv, rows with role "fit"), by path and by key under the recalibration's data folders."""
+    from melanoma_detector.fileio import unescape_formula
+
+    recal = meta.get("recalibration") or {}
+    path = root / str(recal.get("split_file") or "recalibration_split.csv") if root is not None else None
+    if not recal or path is None or not path.is_file():
+        return
+    roots = {name: os.path.normpath(r) for name, r in _roots([str(d) for d in recal.get("data") or []]).items()}
+    seen = roles.setdefault("recalibration", _Seen())
+    with path.open(newline="", encoding="utf-8", errors="surrogateescape") as fh:
+        for row in csv.DictReader(fh):
+            if row.get("role") != "fit" or not row.get("path"):
+                continue
+            where = os.path.normpath(unescape_formula(row["path"]))
+            key = next((f"{name}/{Path(os.path.relpath(where, r)).as_posix()}" for name, r in roots.items()
+                        if where.startswith(r + os.sep)), None)
+            seen.add(key, where)
+
+
+def _bundle_images(meta: Mapping[str, Any], root: Path | None) -> ModelImages:
+    """A bundle records the split file its export used (splits.file, relative to the folder export ran in), the
+    split files its members trained with (their configs) and a fingerprint of their training images
+    (training.train_keys_sha256): the first split file at hand with that fingerprint says which images they
+    trained and chose their epoch on. Export fitted calibration and thresholds on splits.file's val images."""
+    from melanoma_detector.data.splits import split_csv_fingerprint
+
+    training = meta.get("training") or {}
+    folders = _bundle_data(dict(meta))
+    recorded = str((meta.get("splits") or {}).get("file") or "")
+    where = [Path(recorded)] if recorded else []
+    if recorded and not Path(recorded).is_absolute() and root is not None:
+        where += [parent / recorded for parent in Path(root).resolve().parents[:3]]  # e.g. a clone's models/default
+    recorded_at = next((p for p in where if p.is_file()), None)
     configs = [m.get("config") or {} for m in training.get("members") or []] or [training.get("config") or {}]
-    paths: list[str] = []
-    for cfg in configs:
-        for p in (cfg.get("data") or {}).get("paths") or []:
-            if str(p) not in paths:
-                paths.append(str(p))
-    return paths
+    trained_with = [str((c.get("data") or {}).get("split_file")) for c in configs
+                    if (c.get("data") or {}).get("split_file")]
+    named = list(dict.fromkeys([recorded, *trained_with] if recorded else trained_with))
+    candidates = list(dict.fromkeys([*map(str, where), *trained_with]))
+    fingerprint = training.get("train_keys_sha256")
+    roles: dict[str, _Seen] = {}
+    split, why = None, None
+    if not fingerprint:
+        why = ("the bundle records no fingerprint of its training images (training.train_keys_sha256), so no "
+               "split file can be shown to be the one it trained on")
+    else:
+        found = [p for p in candidates if Path(p).is_file()]
+        for p in found:
+            try:
+                if split_csv_fingerprint(p) == fingerprint:
+                    split = Path(p)
+                    break
+            except DataError:
+                continue
+        if split is None:
+            why = (f"the split files it records ({', '.join(named)}) are not on this machine" if named and not found
+                   else "it records no split file" if not found
+                   else f"{', '.join(found)}: not the split it trained on (training.train_keys_sha256 differs)")
+    if split is not None:
+        _split_roles(split, folders, roles)
+        if recorded_at is not None and recorded_at.resolve() != split.resolve():
+            try:  # export calibrated on this file's val images
+                _split_roles(recorded_at, folders, roles, wanted=("val",))
+            except DataError as e:
+                log.warning("%s", e)
+    _recalibration_roles(meta, Path(root) if root is not None else None, roles)
+    return ModelImages(roles, None if split is None else str(split), why, folders)
+
+
+def model_images(predictor, source: str | Path | None = None) -> ModelImages:
+    """What the evaluated model records about its own images: a bundle, its metadata (see `_bundle_images`); a
+    checkpoint, the split.csv beside it (a run folder's, or one `melanoma unbundle` wrote)."""
+    bundle = getattr(predictor, "bundle", None)
+    ckpt = getattr(predictor, "ckpt", None)
+    if bundle is not None:
+        root = getattr(bundle, "root", None)
+        return _bundle_images(getattr(bundle, "metadata", None) or {}, Path(root) if root is not None else None)
+    if ckpt is None:
+        return ModelImages({}, None, "the model records no training images", [])
+    folders = _bundle_data({"training": ckpt})
+    if source is None:
+        return ModelImages({}, None, "the checkpoint's location is not known", folders)
+    from melanoma_detector.models.checkpoint import checkpoint_file
+
+    split = checkpoint_file(source).parent / "split.csv"
+    if not split.is_file():
+        return ModelImages({}, None, f"no split.csv beside {checkpoint_file(source)}", folders)
+    roles: dict[str, _Seen] = {}
+    try:
+        _split_roles(split, folders, roles)
+    except DataError as e:
+        return ModelImages({}, None, str(e), folders)
+    return ModelImages(roles, str(split), None, folders)
+
+
+def training_overlap(samples: Sequence[Sample], seen: ModelImages, data: str) -> dict[str, Any]:
+    """How many of the scored `samples` the model trained on (`train`), chose its epoch, calibration and
+    thresholds on (`val`) and, for a recalibrated bundle, re-fitted them on (`recalibration`); None when its
+    split could not be read (`checked` false, `note` says why). `in_training_folder`: whether the set's data lies
+    in a folder the model trained on (so it is no external collection even with no image in common)."""
+    checked = seen.record is not None
+    reals = [os.path.realpath(s.path) for s in samples] if seen.roles else []
+    out: dict[str, Any] = {"checked": checked, "of": len(samples), "split_file": seen.record}
+    for role in ("train", "val", "recalibration"):
+        idx = seen.roles.get(role)
+        if idx is not None:
+            out[role] = sum(idx.holds(s.key, r) for s, r in zip(samples, reals))
+        elif role != "recalibration":
+            out[role] = 0 if checked else None
+    if not checked:
+        out["note"] = f"could not be checked: {seen.why_not}"
+    out["in_training_folder"] = _overlaps(str(Path(data).expanduser()), seen.folders) if seen.folders else None
+    return out
 
 
 # ------------------------------------------------------------------------------ scoring
@@ -461,7 +651,7 @@ def evaluate_model(
     only name the models in the report.
     """
     from melanoma_detector.evaluation import metrics as M
-    from melanoma_detector.evaluation.report import write_report
+    from melanoma_detector.evaluation.report import overlap_warning, write_report
 
     if prevalence is not None and not 0.0 < float(prevalence) < 1.0:
         raise UserError(f"--prevalence {prevalence}: expected a fraction between 0 and 1 (e.g. 0.02)")
@@ -494,15 +684,25 @@ def evaluate_model(
     if info_b is not None:
         results["compare"] = {"model": info_b, "sets": []}
 
+    # Images the model trained or chose its epoch, calibration and thresholds on overstate its performance on new
+    # ones: counted per set and said loudly, never refused (evaluating on training data can be deliberate).
+    seen = model_images(predictor, model_source)
+    info.update(training_split=seen.record, training_split_note=seen.why_not)
+    if seen.record is None:
+        log.warning("could not check which scored images the model trained on: %s", seen.why_not)
     scored_a: list[tuple[EvalSet, Scored]] = []
     scored_b: list[tuple[EvalSet, Scored]] = []
     for es in sets:
         set_dir = out if len(sets) == 1 else out / es.slug
         sa = score_set(predictor, es, progress=progress)
         scored_a.append((es, sa))
-        results["sets"].append(_evaluate_set(
+        overlap = training_overlap(sa.samples, seen, es.data)
+        warning = overlap_warning(es.name, overlap)
+        if warning:
+            log.warning("%s", warning)
+        results["sets"].append({**_evaluate_set(
             predictor, info, es, set_dir, out, scored=sa, n_resamples=n_resamples, seed=seed,
-            prevalence=prevalence))
+            prevalence=prevalence), "overlap": overlap})
         if compare is not None:
             sb = score_set(compare, es, progress=progress)
             scored_b.append((es, sb))

@@ -13,7 +13,7 @@ from typing import Any
 
 from melanoma_detector import DISCLAIMER
 
-__all__ = ["format_summary", "render_html", "write_report"]
+__all__ = ["format_summary", "overlap_warning", "render_html", "write_report"]
 
 HEADLINE = (
     ("roc_auc", "ROC AUC"),
@@ -54,6 +54,39 @@ tr.small td{background:#fff8e6}.flag{color:#a15c00;font-weight:600}
 figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:.85rem;color:#444;max-width:560px}
 code{background:#f5f5f5;padding:0 .2rem}
 """
+
+
+_ROLES = (("train", "{}training split"),
+          ("val", "{}validation split (where its epoch, calibration and thresholds were chosen)"),
+          ("recalibration", "the images {}calibration and thresholds were re-fitted on (`melanoma recalibrate`)"))
+
+
+MODELS = "the model's "
+
+
+def _share(n: int, of: int) -> str:
+    f = 100.0 * n / of if of else 0.0
+    return "<1%" if 0 < f < 1 else ">99%" if 99 < f < 100 else f"{f:.0f}%"
+
+
+def overlap_warning(name: str, overlap: Mapping[str, Any] | None) -> str | None:
+    """One line for a set some of whose scored images the model trained on, chose its epoch, calibration and
+    thresholds on, or was recalibrated on (metrics.json's per-set ``overlap``); None for a set with none."""
+    if not overlap:
+        return None
+    n = int(overlap.get("of") or 0)
+    found = [(int(overlap[k]), what) for k, what in _ROLES if overlap.get(k)]
+    if found:
+        (c, what), rest = found[0], found[1:]
+        text = f"{c:,} of {n:,} scored images ({_share(c, n)}) are in {what.format(MODELS)}"
+        text += "".join(f"{' and' if i == len(rest) - 1 else ','} {c2:,} ({_share(c2, n)}) in {w2.format('its ')}"
+                        for i, (c2, w2) in enumerate(rest))
+        return f"{name}: {text}; these figures overstate performance on new images"
+    if not overlap.get("checked") and overlap.get("in_training_folder"):
+        return (f"{name}: its images lie in a data folder the model trained on, and which of them it trained on "
+                f"{overlap.get('note') or 'could not be checked'}; these figures may overstate performance on new "
+                "images")
+    return None
 
 
 def _e(x: Any) -> str:
@@ -126,6 +159,9 @@ def _model_rows(info: Mapping[str, Any]) -> list[list[Any]]:
         rows.append(["created", info["created"]])
     if info.get("sha256"):
         rows.append(["graph sha256", info["sha256"]])
+    if "training_split" in info:
+        rows.append(["training images checked against", info["training_split"] or
+                     f"nothing ({info.get('training_split_note') or 'no split found'})"])
     return rows
 
 
@@ -261,11 +297,16 @@ def render_html(results: Mapping[str, Any], out: Path) -> str:
     parts.append(_table(["set", "data", "images", "assessed", "malignant", "benign",
                          "cannot assess", "lesion groups", "AUC [95% CI]",
                          "sensitivity @ screening", "specificity @ screening"], rows, num_from=2))
+    parts += [f"<p class='flag'>Warning: {_e(w)}.</p>" for w in
+              (overlap_warning(s["name"], s.get("overlap")) for s in results["sets"]) if w]
 
     cmp_sets = {c["name"]: c for c in (cmp or {}).get("sets", [])}
     for s in results["sets"]:
         m = s["metrics"]
         parts.append(f"<h2 id='set-{_e(s['name'])}'>Test set: {_e(s['name'])}</h2>")
+        warning = overlap_warning(s["name"], s.get("overlap"))
+        if warning:
+            parts.append(f"<p class='flag'>Warning: {_e(warning)}.</p>")
         parts.append(
             f"<p>Data: <code>{_e(s['data'])}</code>"
             + (f" (split: {_e(s['split'])})" if s.get("split") else "")
@@ -335,4 +376,5 @@ def format_summary(results: Mapping[str, Any]) -> str:
             lines.append(f"{'':<18} DeLong: AUC A − B = {_num(d.get('diff'))} "
                          f"[{_num(d.get('ci_low'))}, {_num(d.get('ci_high'))}], "
                          f"p = {_num(d.get('p_value'), 4)}")
+    lines += [f"warning: {w}" for w in (overlap_warning(s["name"], s.get("overlap")) for s in results["sets"]) if w]
     return "\n".join(lines)
