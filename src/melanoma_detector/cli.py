@@ -6,6 +6,7 @@ Any UserError (bad path, bad flag value, bad data) is printed as one line and ex
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -57,7 +58,7 @@ def _add_train(sub) -> None:
     p.add_argument("--weights", help="local backbone weights: state dict (.pth) or .safetensors")
     p.add_argument("--allow-random-init", action="store_true", default=None,
                    help="train from random weights when no ImageNet weights can be had")
-    p.add_argument("--no-pretrained", action="store_true", help="random initialisation on purpose")
+    p.add_argument("--no-pretrained", action="store_true", default=None, help="random initialisation on purpose")
     p.add_argument("--image-size", type=_positive_int)
     p.add_argument("--resize-mode", choices=["crop", "squash"])
     p.add_argument("--color-constancy", choices=["none", "shades_of_gray"],
@@ -130,9 +131,11 @@ def cmd_train(args) -> int:
     from melanoma_detector.training.trainer import run_training
 
     if args.resume:
+        # Given means not None: every train option but --no-progress defaults to None, so that 0, 0.0 and
+        # the store_true flags count as given too.
         fixed = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
-                 if v not in (None, False) and k not in (*_RUNTIME_TRAIN_OPTIONS, "resume", "no_progress", "func",
-                                                         "command", "verbose")]
+                 if v is not None and k not in (*_RUNTIME_TRAIN_OPTIONS, "resume", "no_progress", "func",
+                                                "command", "verbose")]
         if fixed:
             raise UserError(f"--resume continues a run with its saved config.yaml; drop {', '.join(sorted(fixed))} "
                             f"(accepted with --resume: --device, --threads, --workers, --no-progress)")
@@ -140,8 +143,6 @@ def cmd_train(args) -> int:
         summary = run_training(None, args.resume, progress=not args.no_progress, resume=True, runtime=runtime)
         _print_train_summary(summary)
         return 0
-    if not args.data or not args.out:
-        raise UserError("train needs --data and --out (or --resume RUN_DIR to continue an interrupted run)")
     overrides = {
         "data.paths": args.data,
         "data.split_file": args.split_file,
@@ -184,7 +185,13 @@ def cmd_train(args) -> int:
         "train.rank_weight": args.rank_weight,
         "train.drop_path": args.drop_path,
     }
+    if not args.out:
+        raise UserError("train needs --out (a new run folder), or --resume RUN_DIR to continue an interrupted run")
+    # The config first: a run's saved config.yaml holds its data.paths, so it repeats the run without --data.
     config = load_config(args.config, overrides)
+    if not config.data.paths:
+        raise UserError("train needs --data (or data.paths in the --config file); accepted: a data folder or CSV "
+                        "manifest, repeated to combine several")
     if not 0 <= config.train.unfreeze_fraction <= 1:
         raise UserError(f"--unfreeze-fraction {config.train.unfreeze_fraction}: accepted 0 to 1")
     summary = run_training(config, args.out, progress=not args.no_progress)
@@ -195,11 +202,16 @@ def cmd_train(args) -> int:
 def _print_train_summary(summary) -> None:
     if summary is None or os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks
         return
+    def num(v) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
     best = summary["best"]
-    print(f"best val AUC {best['val_auc']} ({best['phase']} epoch {best['epoch']}); run folder: {summary['out_dir']}")
+    print(f"best val AUC {num(best['val_auc'])} ({best['phase']} epoch {best['epoch']}); run folder: "
+          f"{summary['out_dir']}")
     for split, m in summary["metrics"].items():
-        print(f"{split}: AUC {m['roc_auc']}, sensitivity {m['sensitivity']}, specificity {m['specificity']} "
-              f"at screening threshold {summary['thresholds']['screening']:.3f}")
+        print(f"{split}: AUC {num(m['roc_auc'])}, sensitivity {num(m['sensitivity'])}, specificity "
+              f"{num(m['specificity'])} at screening threshold {summary['thresholds']['screening']:.3f}")
+    print(DISCLAIMER)
 
 
 def _make_predictor(model: str | None, *, tta: bool = False):
@@ -325,6 +337,10 @@ def _predict_to_file(args) -> int:
     if args.csv or args.json:
         raise UserError("--out writes the results file itself; use --out, or --csv/--json for small jobs, not both")
     paths = iter_inputs(args.paths, args.manifest)  # missing inputs fail here, before the model loads
+    first = next(paths, None)  # and a manifest that lists nothing, as without --out
+    if first is None:
+        raise UserError(f"{', '.join(args.manifest)}: the manifest lists no images")
+    paths = itertools.chain([first], paths)
     open_output(args.out, resume=args.resume)  # so does an output that exists without --resume
     predictor = _make_predictor(args.model, tta=args.tta)
     try:
@@ -354,15 +370,30 @@ def _check_output_file(flag: str, path: str | None) -> None:
     except OSError as e:
         raise UserError(f"{flag} {p}: cannot make its folder ({e.strerror}); accepted: a file in a writable "
                         "folder") from None
-    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
-        raise UserError(f"{flag} {p}: not writable; accepted: a file in a writable folder")
+    from melanoma_detector.data.io import IMAGE_EXTENSIONS
+
+    if p.suffix.lower() in IMAGE_EXTENSIONS:
+        raise UserError(f"{flag} {p}: an image file name; the results would replace it; accepted: a results file name "
+                        f"such as out{'.json' if flag == '--json' else '.csv'}")
+    existed = p.exists()
+    try:  # open for append, as a probe: root ignores permission bits and /proc or a read-only mount passes os.access
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {p}: not writable ({e.strerror}); accepted: a file in a writable folder") from None
+    if not existed:
+        p.unlink(missing_ok=True)
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
 
 
 def _printable(text: str) -> str:
-    """One table cell on any terminal: a file name's undecodable bytes as backslash escapes, newlines escaped."""
+    """One table cell on any terminal: a file name's undecodable bytes and control characters (newlines, and
+    the escape sequences a name could use to recolour or rewrite the terminal) as backslash escapes."""
     from melanoma_detector.fileio import escape_undecodable
 
-    return escape_undecodable(text).replace("\r", "\\r").replace("\n", "\\n")
+    return escape_undecodable(text).translate(_CONTROL)
 
 
 def cmd_predict(args) -> int:
@@ -498,7 +529,8 @@ def _add_unbundle(sub) -> None:
     p.add_argument("--out", required=True, help="folder to write the checkpoint(s) to")
     p.add_argument("--split", help="split to place beside each checkpoint as split.csv: a run's split.csv or a "
                                    "keys-only --split-file such as configs/splits/default.csv (default: the split "
-                                   "file the bundle records, when it exists here)")
+                                   "file the bundle records, when it exists here); written only when the bundle "
+                                   "records that its models trained on that split's train images")
     p.add_argument("--data", action="append", metavar="PATH",
                    help="data folder where a keys-only --split finds its images (repeatable; default: the folders "
                         "the bundle's models trained on)")
@@ -625,6 +657,24 @@ def _add_serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def _check_listen(host: str, port: int) -> None:
+    """Refuse a host name that does not resolve and an address or port this process cannot listen on."""
+    import socket
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"--host {host}: cannot resolve it ({getattr(exc, 'strerror', None) or exc}); accepted: an IP "
+                        "address of this machine or a host name that resolves to one") from None
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a port in TIME_WAIT is free
+        try:
+            probe.bind(addr)
+        except OSError as exc:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); accepted: a free "
+                            "port (--port 0 picks one) on an address of this machine") from None
+
+
 def cmd_serve(args) -> int:
     """Serve the app with uvicorn. MELANOMA_AUTH=user:password turns on the login (page and REST API)."""
     import threading
@@ -643,6 +693,7 @@ def cmd_serve(args) -> int:
         raise UserError(f"the web app needs the app extra: pip install -e '.[app]' ({exc})") from None
 
     credentials = auth_from_env()  # raises a UserError that never shows the value
+    _check_listen(args.host, args.port)  # before the model loads, and one line rather than uvicorn's exit 3
     for line in exposure_warnings(args.host, share=args.share, login=credentials is not None):
         print(line, file=sys.stderr)
     # Bound to loopback, the app answers only for loopback names: a web page cannot reach it through a DNS
@@ -710,7 +761,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refit_gate(sub)
     _add_unbundle(sub)
     _add_serve(sub)
+    _disclaim(parser)
     return parser
+
+
+def _disclaim(parser: argparse.ArgumentParser) -> None:
+    """Every command's --help ends with the disclaimer (its description, or an epilog where it has none)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                if DISCLAIMER not in (sub.description or "") + (sub.epilog or ""):
+                    sub.epilog = DISCLAIMER if not sub.epilog else f"{sub.epilog} {DISCLAIMER}"
+                _disclaim(sub)
 
 
 # The extra (pyproject.toml) that installs each optional dependency: a command run without it says
@@ -734,6 +796,14 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        # A path the file system refuses (a folder under a file, /proc, a read-only or full disk) is the
+        # user's to fix, so one line; --verbose keeps the traceback for a report.
+        logging.getLogger(__name__).debug("file-system error", exc_info=True)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; accepted: paths this user can read and a writable output "
+              "folder with free space", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as exc:
         extra = _EXTRA_OF.get((exc.name or "").split(".")[0])
         if extra is None:

@@ -184,3 +184,77 @@ def test_a_command_whose_extra_is_not_installed_says_which_to_install(seed_layou
     assert r.stderr.strip() == ("error: `melanoma train` needs torch, which this installation lacks; accepted: pip "
                                 "install 'melanoma-detector[train]' (from a clone: pip install -e '.[train]', or "
                                 "make install)")
+
+
+def test_a_file_system_refusal_anywhere_is_one_line_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    img_dir = tmp_path / "imgs"
+    make_class_folder(img_dir, 1, np.random.default_rng(0))
+    # --out through a file: the batch writer's mkdir raises FileExistsError deep inside
+    assert main(["predict", str(img_dir), "--out", str(tmp_path / "afile" / "out.csv"), "--no-progress"]) == 2
+    _one_line_error(capsys, "afile", "accepted")
+
+
+def test_results_never_replace_an_image_and_a_probe_catches_what_permission_bits_miss(tmp_path, capsys, monkeypatch):
+    import melanoma_detector.cli as cli
+
+    monkeypatch.setattr(cli, "_make_predictor", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    img_dir = tmp_path / "imgs"
+    make_class_folder(img_dir, 1, np.random.default_rng(0))
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"\xff\xd8 an image")
+    assert main(["predict", str(img_dir), "--csv", str(victim)]) == 2
+    _one_line_error(capsys, "--csv", "image file name")
+    assert victim.read_bytes() == b"\xff\xd8 an image"
+    # /proc takes no new files whatever os.access says for root
+    assert main(["predict", str(img_dir), "--json", "/proc/melanoma-probe.json"]) == 2
+    _one_line_error(capsys, "--json", "not writable")
+    ok = tmp_path / "new.csv"
+    assert cli._check_output_file("--csv", str(ok)) is None and not ok.exists()  # the probe leaves nothing behind
+
+
+def test_a_manifest_that_lists_nothing_or_is_an_image_is_refused_with_or_without_out(tmp_path, capsys, monkeypatch):
+    import melanoma_detector.cli as cli
+
+    monkeypatch.setattr(cli, "_make_predictor", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model loaded")))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path\n")
+    for extra in ([], ["--out", str(tmp_path / "o.csv")]):
+        assert main(["predict", "--manifest", str(empty), *extra]) == 2
+        _one_line_error(capsys, "lists no images")
+    image = tmp_path / "real.jpg"
+    image.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(100))
+    assert main(["predict", "--manifest", str(image)]) == 2
+    _one_line_error(capsys, "binary file")
+
+
+def test_control_characters_in_a_name_never_reach_the_terminal():
+    from melanoma_detector.cli import _printable
+
+    shown = _printable("a\x1b[31mRED\x1b[0m\n\t\x9b.jpg")
+    assert shown == "a\\x1b[31mRED\\x1b[0m\\n\\t\\x9b.jpg" and shown.isprintable()
+
+
+def test_serve_refuses_a_busy_port_and_an_unknown_host_in_one_line(capsys, monkeypatch):
+    import socket
+
+    monkeypatch.delenv("MELANOMA_AUTH", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--port", str(port)]) == 2
+        _one_line_error(capsys, f"--port {port}", "cannot listen", "accepted")
+    assert main(["serve", "--host", "no-such-host.invalid"]) == 2
+    _one_line_error(capsys, "no-such-host.invalid", "cannot resolve")
+
+
+def test_every_command_help_carries_the_disclaimer():
+    from melanoma_detector import DISCLAIMER
+    from melanoma_detector.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for name, sub in commands.items():
+        text = " ".join(sub.format_help().split())
+        assert " ".join(DISCLAIMER.split()) in text, name

@@ -87,6 +87,17 @@ def iter_manifest(manifest: str | Path) -> Iterator[str]:
     if not manifest.is_file():
         raise UserError(f"--manifest {manifest}: no such file; expected a CSV with a path column or a text file")
     root = manifest.parent
+    from melanoma_detector.data.io import IMAGE_EXTENSIONS
+
+    try:
+        with manifest.open("rb") as fh:
+            head = fh.read(8192)
+    except OSError as exc:
+        raise UserError(f"--manifest {manifest}: cannot read ({exc.strerror})") from None
+    if manifest.suffix.lower() in IMAGE_EXTENSIONS or b"\0" in head:
+        # read as lines, an image would be scored as dozens of garbage "paths" and echoed to the terminal
+        raise UserError(f"--manifest {manifest}: a binary file (an image?), not a list of paths; accepted: a CSV "
+                        "with a path column or a text file with one path per line (images go as arguments)")
 
     def resolve(raw: str) -> str:
         p = Path(raw)
