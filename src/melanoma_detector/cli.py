@@ -540,6 +540,9 @@ def _add_unbundle(sub) -> None:
 def cmd_unbundle(args) -> int:
     from melanoma_detector.export.unbundle import write_member_checkpoints
 
+    for d in args.data or ():
+        if not Path(d).exists():
+            raise UserError(f"--data {d}: not found; accepted: a data folder (or manifest) where --split finds its images")
     for path in write_member_checkpoints(args.model, args.out, split_file=args.split, data_paths=args.data):
         note = "" if (path.parent / "split.csv").is_file() else " (no split.csv: give --split to export or probe it)"
         print(f"{path}{note}")

@@ -258,3 +258,12 @@ def test_every_command_help_carries_the_disclaimer():
     for name, sub in commands.items():
         text = " ".join(sub.format_help().split())
         assert " ".join(DISCLAIMER.split()) in text, name
+
+
+def test_a_bundle_where_a_checkpoint_is_expected_is_named_and_unbundle_checks_its_data(tmp_path, capsys):
+    bundle = fake_bundle(tmp_path / "bundle")
+    (bundle / "model.onnx").write_bytes(b"")
+    assert main(["export", "--model", str(bundle), "--out", str(tmp_path / "out")]) == 2
+    _one_line_error(capsys, "a model bundle, not a checkpoint", "melanoma unbundle")
+    assert main(["unbundle", "--out", str(tmp_path / "members"), "--data", str(tmp_path / "nope")]) == 2
+    _one_line_error(capsys, "--data", "nope", "not found")

@@ -126,6 +126,8 @@ def test_refit_gate_refuses_bad_targets_and_another_split(bundle_and_split, tmp_
         w.writerows(rows)
     assert main([*args, "--split-file", str(other), "--out", str(tmp_path / "o2")]) == 2
     assert "not the ones" in capsys.readouterr().err and not (tmp_path / "o2").exists()
+    assert main([*args, "--split-file", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o3")]) == 2
+    assert "nope.csv: not found" in capsys.readouterr().err and not (tmp_path / "o3").exists()
 
 
 def test_interrupted_refit_gate_leaves_no_half_bundle(bundle_and_split, tmp_path, monkeypatch, capsys):

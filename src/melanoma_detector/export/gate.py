@@ -196,6 +196,8 @@ def refit_bundle_gate(bundle_dir: str | Path, data: Sequence[str | Path], out_di
     predictor = Predictor(bundle_dir, verify=True)
     meta = dict(predictor.bundle.metadata)
     expected = (meta.get("training") or {}).get("train_keys_sha256")
+    if not Path(split_file).is_file():
+        raise UserError(f"--split-file {split_file}: not found; accepted: the split file the bundle was trained with")
     if expected and split_csv_fingerprint(split_file) != expected:
         raise UserError(f"--split-file {split_file}: its training images are not the ones {bundle_dir} trained on; "
                         "accepted: the split file the bundle was trained with (its validation images must be unseen)")

@@ -32,7 +32,11 @@ def checkpoint_file(path: str | Path) -> Path:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     p = checkpoint_file(path)
     if not p.is_file():
-        raise UserError(f"model checkpoint not found: {p} (expected a .pt file written by `melanoma train` or its run folder)")
+        if (p.parent / "metadata.json").is_file() and (p.parent / "model.onnx").is_file():
+            raise UserError(f"{p.parent}: a model bundle, not a checkpoint; accepted here: a .pt file written by "
+                            "`melanoma train` or its run folder (`melanoma unbundle` recovers a bundle's checkpoints)")
+        raise UserError(f"model checkpoint not found: {p} (expected a .pt file written by `melanoma train` or its run "
+                        "folder; commands that serve or evaluate also take a model bundle folder)")
     if not zipfile.is_zipfile(p):  # torch.save writes a zip; torch.load's own error on anything else misleads
         raise UserError(f"{p}: not a checkpoint (not a file written by torch.save); accepted: a .pt file written by "
                         "`melanoma train` or its run folder")
