@@ -237,6 +237,11 @@ def test_parquet_round_trip_and_resume_from_parts(predictor, all_paths, referenc
     assert out.exists() and not parts.exists()
     rows = read_rows(out)
     assert_matches(rows, reference)
+    import pyarrow.parquet as pq
+
+    from melanoma_detector import DISCLAIMER
+
+    assert pq.read_schema(out).metadata[b"disclaimer"].decode() == DISCLAIMER
     # A later resume with new images appends to the finished file.
     extra = tmp_path / "extra.jpg"
     shutil.copy(EXAMPLES[0], extra)

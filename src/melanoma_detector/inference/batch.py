@@ -42,6 +42,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
+from melanoma_detector import DISCLAIMER
 from melanoma_detector.errors import UserError
 from melanoma_detector.fileio import escape_formula, escape_undecodable, unescape_formula
 from melanoma_detector.inference.predictor import RESULT_COLUMNS, ImagePrep
@@ -435,7 +436,7 @@ class _ParquetSink:
             ("path", pa.string()), ("probability_malignant", pa.float64()), ("predicted_label", pa.string()),
             ("risk_level", pa.string()), ("recommendation", pa.string()), ("status", pa.string()),
             ("reason", pa.string()),
-        ])
+        ], metadata={"disclaimer": DISCLAIMER})  # the file carries it, as the JSON output does
         self.buffer: list[dict[str, Any]] = []
         self.next_part = 0
         self.wrote = False
