@@ -43,7 +43,7 @@ def _checkpoint_served(logits, temperature, bias):
     from melanoma_detector.models.torch_predictor import TorchPredictor
 
     tp = object.__new__(TorchPredictor)  # its serving arithmetic only; the model is replaced by the logits
-    tp.temperature, tp.logit_bias, tp.threshold = temperature, bias, 0.5
+    tp.temperature, tp.logit_bias, tp.threshold, tp.tiers = temperature, bias, 0.5, None
     tp._load = lambda path: (np.zeros(1, np.float32), None)
     tp.logits = lambda batch: np.asarray(logits, np.float32)[: len(batch)]
     rows = tp.predict_paths([str(i) for i in range(len(logits))], batch_size=len(logits))

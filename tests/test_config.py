@@ -50,7 +50,7 @@ def test_config_file_whose_section_is_not_a_mapping_is_refused(tmp_path):
 
 @pytest.mark.parametrize("yaml_text,key,shown,accepted", [
     ("model: {pretrained: [false]}", "model.pretrained", "[False]", "true or false"),
-    ("model: {pretrained: 1}", "model.pretrained", "1", "true or false"),
+    ("model: {pretrained: 2}", "model.pretrained", "2", "true or false"),
     ("model: {pretrained: maybe}", "model.pretrained", "'maybe'", "true or false"),
     ("model: {hidden: [a, b]}", "model.hidden", "['a', 'b']", "a list of 2 integers, e.g. [512, 256]"),
     ("model: {hidden: [512]}", "model.hidden", "[512]", "a list of 2 integers, e.g. [512, 256]"),
@@ -96,6 +96,9 @@ def test_config_reads_the_spellings_yaml_and_the_cli_give():
     assert (cfg.train.batch_size, cfg.train.lr_frozen, cfg.train.epochs_frozen) == (1000, 1e-4, 3)
     assert cfg.model.pretrained is False and cfg.train.compile is True and cfg.model.hidden == (64, 32)
     assert cfg.train.seed == 2**63 - 1 and cfg.data.paths == ("a", "b")
+    # 0/1 as YAML writes them unquoted, as the older loader took them
+    cfg = load_config(None, {"model.pretrained": 1, "train.compile": 0, "train.cache_dihedral": 1.0})
+    assert cfg.model.pretrained is True and cfg.train.compile is False and cfg.train.cache_dihedral is True
 
 
 def test_every_shipped_config_and_a_saved_one_load(tmp_path):

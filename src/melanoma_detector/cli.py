@@ -375,14 +375,20 @@ def _check_output_file(flag: str, path: str | None) -> None:
     if p.suffix.lower() in IMAGE_EXTENSIONS:
         raise UserError(f"{flag} {p}: an image file name; the results would replace it; accepted: a results file name "
                         f"such as out{'.json' if flag == '--json' else '.csv'}")
-    existed = p.exists()
-    try:  # open for append, as a probe: root ignores permission bits and /proc or a read-only mount passes os.access
-        with open(p, "a"):
-            pass
+    # A probe, because root ignores permission bits and /proc or a read-only mount passes os.access. Only a regular
+    # file or a new name is probed: opening a FIFO would hand its reader an EOF, and a dangling link would create
+    # its target; those (and devices such as /dev/stdout) are written as they are.
+    try:
+        if p.is_symlink() or (p.exists() and not p.is_file()):
+            return
+        if p.exists():
+            with open(p, "a"):  # append: the file's contents stay until the results replace them
+                pass
+        else:
+            os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            p.unlink()
     except OSError as e:
         raise UserError(f"{flag} {p}: not writable ({e.strerror}); accepted: a file in a writable folder") from None
-    if not existed:
-        p.unlink(missing_ok=True)
 
 
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {0x0A: "\\n", 0x0D: "\\r", 0x09: "\\t"}
@@ -799,6 +805,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # the reader stopped early (`--json - | head`): not an error, and nothing more can be printed to it
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         # A path the file system refuses (a folder under a file, /proc, a read-only or full disk) is the
         # user's to fix, so one line; --verbose keeps the traceback for a report.

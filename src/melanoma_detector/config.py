@@ -280,6 +280,8 @@ def _convert(typ: str, value: Any) -> Any:
     unchanged, for _check_types to refuse with the field's name."""
     if typ == "bool" and isinstance(value, str):
         return True if value.lower() in _TRUE else False if value.lower() in _FALSE else value
+    if typ == "bool" and not isinstance(value, bool) and isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)  # 0/1 as the strings "0"/"1" are
     if typ not in ("int", "float") or isinstance(value, bool) or not isinstance(value, (str, int, float)):
         return value
     if typ == "int" and isinstance(value, int):

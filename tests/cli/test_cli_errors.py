@@ -267,3 +267,36 @@ def test_a_bundle_where_a_checkpoint_is_expected_is_named_and_unbundle_checks_it
     _one_line_error(capsys, "a model bundle, not a checkpoint", "melanoma unbundle")
     assert main(["unbundle", "--out", str(tmp_path / "members"), "--data", str(tmp_path / "nope")]) == 2
     _one_line_error(capsys, "--data", "nope", "not found")
+
+
+def test_the_output_probe_never_touches_a_pipe_or_a_dangling_link(tmp_path):
+    import os
+    import threading
+
+    from melanoma_detector.cli import _check_output_file
+
+    fifo = tmp_path / "f.json"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(open(fifo).read()), daemon=True)
+    reader.start()
+    _check_output_file("--json", str(fifo))  # an append-open probe would hand the reader its EOF here
+    with open(fifo, "w") as fh:
+        fh.write("results")
+    reader.join(10)
+    assert got == ["results"]
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "target.json")
+    _check_output_file("--json", str(link))
+    assert link.is_symlink() and not (tmp_path / "target.json").exists()
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    # a command whose reader went away (`melanoma predict ... --json - | head`) ends quietly, not with
+    # "error: Broken pipe; accepted: paths this user can read ..."
+    script = ("import sys, melanoma_detector.cli as cli\n"
+              "def gone(args):\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+              "cli.cmd_predict = gone\n"
+              "sys.exit(cli.main(['predict', 'x.jpg']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr

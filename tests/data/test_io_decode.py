@@ -163,3 +163,14 @@ def test_sixteen_bit_rounds_to_nearest():
     out = np.asarray(to_rgb(Image.fromarray(values)))[..., 0]
     np.testing.assert_array_equal(out, np.rint(values / 257).astype(np.uint8))
     np.testing.assert_array_equal(out, [[0, 0, 1, 1, 1, 2, 254, 255, 255]])
+
+
+def test_twelve_bit_data_in_a_sixteen_bit_file_is_scaled_by_its_own_depth():
+    """12-bit sensor data (max <= 4095) in an I;16 file: 4095 -> 255, not left nearly black (it was
+    once scaled as 16-bit, which turned a scored picture into a refused "nearly uniform" one)."""
+    grey = _grey()
+    twelve = Image.fromarray((grey.astype(np.uint16) * 16).astype("<u2"))
+    out = np.asarray(to_rgb(twelve))[..., 0].astype(int)
+    assert np.abs(out - grey).max() <= 1
+    full = Image.fromarray(np.array([[0, 4095, 2048]], dtype=np.uint16))
+    np.testing.assert_array_equal(np.asarray(to_rgb(full))[..., 0], [[0, 255, 128]])

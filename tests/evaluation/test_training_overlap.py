@@ -91,7 +91,7 @@ def test_a_model_with_no_split_record_says_overlap_could_not_be_checked(tiny_run
     assert "may overstate" in overlap_warning("lesions", ov)
 
 
-def test_copies_of_training_images_are_matched_by_key_path_or_name_and_size(tiny_run, tmp_path):
+def test_copies_of_training_images_are_matched_by_key_path_or_name_and_content(tiny_run, tmp_path):
     data, run = tiny_run
     seen = model_images(types.SimpleNamespace(ckpt={"config": {"data": {"paths": [str(data)]}}}), run)
     n_train = len(_split(run)["train"])
@@ -111,6 +111,16 @@ def test_copies_of_training_images_are_matched_by_key_path_or_name_and_size(tiny
     other = tmp_path / "other"
     make_class_folder(other, 12, np.random.default_rng(99), "im")
     assert training_overlap(evaluation_samples(other), seen, str(other))["train"] == 0
+    # the same folder name and file names, other pixels of the same byte size (a generic "images" folder of
+    # another collection): neither the key nor the name is enough
+    same_names = tmp_path / "elsewhere" / data.name
+    shutil.copytree(data, same_names)
+    for f in same_names.rglob("*"):
+        if f.is_file():
+            raw = bytearray(f.read_bytes())
+            raw[-3] ^= 0xFF  # inside the first 64 KiB of these small files, size unchanged
+            f.write_bytes(bytes(raw))
+    assert training_overlap(evaluation_samples(same_names), seen, str(same_names))["train"] == 0
 
 
 # ------------------------------------------------------------------ bundles, by their metadata

@@ -78,9 +78,15 @@ def test_checkpoint_reloads_and_evaluate_agrees_with_predict(trained_run, seed_l
     pred_rows = list(csv.DictReader(pred_csv.open()))
     assert set(pred_rows[0]) >= {"path", "probability_malignant", "predicted_label"}
     assert len(pred_rows) == 12
+    ckpt = torch.load(trained_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    screening, high = ckpt["thresholds"]["screening"], ckpt["thresholds"]["high_specificity"]
     for r in pred_rows:
-        assert abs(float(r["probability_malignant"]) - eval_rows[r["path"]]) < 1e-5
+        p = float(r["probability_malignant"])
+        assert abs(p - eval_rows[r["path"]]) < 1e-5
         assert r["predicted_label"] in ("benign", "malignant")
+        # the same columns as a bundle's: risk tiers from the checkpoint's own operating points
+        assert r["risk_level"] == ("High" if p >= max(high, screening) else "Moderate" if p >= screening else "Low")
+        assert r["recommendation"]
 
 
 def test_predict_json_and_bad_file(trained_run, seed_layout, tmp_path, capsys):

@@ -49,11 +49,13 @@ def upright(img: Image.Image, *, in_place: bool = False) -> Image.Image:
 def _rescaled_grey(img: Image.Image) -> Image.Image:
     """High-bit-depth greyscale -> 8-bit L (Pillow's convert would clip everything above 255 to white)."""
     if img.mode.startswith("I;16"):
-        # 16-bit: full scale, 65535 -> 255 (value / 257, rounded; no ties, as 257 is odd), as 16-bit
-        # RGB and LA images decode, so an 8-bit picture saved as 16-bit (x257) decodes to itself.
+        # 16-bit containers often hold 10-, 12- or 14-bit sensor data: full scale of the smallest of those depths
+        # that holds the maximum (65535 -> 255 for true 16-bit, 4095 -> 255 for 12-bit), so an 8-bit picture
+        # saved as 16-bit (x257) or as 12-bit (x16) decodes to itself and 12-bit data is not left nearly black.
         arr = np.asarray(img).astype(np.uint32)
-        arr += 128
-        arr //= 257
+        hi = int(arr.max()) if arr.size else 0
+        full = next(2**b - 1 for b in (8, 10, 12, 14, 16) if hi < 2**b)
+        arr = (arr * 255 + full // 2) // full
         return Image.fromarray(arr.astype(np.uint8))
     # "I" (32-bit integer) and "F" (float) have no known full scale: [0, max] -> [0, 255] (negative
     # values, NaN and infinities become 0).
@@ -65,7 +67,7 @@ def _rescaled_grey(img: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB (16-bit greyscale at full scale, 32-bit and float greyscale stretched to
+    """Any PIL mode -> RGB (16-bit greyscale at the full scale of its bit depth, 32-bit and float greyscale stretched to
     their maximum, alpha composited on black). An RGB image is returned as it is, not copied."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         img = _rescaled_grey(img)

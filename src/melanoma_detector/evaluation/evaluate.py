@@ -17,7 +17,7 @@ Output folder:
 Images the model trained on, or chose its epoch, calibration and thresholds on (its val split), make figures
 optimistic: each set's ``overlap`` counts them (``train``, ``val``; ``recalibration`` for a recalibrated bundle),
 matched by the model's own split record (a run's split.csv; a bundle's split file, checked by its training
-fingerprint) by image key, real path, or file name and size, and the console and report warn. They are counted,
+fingerprint) by real path, or by image key or file name when size and first 64 KiB match too, and the console and report warn. They are counted,
 not refused; with no split record at hand ``checked`` is false and the log says so.
 
 Images the input gate refuses (``status == "cannot_assess"``) are counted and listed, never
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import json
 import logging
 import math
@@ -204,34 +205,56 @@ def model_info(predictor, source: str | Path | None = None, *, tta: bool = False
 
 @dataclass
 class _Seen:
-    """The images a model used in one role (train, val, recalibration), indexed for set lookups, never read:
-    by key (a split file's "<data folder name>/<path under it>", so a copy of the whole folder elsewhere still
-    matches), by real path (a subfolder of the training data, a folder of links, a manifest pointing into it) and
-    by file name, a copy under another folder name when its byte size is the same too."""
+    """The images a model used in one role (train, val, recalibration), indexed for set lookups: by real path
+    (a subfolder of the training data, a folder of links, a manifest pointing into it), by key (a split file's
+    "<data folder name>/<path under it>", so a copy of the whole folder elsewhere still matches) and by file
+    name (a copy under another folder name). A key or name hit counts only when the two files hold the same
+    bytes as far as size and the first 64 KiB tell (generic folder names such as "images", and same-size BMPs,
+    would otherwise match unrelated images); a key whose training file is not on this machine counts unread."""
 
-    keys: set[str] = field(default_factory=set)
+    keys: dict[str, str | None] = field(default_factory=dict)
     paths: set[str] = field(default_factory=set)
     names: dict[str, list[str]] = field(default_factory=dict)
 
     def add(self, key: str | None, path: str | None) -> None:
+        real = os.path.realpath(path) if path else None
         if key:
-            self.keys.add(key)
-        if path:
-            real = os.path.realpath(path)
+            self.keys[key] = real
+        if real:
             self.paths.add(real)
             self.names.setdefault(os.path.basename(real), []).append(real)
 
     def holds(self, key: str, real: str) -> bool:
-        if key in self.keys or real in self.paths:
+        if real in self.paths:
             return True
-        twins = self.names.get(os.path.basename(real))
-        size = _size(real) if twins else None
-        return size is not None and any(_size(t) == size for t in twins or ())
+        if key in self.keys:
+            theirs = self.keys[key]
+            if theirs is None or _size(theirs) is None:
+                return True  # keys-only record whose images are elsewhere: the key is all there is to go on
+            if _same_bytes(real, theirs):
+                return True
+        return any(_same_bytes(real, t) for t in self.names.get(os.path.basename(real), ()))
 
 
 def _size(path: str) -> int | None:
     try:
         return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    size = _size(a)
+    return size is not None and size == _size(b) and _head_digest(a) == _head_digest(b)
+
+
+@functools.lru_cache(maxsize=65536)
+def _head_digest(path: str) -> str | None:
+    import hashlib
+
+    try:
+        with open(path, "rb") as fh:
+            return hashlib.sha256(fh.read(65536)).hexdigest()
     except OSError:
         return None
 

@@ -29,6 +29,22 @@ class TorchPredictor:
         self.temperature = float(self.ckpt.get("temperature", 1.0))
         self.logit_bias = float(self.ckpt.get("logit_bias", 0.0))
         self.threshold = float((self.ckpt.get("thresholds") or {}).get("screening", 0.5))
+        thresholds = self.ckpt.get("thresholds") or {}
+        # A checkpoint of `melanoma train` holds both operating points: its risk tiers are the ones `melanoma
+        # export` would write into its bundle, so `predict --model RUN` answers with the same columns as a bundle.
+        self.tiers = None
+        if {"screening", "high_specificity"} <= set(thresholds):
+            from melanoma_detector.export.bundle import risk_tiers
+
+            self.tiers = risk_tiers({k: float(v) for k, v in thresholds.items()})
+
+    def risk(self, probability: float) -> tuple[str | None, str]:
+        """(level, recommendation) from the tiers; (None, "") for a checkpoint without both thresholds."""
+        level, text = None, ""
+        for tier in self.tiers or ():
+            if probability >= tier["min_probability"]:
+                level, text = tier["level"], tier["recommendation"]
+        return level, text
 
     def _load(self, path: str):
         try:
@@ -56,14 +72,16 @@ class TorchPredictor:
                         probs[i] = float(v)
                 for i, p in enumerate(chunk):
                     if i in probs:
+                        level, text = self.risk(probs[i])
                         results.append({
                             "path": str(p), "probability_malignant": probs[i],
                             "predicted_label": "malignant" if probs[i] >= self.threshold else "benign",
-                            "status": "ok", "reason": "",
+                            "risk_level": level, "recommendation": text, "status": "ok", "reason": "",
                         })
                     else:
                         results.append({
                             "path": str(p), "probability_malignant": None, "predicted_label": None,
+                            "risk_level": None, "recommendation": "Cannot assess this image: " + loaded[i][1],
                             "status": "cannot_assess", "reason": loaded[i][1],
                         })
                 bar.update(len(chunk))
