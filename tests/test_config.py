@@ -25,7 +25,7 @@ def test_gpu_config_loads_with_the_seed_epochs():
 @pytest.mark.parametrize("key,value,accepted", [
     ("model.image_size", -5, "an integer >= 16"), ("model.dropout", (0.45, 1.0), "in [0, 1)"),
     ("model.hidden", (512, 0), "an integer >= 1"), ("train.lr_finetune", -1e-4, "a positive number"),
-    ("train.batch_size", 0, "an integer >= 1"), ("train.epochs_finetune", -1, "a number >= 0"),
+    ("train.batch_size", 1, "an integer >= 2"), ("train.epochs_finetune", -1, "a number >= 0"),
     ("train.unfreeze_fraction", 1.5, "in [0, 1]"), ("train.reduce_lr_factor", 1.0, "in (0, 1)"),
     ("train.threads", 0, "an integer >= 1"), ("data.val_fraction", 1.0, "in [0, 1)"),
     ("data.num_workers", -1, "a number >= 0"),

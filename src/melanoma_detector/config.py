@@ -226,7 +226,7 @@ class TrainConfig:
                 raise UserError(f"config train.{name}: {getattr(self, name)!r} is not one of {', '.join(accepted)}")
         _check_ranges(self, "train", {
             "epochs_frozen": _NON_NEGATIVE, "epochs_finetune": _NON_NEGATIVE, "lr_frozen": _POSITIVE,
-            "lr_finetune": _POSITIVE, "batch_size": _AT_LEAST_ONE, "l2": _NON_NEGATIVE,
+            "lr_finetune": _POSITIVE, "batch_size": (lambda v: v >= 2, "an integer >= 2 (BatchNorm cannot train on one image)"), "l2": _NON_NEGATIVE,
             "unfreeze_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"), "early_stopping_patience": _AT_LEAST_ONE,
             "reduce_lr_patience": _NON_NEGATIVE, "reduce_lr_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
             "min_lr": _NON_NEGATIVE, "cache_views": _AT_LEAST_ONE, "threads": _AT_LEAST_ONE,

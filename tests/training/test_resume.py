@@ -132,3 +132,32 @@ def test_metrics_csv_keeps_the_finished_epochs_when_a_rewrite_dies_midway(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         logger.add({"phase": "phase1", "epoch": 3, "val_auc": 0.7})
     assert [(r["epoch"], r["val_auc"]) for r in run_rows(tmp_path)] == [("1", "0.5"), ("2", "0.6")]
+
+
+def test_a_run_stopped_before_any_epoch_finished_resumes_without_rewriting_its_config(layout, tmp_path, monkeypatch,
+                                                                                      capsys):
+    import melanoma_detector.training.trainer as trainer
+
+    run = tmp_path / "early"
+    real = trainer.train_one_epoch
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "train_one_epoch", interrupted)
+    assert main(_train_args(layout, run, _config(tmp_path), tmp_path / "cache")) == 130
+    written = (run / "config.yaml").read_text()
+    assert yaml.safe_load(written)["data"]["split_file"] is None
+    monkeypatch.setattr(trainer, "train_one_epoch", real)
+    assert main(["train", "--resume", str(run), "--no-progress", "--threads", "1"]) == 0
+    # the run's own split.csv was used, but config.yaml still repeats the run from its data alone
+    assert (run / "config.yaml").read_text() == written
+    # "*" marks an epoch that beat every earlier one (the checkpoint changed), not one that beat its own phase
+    lines = [line for line in capsys.readouterr().out.splitlines() if " epoch " in line and "val_auc" in line]
+    rows = run_rows(run)
+    assert len(lines) == len(rows)
+    best = -1.0
+    for line, row in zip(lines, rows):
+        auc = float(row["val_auc"])
+        assert (" * (" in line) == (auc > best), (line, best)
+        best = max(best, auc)

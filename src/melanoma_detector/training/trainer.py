@@ -390,17 +390,20 @@ def run_training(config: Config | None, out_dir: str | Path, *, progress: bool =
         torch.set_num_threads(tc.threads)
     dist, device = init_distributed(tc.device)
     try:
-        return _train(config, out_dir, dist=dist, device=device, progress=progress and dist.is_main, previous=previous)
+        return _train(config, out_dir, dist=dist, device=device, progress=progress and dist.is_main, previous=previous,
+                      write_config=not resume)
     finally:
         shutdown(dist)
 
 
 def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.device, progress: bool,
-           previous: dict[str, Any] | None) -> dict[str, Any]:
+           previous: dict[str, Any] | None, write_config: bool = True) -> dict[str, Any]:
     main = dist.is_main
     if previous is None:
         config = _resolve_paths(config)
-        if main:
+        # a resumed run keeps the config.yaml it was started with (resume points this process at the run's own
+        # split.csv, which must not leak into the file a later `--config RUN/config.yaml` repeats)
+        if main and write_config:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, out_dir / "config.yaml")
     tc, mc = config.train, config.model
@@ -546,7 +549,12 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             with ema.applied() if ema is not None else contextlib.nullcontext():
                 va = evaluate(module, val_loader, device=device, class_w=cw, amp_dtype=amp_dtype, dist=dist)
             lr = optimizer.param_groups[0]["lr"]
+            if tr["n"] == 0:
+                raise UserError(f"{phase} epoch {epoch}: no training image was used (every batch held one image, "
+                                "which BatchNorm cannot train on); accepted: train.batch_size >= 2")
             improved, stop = monitor.step(va["auc"])
+            # the checkpoint changes only on a gain over every earlier epoch, phase 1 included ("*" marks that)
+            new_best = improved and (va["auc"] or -1) > best["auc"]
             seconds = time.perf_counter() - t0
             runlog.add({
                 "phase": phase, "epoch": epoch, "train_loss": tr["loss"], "train_auc": tr.get("auc"),
@@ -556,10 +564,10 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
             if main:
                 print(
                     f"{phase} epoch {epoch}/{epochs}: loss {tr['loss']:.4f} val_loss {va['loss']:.4f} "
-                    f"val_auc{' (EMA)' if ema is not None else ''} {_fmt(va['auc'])}{' *' if improved else ''} ({seconds:.1f}s)",
+                    f"val_auc{' (EMA)' if ema is not None else ''} {_fmt(va['auc'])}{' *' if new_best else ''} ({seconds:.1f}s)",
                     flush=True,
                 )
-            if improved and (va["auc"] or -1) > best["auc"]:
+            if new_best:
                 best.update(auc=va["auc"], state=copy.deepcopy(ema.shadow if ema is not None else model.state_dict()), phase=phase, epoch=epoch)
                 if main:
                     save_checkpoint({**base_ckpt(), "model_state": serving_state(best["state"]),
