@@ -134,3 +134,51 @@ def test_an_image_id_naming_two_files_is_refused(tmp_path):
     (tmp_path / "d" / "labels.csv").write_text(f"image_id,label\n{one.stem},benign\n")
     with pytest.raises(DataError, match=f"{one.stem} names 2 files"):
         discover(str(tmp_path / "d" / "labels.csv"))
+
+
+def test_a_manifest_saved_by_excel_as_csv_utf8_is_read(grouped_manifest):
+    plain = discover(grouped_manifest)
+    text = (grouped_manifest / "labels.csv").read_text(encoding="utf-8")
+    (grouped_manifest / "labels.csv").write_text(text, encoding="utf-8-sig")  # BOM EF BB BF before "image_id"
+    assert (grouped_manifest / "labels.csv").read_bytes().startswith(b"\xef\xbb\xbfimage_id,")
+    excel = discover(grouped_manifest)
+    assert [(s.key, s.label, s.group) for s in excel.samples] == [(s.key, s.label, s.group) for s in plain.samples]
+    assert "\ufeffimage_id" not in excel.samples[0].meta
+
+
+def test_a_manifest_in_utf16_is_refused_as_not_csv_text(grouped_manifest):
+    text = (grouped_manifest / "labels.csv").read_text(encoding="utf-8")
+    (grouped_manifest / "labels.csv").write_text(text, encoding="utf-16")
+    with pytest.raises(DataError, match="cannot read CSV manifest.*UTF-16"):
+        discover(grouped_manifest)
+
+
+def test_images_in_a_linked_subfolder_of_a_class_folder_are_found(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    make_class_folder(root, 2, rng)
+    elsewhere = tmp_path / "elsewhere" / "more"
+    make_class_folder(elsewhere, 3, rng, "more")
+    (root / "benign" / "linked").symlink_to(elsewhere / "benign", target_is_directory=True)
+    keys = [s.key for s in discover(root).samples]
+    assert sum(k.startswith("data/benign/linked/") for k in keys) == 3  # rglob left these out
+    assert len(keys) == 2 + 2 + 3 and keys == sorted(keys)
+    # A manifest naming images by id finds them through the link too.
+    (root / "labels.csv").write_text("image_id,label\nmore_benign_001,benign\nimg_malignant_000,malignant\n")
+    assert [s.key for s in discover(root).samples] == ["data/benign/linked/more_benign_001.jpg",
+                                                       "data/malignant/img_malignant_000.jpg"]
+
+
+def test_a_link_loop_in_a_class_folder_ends(tmp_path):
+    root = tmp_path / "data"
+    make_class_folder(root, 2, np.random.default_rng(0))
+    (root / "benign" / "again").symlink_to(root / "benign", target_is_directory=True)  # benign/again/again/...
+    (root / "malignant" / "sub").mkdir()
+    (root / "malignant" / "sub" / "up").symlink_to(root, target_is_directory=True)  # to the data root
+    (root / "benign" / "theirs").symlink_to(root / "malignant", target_is_directory=True)
+    samples = discover(root).samples
+    keys = [s.key for s in samples]
+    assert keys == sorted(keys) and len(keys) == len(set(keys)) == 4
+    # each folder's images once, by its own name and so with its own label
+    assert not any("/again/" in k or "/up/" in k or "/theirs/" in k for k in keys)
+    assert [s.label for s in samples] == [0, 0, 1, 1]

@@ -10,12 +10,16 @@ Accepted layouts for a data path:
 from __future__ import annotations
 
 import csv
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from melanoma_detector import CLASS_NAMES
 from melanoma_detector.data.io import IMAGE_EXTENSIONS, is_image_file
 from melanoma_detector.errors import DataError
+from melanoma_detector.fileio import escape_undecodable
 
 SPLIT_ALIASES = {
     "train": "train",
@@ -73,24 +77,59 @@ def _class_of(name: str) -> int | None:
     return {"benign": 0, "malignant": 1}.get(name.lower())
 
 
+def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    """(columns, rows) of a CSV manifest or split file. UTF-8 with or without the BOM Excel's "CSV UTF-8" starts
+    with; a file name in it that is not UTF-8 is kept as the surrogates os.fsdecode gives the same name on disk.
+    Raises OSError, or csv.Error for a file that is not CSV text (NUL bytes: binary, or UTF-16)."""
+    with path.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:
+        reader = csv.DictReader(_no_nul(fh))
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _no_nul(fh: TextIO) -> Iterator[str]:
+    for line in fh:
+        if "\x00" in line:
+            raise csv.Error("NUL byte: a binary or UTF-16 file, not UTF-8 CSV text")
+        yield line
+
+
+def files_under(top: Path, seen: set[str] | None = None) -> list[Path]:
+    """Every file under `top` (file links and broken links too), sorted. Linked folders are followed, which
+    Path.rglob does not do, but no real folder is entered twice, so a link loop ends and a folder linked twice
+    gives its images once, under the first name in sorted order. `seen`: the real paths of folders not to enter
+    below `top` (another class or split folder of the same data), shared by the calls scanning one data folder
+    and added to as folders are entered."""
+    seen = set() if seen is None else seen
+    found: list[Path] = []
+    for i, (dirpath, dirnames, filenames) in enumerate(os.walk(top, followlinks=True)):
+        real = os.path.realpath(dirpath)
+        if i and real in seen:
+            dirnames.clear()
+            continue
+        seen.add(real)
+        dirnames.sort()
+        found.extend(Path(dirpath, name) for name in filenames)
+    return sorted(found)
+
+
 def _visible_dirs(path: Path) -> list[Path]:
     return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__")))
 
 
-def _scan_class_folders(root: Path, folder: Path, split: str | None, source: str, out: DataSource):
+def _scan_class_folders(root: Path, folder: Path, split: str | None, source: str, out: DataSource, seen: set[str]):
     dirs = _visible_dirs(folder)
     unknown = [d.name for d in dirs if _class_of(d.name) is None]
     if unknown:
         raise DataError(
-            f"{folder}: unknown class folder(s) {', '.join(unknown)}; "
+            f"{folder}: unknown class folder(s) {escape_undecodable(', '.join(unknown))}; "
             f"accepted class folders: {', '.join(CLASS_NAMES)}"
         )
     if not dirs:
         raise DataError(f"{folder}: no class folders found; {LAYOUT_HELP}")
     for d in dirs:
         label = _class_of(d.name)
-        for p in sorted(d.rglob("*")):
-            if p.is_dir() or p.name.lower() in _IGNORED_FILES or p.name.startswith("."):
+        for p in files_under(d, seen):
+            if p.name.lower() in _IGNORED_FILES or p.name.startswith("."):
                 continue
             if not is_image_file(p):
                 out.non_images.append(str(p))
@@ -117,10 +156,7 @@ def _load_manifest(manifest: Path, source: str) -> DataSource:
     root = manifest.parent
     out = DataSource(root, source, "manifest", [])
     try:
-        with manifest.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
+        columns, rows = read_csv(manifest)
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise DataError(f"{manifest}: cannot read CSV manifest ({exc})") from None
     path_col, id_col = _pick(columns, PATH_COLUMNS), _pick(columns, ID_COLUMNS)
@@ -129,11 +165,11 @@ def _load_manifest(manifest: Path, source: str) -> DataSource:
     if label_col is None or (path_col is None and id_col is None):
         raise DataError(
             f"{manifest}: manifest needs a 'label' column and a 'path' or 'image_id' column "
-            f"(found: {', '.join(columns) or 'none'})"
+            f"(found: {escape_undecodable(', '.join(columns)) or 'none'})"
         )
     index: dict[str, list[Path]] = {}
     if path_col is None:
-        for p in sorted(root.rglob("*")):
+        for p in files_under(root):
             if p.suffix.lower() in IMAGE_EXTENSIONS:
                 index.setdefault(p.stem, []).append(p)
     used = {c for c in (path_col, id_col, label_col, group_col, split_col) if c}
@@ -149,11 +185,11 @@ def _load_manifest(manifest: Path, source: str) -> DataSource:
         else:
             ident = row[id_col].strip()
             if ident not in index:
-                raise DataError(f"{manifest}:{line}: no image file named {ident}.* under {root}")
+                raise DataError(f"{manifest}:{line}: no image file named {escape_undecodable(ident)}.* under {root}")
             if len(index[ident]) > 1:  # which one was meant is not for the file system's order to decide
-                found = ", ".join(str(q.relative_to(root)) for q in index[ident][:3])
-                raise DataError(f"{manifest}:{line}: {ident} names {len(index[ident])} files ({found}); accepted: "
-                                "one image file per id, or a 'path' column")
+                found = escape_undecodable(", ".join(str(q.relative_to(root)) for q in index[ident][:3]))
+                raise DataError(f"{manifest}:{line}: {escape_undecodable(ident)} names {len(index[ident])} files "
+                                f"({found}); accepted: one image file per id, or a 'path' column")
             p = index[ident][0]
         split = None
         if split_col and row.get(split_col, "").strip():
@@ -174,7 +210,7 @@ def _load_manifest(manifest: Path, source: str) -> DataSource:
     missing = [s.path for s in out.samples if not Path(s.path).is_file()]
     if missing:
         raise DataError(
-            f"{manifest}: {len(missing)} listed image(s) do not exist, first: {missing[0]}"
+            f"{manifest}: {len(missing)} listed image(s) do not exist, first: {escape_undecodable(missing[0])}"
         )
     return out
 
@@ -195,6 +231,11 @@ def discover(path: str | Path) -> DataSource:
         dirs = _visible_dirs(root)
         split_dirs = [d for d in dirs if d.name.lower() in SPLIT_ALIASES]
         out = DataSource(root, source, "", [])
+        # A link inside a class folder to the root, or to another class or split folder, is not followed: its
+        # images are that folder's, under their own label and split.
+        seen = {os.path.realpath(d) for d in [root, *split_dirs]}
+        seen |= {os.path.realpath(c) for d in split_dirs or [root] for c in _visible_dirs(d)
+                 if _class_of(c.name) is not None}
         if split_dirs:
             out.layout = "split-folders"
             others = [d.name for d in dirs if d.name.lower() not in SPLIT_ALIASES]
@@ -204,10 +245,10 @@ def discover(path: str | Path) -> DataSource:
                     f"{LAYOUT_HELP}"
                 )
             for d in split_dirs:
-                _scan_class_folders(root, d, SPLIT_ALIASES[d.name.lower()], source, out)
+                _scan_class_folders(root, d, SPLIT_ALIASES[d.name.lower()], source, out, seen)
         elif dirs:
             out.layout = "class-folders"
-            _scan_class_folders(root, root, None, source, out)
+            _scan_class_folders(root, root, None, source, out, seen)
         else:
             raise DataError(f"{root}: no class folders and no manifest found; {LAYOUT_HELP}")
     if not out.samples:
@@ -240,6 +281,10 @@ def require_both_classes(samples: list[Sample], what: str) -> None:
         raise DataError(f"{what}: no images")
     if labels != {0, 1}:
         present = CLASS_NAMES[next(iter(labels))]
+        hint = ""
+        if what == "validation split":  # carved out of train when a source has no val folder
+            hint = ("; a class with a single image or lesion group cannot be in both train and val (data.val_fraction "
+                    "carves val out of train): add images of it, or give the data a val/ folder holding both classes")
         raise DataError(
-            f"{what}: only one class present ({present}); both benign and malignant images are needed"
+            f"{what}: only one class present ({present}); both benign and malignant images are needed{hint}"
         )

@@ -206,7 +206,7 @@ def _write_split(path: Path, fit, held, refused) -> None:
 
     from melanoma_detector.fileio import escape_formula as cell  # user text: spreadsheet-safe (`=x.jpg` -> `'=x.jpg`)
 
-    with path.open("w", newline="") as fh:
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as fh:  # a non-UTF-8 name keeps its bytes
         w = csv.writer(fh)
         w.writerow(["path", "label", "group", "role", "reason"])
         for role, part in (("fit", fit), ("holdout", held)):

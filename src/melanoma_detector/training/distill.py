@@ -77,7 +77,7 @@ def check_no_teacher_leak(teacher: str | Path, held_out: Sequence[Sample], *, tr
         raise UserError(f"--distill-from {teacher}: no split.csv beside its checkpoint, so it cannot be checked that "
                         f"the teacher never trained on this run's val/test images; give the teacher's run folder")
     keys, groups, chosen_on = set(), set(), set()
-    with split_csv.open(newline="") as fh:
+    with split_csv.open(newline="", encoding="utf-8-sig", errors="surrogateescape") as fh:  # as split files are written
         for row in csv.DictReader(fh):
             if row.get("split") == "train":
                 keys.add(row["key"])

@@ -65,7 +65,7 @@ def cache_key(samples: Sequence[Sample], **parts) -> str:
     h = hashlib.sha256()
     for s in samples:
         st = os.stat(s.path)
-        h.update(f"{s.path}|{st.st_size}|{int(st.st_mtime)}\n".encode())
+        h.update(f"{s.path}|{st.st_size}|{int(st.st_mtime)}\n".encode("utf-8", "surrogateescape"))
     h.update(json.dumps(parts, sort_keys=True, default=str).encode())
     return h.hexdigest()[:20]
 
