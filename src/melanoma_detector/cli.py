@@ -803,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_printable(str(exc))}", file=sys.stderr)  # a path in it may hold undecodable bytes
         return exc.exit_code
     except BrokenPipeError:
         # the reader stopped early (`--json - | head`): not an error, and nothing more can be printed to it
@@ -813,7 +813,8 @@ def main(argv: list[str] | None = None) -> int:
         # A path the file system refuses (a folder under a file, /proc, a read-only or full disk) is the
         # user's to fix, so one line; --verbose keeps the traceback for a report.
         logging.getLogger(__name__).debug("file-system error", exc_info=True)
-        where = f"{exc.filename}: " if exc.filename else ""
+        name = exc.filename
+        where = f"{_printable(os.fsdecode(name) if isinstance(name, (str, bytes)) else str(name))}: " if name else ""
         print(f"error: {where}{exc.strerror or exc}; accepted: paths this user can read and a writable output "
               "folder with free space", file=sys.stderr)
         return 2
