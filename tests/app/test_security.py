@@ -150,3 +150,89 @@ def test_client_key_groups_an_ipv6_64_and_unwraps_mapped_ipv4():
     assert client_key("2001:db8:1:3::1") != client_key("2001:db8:1:2::1")
     assert client_key("::ffff:203.0.113.5") == client_key("203.0.113.5") == "203.0.113.5"
     assert client_key(None) == client_key("") == "unknown"
+
+
+# ------------------------------------------------------------------ connections that never end; JSON refusals
+
+
+def test_the_heartbeat_stream_needs_a_login_when_the_app_has_one(login_app):
+    """Gradio's heartbeat asks for no login and never ends: without this anyone could fill every slot."""
+    http = _client(login_app, NEIGHBOUR)
+    assert http.get("/gradio_api/heartbeat/abc").status_code == 401
+    assert http.get("/gradio_api/heartbeat/abc", cookies={"access-token-x": "forged"}).status_code == 401
+
+
+def test_a_logged_in_session_passes_the_heartbeat_check(login_app):
+    from melanoma_detector.app.security import RequestGuard
+
+    http = _client(login_app, NEIGHBOUR)
+    assert _page_login(http, PASSWORD).status_code == 200
+    guard = login_app.middleware_stack
+    while not isinstance(guard, RequestGuard):
+        guard = guard.app
+    cookie = "; ".join(f"{k}={v}" for k, v in http.cookies.items())
+    from melanoma_detector.app.security import _cookies
+
+    assert guard.session_check(_cookies(cookie)) and not guard.session_check(_cookies("access-token-x=forged"))
+
+
+def test_open_streams_are_capped_per_address_and_released():
+    import asyncio
+
+    from melanoma_detector.app.security import RequestGuard
+
+    async def scenario():
+        release = asyncio.Event()
+
+        async def endless(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await release.wait()
+            await send({"type": "http.response.body", "body": b""})
+
+        guard = RequestGuard(endless, max_body=1000, max_streams_per_client=3)
+        statuses: list[int] = []
+
+        async def request(host: str, path: str = "/gradio_api/queue/data"):
+            scope = {"type": "http", "path": path, "headers": [], "client": (host, 1)}
+
+            async def receive():
+                return {"type": "http.request", "body": b""}
+
+            async def send(message):
+                if message["type"] == "http.response.start":
+                    statuses.append(message["status"])
+
+            await guard(scope, receive, send)
+
+        held = [asyncio.create_task(request(ATTACKER)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        await asyncio.wait_for(request(ATTACKER), 5)  # the 4th from one address: refused at once
+        held.append(asyncio.create_task(request(NEIGHBOUR, "/gradio_api/heartbeat/x")))  # its own count
+        await asyncio.sleep(0.05)
+        assert statuses == [200, 200, 200, 429, 200]
+        release.set()
+        await asyncio.gather(*held)
+        assert guard.streams == {}  # released when the streams end
+        await asyncio.wait_for(request(ATTACKER), 5)
+        assert statuses[-1] == 200
+
+    # in a thread of its own: another test's fixture may hold a running event loop in this one
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        pool.submit(asyncio.run, scenario()).result(timeout=60)
+
+
+def test_api_errors_are_json_for_unknown_routes_wrong_methods_and_oversized_bodies(app_predictor):
+    pytest.importorskip("gradio", reason="the app extra is not installed (pip install -e '.[app]')")
+    from melanoma_detector.app import build_app
+
+    http = _client(build_app(app_predictor, max_upload_mb=1), NEIGHBOUR)
+    r = http.get("/api/v1/predict")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and "disclaimer" in r.json()
+    r = http.get("/api/v1/nothing")
+    assert r.status_code == 404 and "disclaimer" in r.json() and "/api/v1/predict" in r.json()["error"]
+    r = http.post("/api/v1/predict", content=b"x" * 10, headers={"content-length": str(50 * 2**20),
+                                                                  "content-type": "application/octet-stream"})
+    assert r.status_code == 413 and "disclaimer" in r.json()
+    assert http.get("/api/v1/health").status_code == 200

@@ -225,6 +225,12 @@ def exposure_warnings(host: str, *, share: bool, login: bool) -> list[str]:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
+# Responses that stay open for the life of a page: Gradio's session heartbeat and its event stream.
+STREAM_PATHS = ("/gradio_api/heartbeat/", "/gradio_api/queue/data")
+# A page holds about one of each; a few tabs of one user fit, one address cannot take the 128 slots.
+STREAMS_PER_CLIENT = 16
+
+
 class RequestGuard:
     """Pure ASGI middleware in front of the whole app (REST, Gradio page and its API alike):
 
@@ -235,23 +241,42 @@ class RequestGuard:
     - every response says `nosniff`, files served from Gradio's cache (uploads, heatmaps) are never cached
       by a proxy, and, unless `allow_framing` (Hugging Face Spaces shows the app in a frame), no page of
       this app can be framed by another site;
-    - the client's address is published to `current_client_host()` for the login throttle.
+    - the client's address is published to `current_client_host()` for the login throttle;
+    - the connections that never end (Gradio's session heartbeat and its event stream) are capped per client
+      address, and with a login (`session_check`) the heartbeat needs a logged-in session, which Gradio itself
+      does not ask for: otherwise anyone could hold every one of the server's connection slots;
+    - its own refusals under /api/ are the REST API's JSON errors.
     """
 
     def __init__(self, app, *, max_body: int, allowed_hosts: tuple[str, ...] | None = None,
-                 allow_framing: bool = False):
+                 allow_framing: bool = False, session_check: Callable[[dict[str, str]], bool] | None = None,
+                 max_streams_per_client: int = STREAMS_PER_CLIENT):
         self.app, self.max_body, self.allow_framing = app, int(max_body), allow_framing
         self.allowed_hosts = None if allowed_hosts is None else {h.lower() for h in allowed_hosts}
+        self.session_check, self.max_streams = session_check, int(max_streams_per_client)
+        self.streams: dict[str, int] = {}  # open long-lived responses per client key (the event loop's thread only)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        api = path.startswith("/api/")
         if self.allowed_hosts is not None and _host_name(headers.get("host", "")) not in self.allowed_hosts:
-            return await _plain(send, 400, "unknown Host; this app answers only for the address it is served on")
+            return await _refuse(send, 400, "unknown Host; this app answers only for the address it is served on", api)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_body:
-            return await _plain(send, 413, "request body too large")
+            return await _refuse(send, 413, "request body too large", api)
+        stream = path.startswith(STREAM_PATHS)
+        if stream and self.session_check is not None and path.startswith(STREAM_PATHS[0]) \
+                and not self.session_check(_cookies(headers.get("cookie", ""))):
+            return await _refuse(send, 401, "login required", api)
+        key = client_key((scope.get("client") or (None, None))[0]) if stream else None
+        if key is not None:
+            if self.streams.get(key, 0) >= self.max_streams:
+                return await _refuse(send, 429, f"too many open connections from this address (at most "
+                                                f"{self.max_streams}); close other tabs of this app", api)
+            self.streams[key] = self.streams.get(key, 0) + 1
         received = 0
 
         async def limited_receive():
@@ -283,6 +308,10 @@ class RequestGuard:
             return await self.app(scope, limited_receive, send_with_headers)
         finally:
             _CLIENT_HOST.reset(token)
+            if key is not None:
+                self.streams[key] -= 1
+                if not self.streams[key]:
+                    del self.streams[key]
 
 
 def _host_name(host: str) -> str:
@@ -292,8 +321,27 @@ def _host_name(host: str) -> str:
     return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
-async def _plain(send, status: int, text: str) -> None:
-    body = text.encode()
+def _cookies(header: str) -> dict[str, str]:
+    from http.cookies import CookieError, SimpleCookie
+
+    jar = SimpleCookie()
+    try:
+        jar.load(header)
+    except CookieError:
+        return {}
+    return {k: m.value for k, m in jar.items()}
+
+
+async def _refuse(send, status: int, text: str, api: bool) -> None:
+    """A refusal: the REST API's JSON error under /api/, plain text elsewhere."""
+    if api:
+        import json
+
+        from melanoma_detector import DISCLAIMER
+
+        body, kind = json.dumps({"error": text, "disclaimer": DISCLAIMER}).encode(), b"application/json"
+    else:
+        body, kind = text.encode(), b"text/plain; charset=utf-8"
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", kind), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -339,6 +339,22 @@ def build_app(
             return PlainTextResponse(text, media_type="text/markdown; charset=utf-8")
         return HTMLResponse(_model_card_html(rendered, version))
 
+    api_methods: dict[str, set[str]] = {}
+    for route in app.routes:
+        if getattr(route, "path", "").startswith(API_PREFIX + "/"):
+            api_methods.setdefault(route.path, set()).update(getattr(route, "methods", None) or ())
+
+    # Registered before the page is mounted at "/", which would otherwise answer every other /api/ request with
+    # Gradio's {"detail": "Not Found"}: the REST contract is JSON {"error", "disclaimer"} for every error.
+    @app.api_route(API_PREFIX + "/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"],
+                   include_in_schema=False)
+    async def _unknown_api_route(request: Request, rest: str):
+        allowed = api_methods.get(request.url.path)
+        if allowed:
+            return error(405, f"{request.method} is not accepted here; accepted: {', '.join(sorted(allowed))}",
+                         {"Allow": ", ".join(sorted(allowed))})
+        return error(404, f"no such API route: {request.url.path}; accepted: {', '.join(sorted(api_methods))}")
+
     demo = build_blocks(
         runner,
         examples_dir=examples if examples.is_dir() else None,
@@ -363,6 +379,15 @@ def build_app(
 
     # Well above the REST route's own limit (a body arrives in pieces of up to a few hundred kB), so that route
     # always sees its limit crossed first and answers a streamed upload with 413, not a cut-off connection.
+    session_check = None
+    if credentials:
+        # Gradio's heartbeat stream asks for no login; the guard asks for the session cookie Gradio's login set.
+        pages = next(r.app for r in app.routes if isinstance(getattr(getattr(r, "app", None), "tokens", None), dict))
+
+        def session_check(cookies: dict[str, str]) -> bool:
+            return any(cookies.get(f"{name}-{pages.cookie_id}") in pages.tokens
+                       for name in ("access-token", "access-token-unsecure"))
+
     app.add_middleware(RequestGuard, max_body=max_bytes + _ENVELOPE_BYTES + 4 * 2**20, allowed_hosts=allowed_hosts,
-                       allow_framing=allow_framing)
+                       allow_framing=allow_framing, session_check=session_check)
     return app
