@@ -174,6 +174,10 @@ def test_a_logged_in_session_passes_the_heartbeat_check(login_app):
     from melanoma_detector.app.security import _cookies
 
     assert guard.session_check(_cookies(cookie)) and not guard.session_check(_cookies("access-token-x=forged"))
+    # a malformed cookie of another app on localhost (browsers share them across ports) must not hide the session
+    for foreign in ('theme={"dark":true}', "pref=a b", "sid=abc\\def"):
+        assert guard.session_check(_cookies(f"{foreign}; {cookie}")), foreign
+        assert guard.session_check(_cookies(f"{cookie}; {foreign}")), foreign
 
 
 def test_open_streams_are_capped_per_address_and_released():
@@ -192,7 +196,7 @@ def test_open_streams_are_capped_per_address_and_released():
         guard = RequestGuard(endless, max_body=1000, max_streams_per_client=3)
         statuses: list[int] = []
 
-        async def request(host: str, path: str = "/gradio_api/queue/data"):
+        async def request(host: str, path: str = "/gradio_api/heartbeat/s1"):
             scope = {"type": "http", "path": path, "headers": [], "client": (host, 1)}
 
             async def receive():
@@ -230,8 +234,10 @@ def test_api_errors_are_json_for_unknown_routes_wrong_methods_and_oversized_bodi
     http = _client(build_app(app_predictor, max_upload_mb=1), NEIGHBOUR)
     r = http.get("/api/v1/predict")
     assert r.status_code == 405 and r.headers["allow"] == "POST" and "disclaimer" in r.json()
-    r = http.get("/api/v1/nothing")
-    assert r.status_code == 404 and "disclaimer" in r.json() and "/api/v1/predict" in r.json()["error"]
+    for path in ("/api/v1/nothing", "/api/v1", "/api/other", "/api"):
+        r = http.get(path)
+        assert r.status_code == 404 and "disclaimer" in r.json() and "/api/v1/predict" in r.json()["error"], path
+    assert http.get("/api/v1/docs").status_code == 200  # FastAPI's own docs routes (no login) come first
     r = http.post("/api/v1/predict", content=b"x" * 10, headers={"content-length": str(50 * 2**20),
                                                                   "content-type": "application/octet-stream"})
     assert r.status_code == 413 and "disclaimer" in r.json()

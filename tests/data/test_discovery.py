@@ -163,9 +163,11 @@ def test_images_in_a_linked_subfolder_of_a_class_folder_are_found(tmp_path):
     keys = [s.key for s in discover(root).samples]
     assert sum(k.startswith("data/benign/linked/") for k in keys) == 3  # rglob left these out
     assert len(keys) == 2 + 2 + 3 and keys == sorted(keys)
-    # A manifest naming images by id finds them through the link too.
-    (root / "labels.csv").write_text("image_id,label\nmore_benign_001,benign\nimg_malignant_000,malignant\n")
-    assert [s.key for s in discover(root).samples] == ["data/benign/linked/more_benign_001.jpg",
+    # A manifest naming images by id does not look through linked folders (as before): a link to the originals
+    # beside resized copies must not give every id two files.
+    (root / "labels.csv").write_text("image_id,label\nimg_benign_000,benign\nimg_malignant_000,malignant\n")
+    (root / "originals").symlink_to(root / "benign", target_is_directory=True)
+    assert [s.key for s in discover(root).samples] == ["data/benign/img_benign_000.jpg",
                                                        "data/malignant/img_malignant_000.jpg"]
 
 

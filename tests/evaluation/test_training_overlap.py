@@ -111,16 +111,18 @@ def test_copies_of_training_images_are_matched_by_key_path_or_name_and_content(t
     other = tmp_path / "other"
     make_class_folder(other, 12, np.random.default_rng(99), "im")
     assert training_overlap(evaluation_samples(other), seen, str(other))["train"] == 0
-    # the same folder name and file names, other pixels of the same byte size (a generic "images" folder of
-    # another collection): neither the key nor the name is enough
-    same_names = tmp_path / "elsewhere" / data.name
-    shutil.copytree(data, same_names)
-    for f in same_names.rglob("*"):
-        if f.is_file():
-            raw = bytearray(f.read_bytes())
-            raw[-3] ^= 0xFF  # inside the first 64 KiB of these small files, size unchanged
-            f.write_bytes(bytes(raw))
-    assert training_overlap(evaluation_samples(same_names), seen, str(same_names))["train"] == 0
+    # other bytes of the same size under the same file names: under the training folder's name it is a re-encoded
+    # copy (its keys count); under another folder name the names alone are not enough (same-size BMPs, 0001.jpg)
+    for name in (data.name, "another-collection"):
+        twin = tmp_path / "elsewhere" / name
+        shutil.copytree(data, twin)
+        for f in twin.rglob("*"):
+            if f.is_file():
+                raw = bytearray(f.read_bytes())
+                raw[-3] ^= 0xFF  # inside the first 64 KiB of these small files, size unchanged
+                f.write_bytes(bytes(raw))
+        want = n_train if name == data.name else 0
+        assert training_overlap(evaluation_samples(twin), seen, str(twin))["train"] == want, name
 
 
 # ------------------------------------------------------------------ bundles, by their metadata

@@ -225,9 +225,11 @@ def exposure_warnings(host: str, *, share: bool, login: bool) -> list[str]:
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
-# Responses that stay open for the life of a page: Gradio's session heartbeat and its event stream.
-STREAM_PATHS = ("/gradio_api/heartbeat/", "/gradio_api/queue/data")
-# A page holds about one of each; a few tabs of one user fit, one address cannot take the 128 slots.
+# A response that stays open for the life of a page and that Gradio serves without a login: its session
+# heartbeat. (Its event stream, /gradio_api/queue/data, lasts one prediction and needs the login.)
+STREAM_PATHS = ("/gradio_api/heartbeat/",)
+# A page (or a gradio_client) holds one; a few tabs of one user fit, one address cannot take the 128 slots. Users
+# behind one NAT or an untrusted proxy share an address, and so these 16.
 STREAMS_PER_CLIENT = 16
 
 
@@ -242,9 +244,9 @@ class RequestGuard:
       by a proxy, and, unless `allow_framing` (Hugging Face Spaces shows the app in a frame), no page of
       this app can be framed by another site;
     - the client's address is published to `current_client_host()` for the login throttle;
-    - the connections that never end (Gradio's session heartbeat and its event stream) are capped per client
-      address, and with a login (`session_check`) the heartbeat needs a logged-in session, which Gradio itself
-      does not ask for: otherwise anyone could hold every one of the server's connection slots;
+    - the connection that never ends (Gradio's session heartbeat) is capped per client address, and with a
+      login (`session_check`) it needs a logged-in session, which Gradio itself does not ask for: otherwise
+      anyone could hold every one of the server's connection slots;
     - its own refusals under /api/ are the REST API's JSON errors.
     """
 
@@ -268,8 +270,7 @@ class RequestGuard:
         if declared.isdigit() and int(declared) > self.max_body:
             return await _refuse(send, 413, "request body too large", api)
         stream = path.startswith(STREAM_PATHS)
-        if stream and self.session_check is not None and path.startswith(STREAM_PATHS[0]) \
-                and not self.session_check(_cookies(headers.get("cookie", ""))):
+        if stream and self.session_check is not None and not self.session_check(_cookies(headers.get("cookie", ""))):
             return await _refuse(send, 401, "login required", api)
         key = client_key((scope.get("client") or (None, None))[0]) if stream else None
         if key is not None:
@@ -322,14 +323,11 @@ def _host_name(host: str) -> str:
 
 
 def _cookies(header: str) -> dict[str, str]:
-    from http.cookies import CookieError, SimpleCookie
+    # Starlette's lenient parser, as Gradio reads its own cookie: SimpleCookie drops the whole header at one
+    # malformed cookie, which another app on localhost (browsers share cookies across ports) can set.
+    from starlette.requests import cookie_parser
 
-    jar = SimpleCookie()
-    try:
-        jar.load(header)
-    except CookieError:
-        return {}
-    return {k: m.value for k, m in jar.items()}
+    return cookie_parser(header)
 
 
 async def _refuse(send, status: int, text: str, api: bool) -> None:

@@ -344,11 +344,13 @@ def build_app(
         if getattr(route, "path", "").startswith(API_PREFIX + "/"):
             api_methods.setdefault(route.path, set()).update(getattr(route, "methods", None) or ())
 
-    # Registered before the page is mounted at "/", which would otherwise answer every other /api/ request with
+    # Registered before the page is mounted at "/", which would otherwise answer every other /api request with
     # Gradio's {"detail": "Not Found"}: the REST contract is JSON {"error", "disclaimer"} for every error.
-    @app.api_route(API_PREFIX + "/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"],
-                   include_in_schema=False)
-    async def _unknown_api_route(request: Request, rest: str):
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
+
+    @app.api_route("/api", methods=methods, include_in_schema=False)
+    @app.api_route("/api/{rest:path}", methods=methods, include_in_schema=False)
+    async def _unknown_api_route(request: Request, rest: str = ""):
         allowed = api_methods.get(request.url.path)
         if allowed:
             return error(405, f"{request.method} is not accepted here; accepted: {', '.join(sorted(allowed))}",

@@ -93,7 +93,7 @@ def _no_nul(fh: TextIO) -> Iterator[str]:
         yield line
 
 
-def files_under(top: Path, seen: set[str] | None = None) -> list[Path]:
+def files_under(top: Path, seen: set[str] | None = None, *, follow_links: bool = True) -> list[Path]:
     """Every file under `top` (file links and broken links too), sorted. Linked folders are followed, which
     Path.rglob does not do, but no real folder is entered twice, so a link loop ends and a folder linked twice
     gives its images once, under the first name in sorted order. `seen`: the real paths of folders not to enter
@@ -101,7 +101,7 @@ def files_under(top: Path, seen: set[str] | None = None) -> list[Path]:
     and added to as folders are entered."""
     seen = set() if seen is None else seen
     found: list[Path] = []
-    for i, (dirpath, dirnames, filenames) in enumerate(os.walk(top, followlinks=True)):
+    for i, (dirpath, dirnames, filenames) in enumerate(os.walk(top, followlinks=follow_links)):
         real = os.path.realpath(dirpath)
         if i and real in seen:
             dirnames.clear()
@@ -169,7 +169,9 @@ def _load_manifest(manifest: Path, source: str) -> DataSource:
         )
     index: dict[str, list[Path]] = {}
     if path_col is None:
-        for p in files_under(root):
+        # linked folders not followed here: a link to the originals beside resized copies would give
+        # every id two files (class folders follow links: their folder says which image is meant)
+        for p in files_under(root, follow_links=False):
             if p.suffix.lower() in IMAGE_EXTENSIONS:
                 index.setdefault(p.stem, []).append(p)
     used = {c for c in (path_col, id_col, label_col, group_col, split_col) if c}

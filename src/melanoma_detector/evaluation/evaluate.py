@@ -17,7 +17,8 @@ Output folder:
 Images the model trained on, or chose its epoch, calibration and thresholds on (its val split), make figures
 optimistic: each set's ``overlap`` counts them (``train``, ``val``; ``recalibration`` for a recalibrated bundle),
 matched by the model's own split record (a run's split.csv; a bundle's split file, checked by its training
-fingerprint) by real path, or by image key or file name when size and first 64 KiB match too, and the console and report warn. They are counted,
+fingerprint) by real path, image key, or file name when size and first 64 KiB match too, and the console and
+report warn. They are counted,
 not refused; with no split record at hand ``checked`` is false and the log says so.
 
 Images the input gate refuses (``status == "cannot_assess"``) are counted and listed, never
@@ -208,9 +209,10 @@ class _Seen:
     """The images a model used in one role (train, val, recalibration), indexed for set lookups: by real path
     (a subfolder of the training data, a folder of links, a manifest pointing into it), by key (a split file's
     "<data folder name>/<path under it>", so a copy of the whole folder elsewhere still matches) and by file
-    name (a copy under another folder name). A key or name hit counts only when the two files hold the same
-    bytes as far as size and the first 64 KiB tell (generic folder names such as "images", and same-size BMPs,
-    would otherwise match unrelated images); a key whose training file is not on this machine counts unread."""
+    name (a copy under another folder name). A key counts as it is: a re-encoded or shrunk copy of the data
+    folder keeps its keys (another collection whose folder and file names are the same is warned about too, the
+    safer mistake). A name alone counts only when the two files hold the same bytes as far as size and the first
+    64 KiB tell: same-size BMPs and generic names such as 0001.jpg would otherwise match unrelated images."""
 
     keys: dict[str, str | None] = field(default_factory=dict)
     paths: set[str] = field(default_factory=set)
@@ -228,11 +230,7 @@ class _Seen:
         if real in self.paths:
             return True
         if key in self.keys:
-            theirs = self.keys[key]
-            if theirs is None or _size(theirs) is None:
-                return True  # keys-only record whose images are elsewhere: the key is all there is to go on
-            if _same_bytes(real, theirs):
-                return True
+            return True  # a copy of the data folder, re-encoded or shrunk ones too: a warning too many beats none
         return any(_same_bytes(real, t) for t in self.names.get(os.path.basename(real), ()))
 
 
