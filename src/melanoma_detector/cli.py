@@ -774,6 +774,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser of the command `args` came from: `melanoma data check` for data's check."""
+    for dest in ("command", "data_command"):
+        action = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        chosen = getattr(args, dest, None)
+        if action is None or chosen not in action.choices:
+            break
+        parser = action.choices[chosen]
+    return parser
+
+
 def _disclaim(parser: argparse.ArgumentParser) -> None:
     """Every command's --help ends with the disclaimer (its description, or an epilog where it has none)."""
     for action in parser._actions:
@@ -793,7 +804,9 @@ _EXTRA_OF = {"torch": "train", "torchvision": "train", "timm": "train", "safeten
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to ("melanoma predict: ..."), with its --help
+        _command_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

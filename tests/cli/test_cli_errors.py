@@ -300,3 +300,14 @@ def test_a_reader_that_stops_early_is_not_an_error():
               "sys.exit(cli.main(['predict', 'x.jpg']))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_an_unknown_flag_is_named_with_its_command(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "x.jpg", "--bogus"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("melanoma predict: error: unrecognized arguments: --bogus") and "melanoma predict --help" in err
+    with pytest.raises(SystemExit):
+        main(["data", "check", "somewhere", "--bogus"])
+    assert capsys.readouterr().err.startswith("melanoma data check: error: unrecognized arguments: --bogus")
