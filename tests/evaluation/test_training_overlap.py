@@ -75,6 +75,16 @@ def test_its_test_split_is_not_flagged(tiny_run, tmp_path, capsys, caplog):
     assert not any("scored images" in r.getMessage() for r in caplog.records)
 
 
+def test_the_compared_model_is_checked_too(tiny_run, tmp_path, capsys):
+    data, run = tiny_run
+    res = _evaluate(run, tmp_path / "ev", "--data", str(data), "--compare", str(run))
+    ov_a, ov_b = res["sets"][0]["overlap"], res["compare"]["sets"][0]["overlap"]
+    assert ov_b["checked"] and (ov_b["train"], ov_b["val"]) == (ov_a["train"], ov_a["val"]) and ov_b["train"] > 0
+    out = capsys.readouterr().out
+    assert "warning: lesions (model B): " in out and "warning: lesions: " in out
+    assert "lesions (model B):" in html.unescape((tmp_path / "ev" / "report.html").read_text())
+
+
 def test_a_model_with_no_split_record_says_overlap_could_not_be_checked(tiny_run, tmp_path, caplog):
     data, run = tiny_run
     alone = tmp_path / "elsewhere" / "model.pt"

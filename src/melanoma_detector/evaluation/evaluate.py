@@ -711,6 +711,9 @@ def evaluate_model(
     info.update(training_split=seen.record, training_split_note=seen.why_not)
     if seen.record is None:
         log.warning("could not check which scored images the model trained on: %s", seen.why_not)
+    seen_b = model_images(compare, compare_source) if compare is not None else None
+    if seen_b is not None and seen_b.record is None:
+        log.warning("could not check which scored images the compared model trained on: %s", seen_b.why_not)
     scored_a: list[tuple[EvalSet, Scored]] = []
     scored_b: list[tuple[EvalSet, Scored]] = []
     for es in sets:
@@ -727,9 +730,13 @@ def evaluate_model(
         if compare is not None:
             sb = score_set(compare, es, progress=progress)
             scored_b.append((es, sb))
-            results["compare"]["sets"].append(_compare_set(
+            overlap_b = training_overlap(sb.samples, seen_b, es.data)
+            warning = overlap_warning(f"{es.name} (model B)", overlap_b)
+            if warning:
+                log.warning("%s", warning)
+            results["compare"]["sets"].append({**_compare_set(
                 es, sa, sb, info, info_b, set_dir, out, n_resamples=n_resamples, seed=seed,
-                prevalence=prevalence))
+                prevalence=prevalence), "overlap": overlap_b})
 
     _write_predictions(out / "predictions.csv", scored_a, info["thresholds"]["screening"])
     if compare is not None:

@@ -89,6 +89,13 @@ def overlap_warning(name: str, overlap: Mapping[str, Any] | None) -> str | None:
     return None
 
 
+def _overlap_warnings(results: Mapping[str, Any]) -> list[str | None]:
+    """The overlap warning of every set, the compared model's ("model B") after the evaluated model's."""
+    return ([overlap_warning(s["name"], s.get("overlap")) for s in results["sets"]]
+            + [overlap_warning(f"{c['name']} (model B)", c.get("overlap"))
+               for c in (results.get("compare") or {}).get("sets", [])])
+
+
 def _e(x: Any) -> str:
     return html.escape("" if x is None else str(x), quote=True)
 
@@ -297,8 +304,7 @@ def render_html(results: Mapping[str, Any], out: Path) -> str:
     parts.append(_table(["set", "data", "images", "assessed", "malignant", "benign",
                          "cannot assess", "lesion groups", "AUC [95% CI]",
                          "sensitivity @ screening", "specificity @ screening"], rows, num_from=2))
-    parts += [f"<p class='flag'>Warning: {_e(w)}.</p>" for w in
-              (overlap_warning(s["name"], s.get("overlap")) for s in results["sets"]) if w]
+    parts += [f"<p class='flag'>Warning: {_e(w)}.</p>" for w in _overlap_warnings(results) if w]
 
     cmp_sets = {c["name"]: c for c in (cmp or {}).get("sets", [])}
     for s in results["sets"]:
@@ -376,5 +382,5 @@ def format_summary(results: Mapping[str, Any]) -> str:
             lines.append(f"{'':<18} DeLong: AUC A − B = {_num(d.get('diff'))} "
                          f"[{_num(d.get('ci_low'))}, {_num(d.get('ci_high'))}], "
                          f"p = {_num(d.get('p_value'), 4)}")
-    lines += [f"warning: {w}" for w in (overlap_warning(s["name"], s.get("overlap")) for s in results["sets"]) if w]
+    lines += [f"warning: {w}" for w in _overlap_warnings(results) if w]
     return "\n".join(lines)
