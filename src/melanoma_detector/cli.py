@@ -407,6 +407,10 @@ def cmd_predict(args) -> int:
 
     if not args.paths and not args.manifest:
         raise UserError("nothing to score: give image files or folders, or --manifest FILE")
+    for flag, values in (("a path", args.paths), ("--manifest", args.manifest), ("--out", [args.out]),
+                         ("--csv", [args.csv]), ("--json", [args.json])):
+        if any(v == "" for v in values or ()):  # Path("") is the current folder: an unset $VAR must not mean "."
+            raise UserError(f"{flag} is empty (an unset variable?); accepted: a file or folder name")
     if args.out:
         return _predict_to_file(args)
     if args.resume or args.workers is not None:

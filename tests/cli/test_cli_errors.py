@@ -311,3 +311,10 @@ def test_an_unknown_flag_is_named_with_its_command(capsys):
     with pytest.raises(SystemExit):
         main(["data", "check", "somewhere", "--bogus"])
     assert capsys.readouterr().err.startswith("melanoma data check: error: unrecognized arguments: --bogus")
+
+
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, capsys):
+    for args in (["predict", ""], ["predict", str(tmp_path), "--out", ""], ["predict", str(tmp_path), "--csv", ""],
+                 ["predict", "--manifest", ""]):
+        assert main(args) == 2, args
+        _one_line_error(capsys, "is empty", "accepted")

@@ -203,3 +203,22 @@ def test_a_recalibrated_bundles_fitting_images_are_counted(keys_only, grouped_ma
         "split_file"]), model_images(_bundle(meta, root)), str(grouped_manifest))
     assert (ov["train"], ov["val"], ov["recalibration"]) == (0, 0, 5)
     assert "5 of" in overlap_warning("ham", ov) and "re-fitted" in overlap_warning("ham", ov)
+
+
+def test_a_bundle_in_another_clone_finds_the_split_file_its_repository_ships(keys_only, grouped_manifest, tmp_path,
+                                                                             monkeypatch):
+    """The shipped metadata names /work/main/configs/splits/default.csv; a clone elsewhere holds the same file
+    under its own root, which the fingerprint confirms."""
+    samples, path, meta = keys_only
+    clone = tmp_path / "clone"
+    (clone / "configs" / "splits").mkdir(parents=True)
+    shutil.copy(path, clone / "configs" / "splits" / "default.csv")
+    path.unlink()  # only the clone's copy is left
+    (clone / "models" / "default").mkdir(parents=True)
+    meta = {**meta, "training": {**meta["training"], "config": {"data": {
+        "paths": [str(grouped_manifest)], "split_file": "/nowhere/main/configs/splits/default.csv"}}}}
+    monkeypatch.chdir(tmp_path / "clone" / "models")  # where the relative splits.file does not resolve
+    seen = model_images(_bundle(meta, clone / "models" / "default"))
+    assert seen.record == str(clone / "configs" / "splits" / "default.csv"), seen.why_not
+    train = [s for s in evaluation_samples(grouped_manifest) if s.key in {x.key for x in samples if x.split == "train"}]
+    assert training_overlap(train, seen, str(grouped_manifest))["train"] == len(train) > 0

@@ -16,11 +16,15 @@ from melanoma_detector.cli import main
 def tiny(tmp_path_factory):
     from conftest import train_tiny_bundle
 
-    _, _, bundle = train_tiny_bundle(tmp_path_factory, n_train=14, n_test=6, epochs_frozen=2, epochs_finetune=0,
+    root, _, bundle = train_tiny_bundle(tmp_path_factory, n_train=14, n_test=6, epochs_frozen=2, epochs_finetune=0,
                                         resamples=20)
     site = tmp_path_factory.mktemp("site") / "clinic"
     make_class_folder(site, 40, np.random.default_rng(11), "site")
+    TRAINING_DATA.append(root)
     return bundle, site
+
+
+TRAINING_DATA: list = []  # the tiny bundle's own data folder, for the refusal below
 
 
 def test_recalibrated_bundle_serves_the_refitted_calibration(tiny, tmp_path, capsys):
@@ -180,3 +184,15 @@ def test_interrupted_recalibration_leaves_no_half_bundle(tiny, tmp_path, monkeyp
                                                    "recalibration_split.csv"}
         assert json.loads((out / "metadata.json").read_text())["recalibration"]["gate"] == gate
     assert sorted(p.name for p in parent.iterdir()) == ["empty", "recal"]
+
+
+def test_the_models_own_training_images_are_refused(tiny, tmp_path, capsys):
+    """Fitted on images it trained on, a bundle got T = 0.05 and a screening threshold of 0.99999 that labelled
+    every melanoma benign; recalibration is for a new source only."""
+    bundle, _ = tiny
+    out = tmp_path / "recal"
+    assert main(["recalibrate", "--model", str(bundle), "--data", str(TRAINING_DATA[0] / "train"), "--out", str(out),
+                 "--resamples", "20", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "training and" in err and "accepted: labelled images of a new source" in err and "\n" not in err
+    assert not out.exists()

@@ -334,7 +334,11 @@ def _bundle_images(meta: Mapping[str, Any], root: Path | None) -> ModelImages:
     trained_with = [str((c.get("data") or {}).get("split_file")) for c in configs
                     if (c.get("data") or {}).get("split_file")]
     named = list(dict.fromkeys([recorded, *trained_with] if recorded else trained_with))
-    candidates = list(dict.fromkeys([*map(str, where), *trained_with]))
+    # A recorded path names the machine the bundle was made on (/work/main/configs/splits/default.csv); in another
+    # clone the same file sits under the bundle's repository: its last parts under the bundle's parent folders.
+    moved = [parent / Path(*Path(f).parts[-k:]) for f in trained_with for k in (1, 2, 3) if len(Path(f).parts) >= k
+             for parent in (Path(root).resolve().parents[:3] if root is not None else ())]
+    candidates = list(dict.fromkeys([*map(str, where), *trained_with, *map(str, moved)]))
     fingerprint = training.get("train_keys_sha256")
     roles: dict[str, _Seen] = {}
     split, why = None, None

@@ -52,6 +52,16 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     require_both_classes(samples, "recalibration data")
     predictor = Predictor(bundle_dir)
     src_meta = predictor.bundle.metadata
+    # Images the model trained or chose its thresholds on fit it far too well (a temperature of 0.05 and a
+    # screening threshold of 0.99999 were seen): recalibration is for a new source's images only.
+    from melanoma_detector.evaluation.evaluate import model_images, training_overlap
+
+    seen = model_images(predictor, bundle_dir)
+    overlap = training_overlap(samples, seen, str(data[0]))
+    if overlap.get("train") or overlap.get("val"):
+        raise UserError(f"{', '.join(map(str, data))}: {overlap.get('train') or 0} training and {overlap.get('val') or 0} "
+                        f"validation images of {bundle_dir} among these {len(samples)}; accepted: labelled images of "
+                        "a new source that the model never trained or validated on")
 
     sc = _score(predictor, samples, progress=progress)
     src_far = (predictor.ood_distance(sc.feats) > predictor.ood["threshold"] if predictor.ood is not None
