@@ -318,3 +318,8 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, capsy
                  ["predict", "--manifest", ""]):
         assert main(args) == 2, args
         _one_line_error(capsys, "is empty", "accepted")
+
+
+def test_a_folder_given_as_manifest_is_named_as_one(tmp_path, capsys):
+    assert main(["predict", "--manifest", str(tmp_path)]) == 2
+    _one_line_error(capsys, "is a folder", "goes as an argument")

@@ -85,6 +85,9 @@ def iter_manifest(manifest: str | Path) -> Iterator[str]:
     """Paths listed in a CSV (a path column) or a text file (one per line, # comments), read lazily.
     Relative paths are resolved against the manifest's folder. The header is checked before this returns."""
     manifest = Path(manifest)
+    if manifest.is_dir():
+        raise UserError(f"--manifest {manifest}: is a folder; accepted: a CSV with a path column or a text file "
+                        "(a folder of images goes as an argument)")
     if not manifest.is_file():
         raise UserError(f"--manifest {manifest}: no such file; expected a CSV with a path column or a text file")
     root = manifest.parent
