@@ -150,6 +150,16 @@ def _lookup(metadata: dict[str, Any], key: str) -> Any:
     return value
 
 
+def risk_of(tiers, probability: float, default: tuple[str | None, str] = (None, "")) -> tuple[str | None, str]:
+    """(level, recommendation) of the highest of `tiers` (ascending by min_probability) that `probability`
+    reaches; `default` below them all. One rule for the bundle predictor and a checkpoint's."""
+    level, text = default
+    for tier in tiers:
+        if probability >= tier["min_probability"]:
+            level, text = tier["level"], tier["recommendation"]
+    return level, text
+
+
 def check_metadata(metadata: Any, meta_path: str | Path) -> None:
     """Raises BundleError (one line, naming the key and what it accepts) unless `metadata` holds every
     value the predictor needs, of a usable type: a bundle must never load with a key silently replaced by

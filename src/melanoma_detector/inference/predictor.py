@@ -20,7 +20,7 @@ from melanoma_detector import DISCLAIMER
 from melanoma_detector.calibration import calibrated_probabilities
 from melanoma_detector.data.io import ImageSource, load_image, to_rgb, upright
 from melanoma_detector.errors import ImageDecodeError
-from melanoma_detector.inference.bundle import Bundle, load_bundle
+from melanoma_detector.inference.bundle import Bundle, load_bundle, risk_of
 from melanoma_detector.preprocess import Preprocessing, crop_box, preprocess_image
 
 RESULT_COLUMNS = [
@@ -142,11 +142,7 @@ class Predictor:
         return dict(zip(self.output_names, outs))
 
     def risk(self, probability: float) -> tuple[str, str]:
-        level, text = "Low", ""
-        for tier in self.tiers:
-            if probability >= tier["min_probability"]:
-                level, text = tier["level"], tier["recommendation"]
-        return level, text
+        return risk_of(self.tiers, probability, ("Low", ""))
 
     def _result(self, path: str, prob: float | None, reason: str = "", extra: dict | None = None) -> dict[str, Any]:
         if prob is None:

@@ -40,11 +40,9 @@ class TorchPredictor:
 
     def risk(self, probability: float) -> tuple[str | None, str]:
         """(level, recommendation) from the tiers; (None, "") for a checkpoint without both thresholds."""
-        level, text = None, ""
-        for tier in self.tiers or ():
-            if probability >= tier["min_probability"]:
-                level, text = tier["level"], tier["recommendation"]
-        return level, text
+        from melanoma_detector.inference.bundle import risk_of
+
+        return risk_of(self.tiers or (), probability)
 
     def _load(self, path: str):
         try:
