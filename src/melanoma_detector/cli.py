@@ -427,13 +427,12 @@ def cmd_predict(args) -> int:
     predictor = _make_predictor(args.model, tta=args.tta)
     rows = predictor.predict_paths(files, batch_size=args.batch_size, progress=not args.no_progress and len(files) > 1)
     if args.csv:
-        from melanoma_detector.inference.batch import csv_row
-        from melanoma_detector.inference.predictor import RESULT_COLUMNS
+        from melanoma_detector.inference.batch import CSV_COLUMNS, csv_row
 
         # UTF-8 whatever the locale, and a file name that is not UTF-8 keeps its bytes (as `--out` does); a path
         # that would open as a spreadsheet formula (`=...`) gets a leading `'` (as `--out` does; JSON keeps it raw)
         with open(args.csv, "w", newline="", encoding="utf-8", errors="surrogateescape") as fh:
-            w = csv.DictWriter(fh, fieldnames=RESULT_COLUMNS)
+            w = csv.DictWriter(fh, fieldnames=CSV_COLUMNS)
             w.writeheader()
             w.writerows(csv_row(r) for r in rows)
     if args.json:

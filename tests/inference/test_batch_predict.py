@@ -20,11 +20,12 @@ import pytest
 from PIL import Image
 
 from conftest import lesion_image
+from melanoma_detector import DISCLAIMER
 from melanoma_detector.cli import main
 from melanoma_detector.errors import UserError
 from melanoma_detector.inference import Predictor, default_bundle_dir
 from melanoma_detector.inference.batch import decoded_batches, iter_inputs, predict_to_file
-from melanoma_detector.inference.predictor import ImagePrep
+from melanoma_detector.inference.predictor import RESULT_COLUMNS, ImagePrep
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLE = default_bundle_dir()
@@ -494,8 +495,42 @@ def test_csv_numbers_are_written_as_numbers_even_when_negative(tmp_path):
 
     out = tmp_path / "r.csv"
     predict_to_file(Stub(), ["-x.jpg", "/abs/-y.jpg"], out, workers=0)
-    assert out.read_text().splitlines()[1:] == ["'-x.jpg,-0.25,benign,Low,Routine,ok,",
-                                                "/abs/-y.jpg,-0.25,benign,Low,Routine,ok,"]
+    assert out.read_text().splitlines()[1:] == [f"'-x.jpg,-0.25,benign,Low,Routine,ok,,\"{DISCLAIMER}\"",
+                                                f"/abs/-y.jpg,-0.25,benign,Low,Routine,ok,,\"{DISCLAIMER}\""]
+
+
+class _Stub:
+    def predict_paths(self, paths, batch_size=16):
+        return [{"path": p, "probability_malignant": 0.5, "predicted_label": "malignant", "risk_level": "High",
+                 "recommendation": "See a dermatologist", "status": "ok", "reason": ""} for p in paths]
+
+
+def test_every_csv_row_carries_the_disclaimer(tmp_path, monkeypatch, capsys):
+    """A CSV has no file-level metadata: each row of `--out x.csv` and `predict --csv` ends with the disclaimer."""
+    out = tmp_path / "r.csv"
+    predict_to_file(_Stub(), ["a.jpg", "b.jpg"], out, workers=0)
+    rows = list(csv.DictReader(out.open(newline="", encoding="utf-8")))
+    assert [r["disclaimer"] for r in rows] == [DISCLAIMER] * 2
+
+    _copy_examples(tmp_path / "imgs", ["a.jpg", "b.jpg"])
+    out_csv = tmp_path / "cli.csv"
+    assert main(["predict", "--csv", str(out_csv), "--model", str(BUNDLE), "--no-progress",
+                 str(tmp_path / "imgs")]) == 0
+    capsys.readouterr()
+    rows = list(csv.DictReader(out_csv.open(newline="", encoding="utf-8")))
+    assert len(rows) == 2 and all(r["disclaimer"] == DISCLAIMER for r in rows)
+    assert list(rows[0])[-1] == "disclaimer" and list(rows[0])[:-1] == RESULT_COLUMNS
+
+
+def test_resume_of_a_file_from_before_the_disclaimer_column_keeps_its_columns(tmp_path):
+    """A results file an earlier version began (7 columns) is resumed in its own columns, not with ragged rows."""
+    out = tmp_path / "old.csv"
+    out.write_text(",".join(RESULT_COLUMNS) + "\na.jpg,0.5,malignant,High,See a dermatologist,ok,\n")
+    s = predict_to_file(_Stub(), ["a.jpg", "b.jpg"], out, workers=0, resume=True)
+    assert s["already_done"] == 1 and s["processed"] == 1
+    rows = list(csv.reader(out.open(newline="")))
+    assert rows[0] == RESULT_COLUMNS and [r[0] for r in rows[1:]] == ["a.jpg", "b.jpg"]
+    assert all(len(r) == len(RESULT_COLUMNS) for r in rows)
 
 
 def test_cli_csv_escapes_formula_names_and_json_keeps_them(tmp_path, monkeypatch, capsys):

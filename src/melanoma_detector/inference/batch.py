@@ -12,13 +12,14 @@ working directory, for relative paths). A CSV's text cells that would open as a 
 (`=...`, `-...`) are written with a leading `'` (`fileio.escape_formula`), which resume takes off again.
 
 Output formats, by the file name:
-  .csv      rows appended and flushed every `flush_every` rows. A last line cut off by a kill is
-            truncated away on resume.
+  .csv      rows appended and flushed every `flush_every` rows; a last `disclaimer` column repeats the
+            disclaimer in every row. A last line cut off by a kill is truncated away on resume.
   .parquet  a Parquet file is unreadable until its footer is written, so rows go first to complete
             part files, `OUT.parts/part-NNNNN.parquet`, each written under a temporary name and
             renamed (atomic); at the end the parts (and an earlier OUT, when resuming) are
             combined into OUT (written to OUT.tmp, renamed) and the parts removed. An interrupted
-            run leaves OUT.parts/; resume reads the complete parts and finishes.
+            run leaves OUT.parts/; resume reads the complete parts and finishes. The disclaimer is
+            in the schema's metadata.
 
 Never imports torch: workers run only Pillow + numpy (`ImagePrep`).
 """
@@ -306,12 +307,18 @@ def _row(r: dict[str, Any]) -> dict[str, Any]:
 # the labels the model's bundle names) are written as they are.
 CSV_TEXT_COLUMNS = ("path", "recommendation", "reason")
 
+# A CSV has no place for file-level metadata (JSON has a `disclaimer` key, Parquet its schema metadata), and a
+# comment line before the header breaks plain readers, so every row carries the disclaimer in a last column:
+# a row copied out of the file, or one line of it opened in a spreadsheet, still says what it is.
+CSV_COLUMNS = [*RESULT_COLUMNS, "disclaimer"]
+
 
 def csv_row(r: dict[str, Any]) -> dict[str, Any]:
-    """A result row for a CSV file: RESULT_COLUMNS, the text ones formula-escaped (`fileio.escape_formula`)."""
+    """A result row for a CSV file: CSV_COLUMNS, the text ones formula-escaped (`fileio.escape_formula`)."""
     row = _row(r)
     for c in CSV_TEXT_COLUMNS:
         row[c] = escape_formula(row[c])
+    row["disclaimer"] = DISCLAIMER
     return row
 
 
@@ -332,9 +339,9 @@ class _CsvSink:
     def open(self) -> set[str]:
         """Paths already in the file; a record cut off by an interruption is truncated away."""
         done: set[str] = set()
-        header_ok = False
+        header_ok, columns = False, CSV_COLUMNS
         if self.out.exists() and self.out.stat().st_size > 0:
-            done, end, header_ok = _scan_csv(self.out)
+            done, end, header_ok, columns = _scan_csv(self.out)
             if end < self.out.stat().st_size:
                 log.warning("%s: dropping an incomplete last row (%d bytes) left by an interrupted run",
                             self.out, self.out.stat().st_size - end)
@@ -342,7 +349,8 @@ class _CsvSink:
                     fh.truncate(end)
         # surrogateescape: file names that are not valid UTF-8 round-trip byte for byte, so resume still matches them
         self.fh = self.out.open("a", newline="", encoding="utf-8", errors="surrogateescape")
-        self.writer = csv.DictWriter(self.fh, fieldnames=RESULT_COLUMNS)
+        # a file begun by a version without the disclaimer column goes on in its own columns, not a ragged mix
+        self.writer = csv.DictWriter(self.fh, fieldnames=columns, extrasaction="ignore")
         if not header_ok:
             self.writer.writeheader()
             self.fh.flush()
@@ -367,10 +375,9 @@ class _CsvSink:
             self.fh.close()
 
 
-def _scan_csv(path: Path) -> tuple[set[str], int, bool]:
+def _scan_csv(path: Path) -> tuple[set[str], int, bool, list[str]]:
     """(paths in complete rows, as given to the run (formula escape undone), byte offset after the last
-    complete row, header present)."""
-    ncols = len(RESULT_COLUMNS)
+    complete row, header present, the file's columns)."""
     with path.open("rb") as fh:
         consumed, ended = 0, True
 
@@ -391,14 +398,15 @@ def _scan_csv(path: Path) -> tuple[set[str], int, bool]:
         if header is None or not ended:
             fh.seek(0)
             head = fh.read(4096).decode("utf-8", errors="replace")
-            if ",".join(RESULT_COLUMNS).startswith(head.rstrip("\r\n")):
-                return set(), 0, False  # killed while writing the header: start the file again
+            if ",".join(CSV_COLUMNS).startswith(head.rstrip("\r\n")):
+                return set(), 0, False, CSV_COLUMNS  # killed while writing the header: start the file again
             raise UserError(f"{path}: not a results file of `melanoma predict` (no header line); choose another --out")
-        if header != RESULT_COLUMNS:
+        if header not in (CSV_COLUMNS, RESULT_COLUMNS):  # RESULT_COLUMNS alone: written before the disclaimer column
             raise UserError(
                 f"{path}: not a results file of `melanoma predict` (columns: {', '.join(header)[:200]}); "
                 "choose another --out"
             )
+        ncols = len(header)
         done: set[str] = set()
         good, bad_at = consumed, None
         while True:
@@ -419,7 +427,7 @@ def _scan_csv(path: Path) -> tuple[set[str], int, bool]:
                                 "(or it was edited); choose another --out")
             done.add(unescape_formula(row[0]))  # `'=x.jpg` was written for =x.jpg (and `''=x.jpg` for '=x.jpg)
             good = consumed
-        return done, good, True
+        return done, good, True, header
 
 
 class _ParquetSink:
