@@ -103,10 +103,11 @@ def aucs(samples: list[Sample], z: np.ndarray) -> str:
 
 def compare(label: str, z: dict[str, np.ndarray], reference: tuple[str, dict[str, np.ndarray]],
             sets: dict[str, list[Sample]], splits=("val", "test")) -> None:
-    """Paired DeLong test of `z` against the reference's logits on each of `splits`."""
+    """Paired DeLong test (clustered by lesion group) of `z` against the reference's logits on each of `splits`."""
     for s in splits:
         y = np.array([smp.label for smp in sets[s]])
-        d = delong_test(y, z[s], reference[1][s])
+        groups = np.array([smp.group_key for smp in sets[s]], dtype=object)  # a lesion's images are not independent
+        d = delong_test(y, z[s], reference[1][s], groups=groups)
         print(f"{s:4s} DeLong, {label} minus {reference[0]}: {d['diff']:+.4f} "
               f"({d['ci_low']:+.4f}, {d['ci_high']:+.4f}), p = {d['p_value']:.2f}", flush=True)
 

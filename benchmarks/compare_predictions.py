@@ -30,7 +30,9 @@ def read_predictions(run: Path) -> dict[tuple[str, str], tuple[int, float]]:
         rows = list(csv.DictReader(fh))
     if rows and not {"path", "label", "probability_malignant", "set"} <= set(rows[0]):
         sys.exit(f"error: {path}: expected the columns path, label, probability_malignant, set")
-    return {(r["set"], r["path"]): (int(r["label"] == "malignant"), float(r["probability_malignant"])) for r in rows}
+    # the group (lesion) column of evaluate's predictions.csv, or the image itself where the data named none
+    return {(r["set"], r["path"]): (int(r["label"] == "malignant"), float(r["probability_malignant"]),
+                                    r.get("group") or r["path"]) for r in rows}
 
 
 def main() -> None:
@@ -52,10 +54,12 @@ def main() -> None:
         if len(set(y)) < 2:
             print(f"{name}: n={len(keys)}, one class only: no AUC")
             continue
-        d = delong_test(y, np.array([a[k][1] for k in keys]), np.array([b[k][1] for k in keys]))
+        groups = np.array([a[k][2] for k in keys], dtype=object)  # one lesion's images are not independent
+        d = delong_test(y, np.array([a[k][1] for k in keys]), np.array([b[k][1] for k in keys]), groups=groups)
         p = "n/a" if d["p_value"] is None else f"{d['p_value']:.3f}"
         print(f"{name}: n={len(keys)} ({int(y.sum())} malignant); AUC A {d['auc1']:.4f}, B {d['auc2']:.4f}; "
-              f"A - B {d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f}), DeLong p = {p}")
+              f"A - B {d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f}), DeLong p = {p} "
+              f"(clustered by {d.get('n_groups')} lesion groups)")
 
 
 if __name__ == "__main__":

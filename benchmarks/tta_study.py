@@ -99,8 +99,8 @@ def gain_gap_permutation(y, plain, tta, groups, in_val, *, n: int, seed: int) ->
     return observed, p, gaps
 
 
-def fmt_delong(y, a, b) -> str:
-    d = delong_test(y, a, b)
+def fmt_delong(y, a, b, groups=None) -> str:
+    d = delong_test(y, a, b, groups=groups)  # clustered by lesion: one lesion's images are not independent
     p = "n/a" if d["p_value"] is None else f"{d['p_value']:.3f}"
     return f"{d['auc1']:.3f} vs {d['auc2']:.3f}: {d['diff']:+.3f} ({d['ci_low']:+.3f}, {d['ci_high']:+.3f}), p = {p}"
 
@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     probs = pred.calibrate(logits.ravel()).reshape(logits.shape)
     y = np.array([r["y"] for r in rows])
     sets = np.array([r["set"] for r in rows])
+    groups = np.array([r["group"] or r["path"] for r in rows], dtype=object)
     plain, tta = probs[:, 0], probs.mean(axis=1)  # as Predictor scores them: mean of calibrated probabilities
     families = {"rotations (identity, 90, 180, 270)": [0, 2, 4, 6], "identity + hflip": [0, 1],
                 "flips of each rotation (4 mirrored views)": [1, 3, 5, 7]}
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
     for name in [f"{s} {sp}" for s, sp in SETS]:
         m = sets == name
         print(f"\n== {name}: n = {m.sum()} ({y[m].sum()} melanoma)")
-        print(f"  TTA vs plain (DeLong): {fmt_delong(y[m], tta[m], plain[m])}")
+        print(f"  TTA vs plain (DeLong): {fmt_delong(y[m], tta[m], plain[m], groups[m])}")
         single = [roc_auc(y[m], probs[m, k]) for k in range(8)]
         print("  each view alone: " + ", ".join(f"{n} {a:.3f}" for n, a in zip(VIEW_NAMES, single)))
         for fam, idx in families.items():

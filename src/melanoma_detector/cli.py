@@ -486,6 +486,9 @@ def _add_export(sub) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the bundle already in --out (only once the new one is complete)")
     p.add_argument("--no-data", action="store_true", help="skip calibration/metrics/input-gate statistics on data")
+    p.add_argument("--no-fingerprints", action="store_true",
+                   help="do not store perceptual hashes of the training and validation images (seen_images.npz), "
+                        "with which `melanoma evaluate` finds renamed, resized or re-encoded copies of them")
     p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for CIs")
     p.set_defaults(func=cmd_export)
 
@@ -496,7 +499,7 @@ def cmd_export(args) -> int:
     check_export_target(args.out, overwrite=args.overwrite)
     with staged_bundle(args.out) as stage:
         meta = export_bundle(args.model, stage, split_file=args.split, use_data=not args.no_data,
-                             n_resamples=args.resamples)
+                             n_resamples=args.resamples, seen_fingerprints=not args.no_fingerprints)
     test = meta.get("metrics", {}).get("test")
     print(f"bundle written to {args.out} (model {meta['model_version']}, sha256 {meta['graph']['sha256'][:12]})")
     if test:
@@ -516,12 +519,27 @@ def _add_card(sub) -> None:
                    help="output folder(s) of `melanoma evaluate --out`")
     p.add_argument("--note", help="how the evaluated model relates to this bundle; required when it is not the "
                                   "bundle itself (e.g. 'the same recipe trained on HAM10000 alone')")
+    p.add_argument("--fingerprint-split", metavar="SPLIT",
+                   help="first give a bundle exported before fingerprints its seen_images.npz: perceptual hashes of "
+                        "the train and val images of SPLIT, the split file its models trained on (checked against "
+                        "the bundle's record), with which `melanoma evaluate` finds renamed or resized copies")
+    p.add_argument("--data", action="append", metavar="PATH",
+                   help="data folder where a keys-only --fingerprint-split finds its images (repeatable; default: "
+                        "the folders the bundle's models trained on)")
     p.set_defaults(func=cmd_card)
 
 
 def cmd_card(args) -> int:
     from melanoma_detector.export.external import record_external
 
+    if args.data and not args.fingerprint_split:
+        raise UserError("--data: only used with --fingerprint-split; accepted: --fingerprint-split SPLIT --data PATH")
+    if args.fingerprint_split:
+        from melanoma_detector.export.bundle import fingerprint_bundle
+
+        seen = fingerprint_bundle(args.bundle, args.fingerprint_split, data_paths=args.data)["seen_images"]
+        print(f"{Path(args.bundle) / seen['file']} written: {seen['counts']['train']:,} training and "
+              f"{seen['counts']['val']:,} validation images fingerprinted")
     meta = record_external(args.bundle, args.external_eval, note=args.note)
     n = len(meta.get("external_validation") or [])
     print(f"{Path(args.bundle) / 'MODEL_CARD.md'} written; {n} external evaluation(s) recorded")

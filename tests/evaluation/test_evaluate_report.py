@@ -170,7 +170,8 @@ def test_fast_bootstrap_equals_bootstrap_ci_per_metric():
     ones = B.weighted_metrics(y, p, np.ones((1, n)), th, prevalence=0.03)
     for name, fn in fns.items():  # a row of ones is the data itself
         assert ones[name][0] == pytest.approx(fn(y, p), abs=1e-12), name
-    fast = B.metrics_with_ci(y, p, th, groups=groups, n_resamples=150, seed=5, prevalence=0.03)
+    fast = B.metrics_with_ci(y, p, th, groups=groups, n_resamples=150, seed=5, prevalence=0.03,
+                             proportion_intervals="bootstrap")
     assert len(fast) == 22
     for name in ("roc_auc", "average_precision", "partial_auc_above_80tpr", "specificity_at_95_sensitivity",
                  "ece", "brier", "ppv@screening", "balanced_accuracy@high_specificity",
@@ -179,6 +180,37 @@ def test_fast_bootstrap_equals_bootstrap_ci_per_metric():
         assert fast[name]["ci95"] == pytest.approx([ci.low, ci.high], abs=1e-12), name
         assert fast[name]["n_valid"] == ci.n_valid
         assert fast[name]["value"] == pytest.approx(ci.estimate)
+
+
+def test_a_proportion_at_0_or_100_percent_gets_an_interval_not_a_point():
+    """12 of 12 melanomas found: the percentile bootstrap says [1, 1]; Wilson's interval, on lesion groups when the
+    data names them, keeps a lower bound below 1, and an interval that was wider already stays as it was."""
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(12, int), np.zeros(40, int)]
+    p = np.r_[np.full(12, 0.9), rng.random(40) * 0.8]
+    th = {"screening": 0.5}
+    plain = B.metrics_with_ci(y, p, th, n_resamples=200, proportion_intervals="bootstrap")
+    assert plain["sensitivity@screening"]["ci95"] == [1.0, 1.0]
+    wide = B.metrics_with_ci(y, p, th, n_resamples=200)
+    lo, hi = wide["sensitivity@screening"]["ci95"]
+    assert hi == 1.0 and lo == pytest.approx(B.wilson_interval(1.0, 12)[0]) and 0.7 < lo < 0.8
+    groups = np.r_[np.repeat(np.arange(4), 3), 100 + np.arange(40)]  # the 12 images are 4 lesions
+    lo4 = B.metrics_with_ci(y, p, th, groups=groups, n_resamples=200)["sensitivity@screening"]["ci95"][0]
+    assert lo4 == pytest.approx(B.wilson_interval(1.0, 4)[0]) and lo4 < lo
+    for key in ("specificity@screening", "ppv@screening", "npv@screening", "accuracy@screening"):
+        a, b = plain[key]["ci95"], wide[key]["ci95"]
+        assert b[0] <= a[0] and b[1] >= a[1] and wide[key]["value"] == plain[key]["value"], key
+    assert wide["roc_auc"] == plain["roc_auc"]  # ranking metrics keep the bootstrap
+    with pytest.raises(ValueError, match="accepted: 'wilson-union', 'bootstrap'"):
+        B.metrics_with_ci(y, p, th, n_resamples=5, proportion_intervals="exact")
+
+
+def test_wilson_interval_matches_the_textbook_formula():
+    # Newcombe (1998), example: 81 of 263 -> 0.2553 to 0.3662
+    lo, hi = B.wilson_interval(81 / 263, 263)
+    assert (lo, hi) == (pytest.approx(0.2553, abs=1e-4), pytest.approx(0.3662, abs=1e-4))
+    assert B.wilson_interval(0.0, 10)[0] == pytest.approx(0.0, abs=1e-12)
+    assert B.wilson_interval(1.0, 10)[1] == pytest.approx(1.0, abs=1e-12)
 
 
 def test_age_bands():

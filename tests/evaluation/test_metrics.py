@@ -450,6 +450,65 @@ def test_delong_z_close_to_paired_bootstrap():
     assert r["se"] == pytest.approx(np.std(diffs, ddof=1), rel=0.15)
 
 
+def test_clustered_delong_is_delong_when_every_group_holds_one_image():
+    rng = np.random.default_rng(11)
+    n = 300
+    y = (rng.random(n) < 0.3).astype(int)
+    p1, p2 = np.round(rng.normal(size=n) + y, 1), np.round(rng.normal(size=n) + 0.6 * y, 1)  # with ties
+    plain, clustered = M.delong_test(y, p1, p2), M.delong_test(y, p1, p2, groups=np.arange(n))
+    assert clustered["n_groups"] == n
+    for k in ("auc1", "auc2", "diff", "se", "z", "p_value", "ci_low", "ci_high"):
+        assert clustered[k] == pytest.approx(plain[k], rel=1e-9), k
+
+
+def _lesion_study(rng, lesions_pos=94, lesions_neg=1052, images=(1, 4)):
+    """Two equally good models on lesions photographed 1-3 times: the same lesion scores alike in every image."""
+    lesion_y = np.r_[np.ones(lesions_pos, int), np.zeros(lesions_neg, int)]
+    k = rng.integers(*images, size=lesion_y.size)
+    gid = np.repeat(np.arange(lesion_y.size), k)
+    y = lesion_y[gid]
+    truth = rng.normal(size=lesion_y.size) + 1.6 * lesion_y
+    # each model: the lesion's truth + the model's own view of the lesion + a little per-image noise
+    p1 = (truth + rng.normal(size=lesion_y.size))[gid] + 0.3 * rng.normal(size=gid.size)
+    p2 = (truth + rng.normal(size=lesion_y.size))[gid] + 0.3 * rng.normal(size=gid.size)
+    return y, p1, p2, gid
+
+
+def test_clustered_delong_keeps_its_level_where_plain_delong_does_not():
+    """Under the null (two equally good models) on lesion-clustered images, the plain test rejects far more often
+    than 5 %; the clustered one keeps close to it."""
+    rng = np.random.default_rng(12)
+    plain = clustered = 0
+    runs = 300
+    for _ in range(runs):
+        y, p1, p2, gid = _lesion_study(rng)
+        plain += M.delong_test(y, p1, p2)["p_value"] < 0.05
+        clustered += M.delong_test(y, p1, p2, groups=gid)["p_value"] < 0.05
+    assert plain / runs > 0.09
+    assert 0.02 <= clustered / runs <= 0.08
+
+
+def test_clustered_delong_se_matches_a_lesion_bootstrap():
+    rng = np.random.default_rng(13)
+    y, p1, p2, gid = _lesion_study(rng, lesions_pos=150, lesions_neg=600)
+    r = M.delong_test(y, p1, p2, groups=gid)
+    lesions = np.unique(gid)
+    members = [np.nonzero(gid == g)[0] for g in lesions]
+    diffs = []
+    for _ in range(600):
+        idx = np.concatenate([members[i] for i in rng.integers(0, lesions.size, lesions.size)])
+        diffs.append(M.roc_auc(y[idx], p1[idx]) - M.roc_auc(y[idx], p2[idx]))
+    assert r["se"] == pytest.approx(np.std(diffs, ddof=1), rel=0.15)
+
+
+def test_clustered_delong_with_one_group_holding_every_positive_gives_no_p_value():
+    y = np.array([1, 1, 0, 0, 0, 0])
+    r = M.delong_test(y, [0.9, 0.8, 0.1, 0.5, 0.3, 0.2], [0.7, 0.9, 0.4, 0.1, 0.2, 0.3], groups=[0, 0, 1, 2, 3, 4])
+    assert r["p_value"] is None and r["auc1"] == 1.0 and r["n_groups"] == 5
+    with pytest.raises(ValueError, match="groups has 2 entries for 6 samples"):
+        M.delong_test(y, [0.1] * 6, [0.2] * 6, groups=[0, 1])
+
+
 def test_fit_operating_points_meets_both_targets_on_its_own_images():
     from melanoma_detector.evaluation.metrics import apply_calibration, fit_operating_points
 
@@ -461,3 +520,20 @@ def test_fit_operating_points_meets_both_targets_on_its_own_images():
     assert np.mean(p[y == 1] >= th["screening"]) >= 0.95
     assert np.mean(p[y == 0] < th["high_specificity"]) >= 0.90
     assert th["screening"] < th["high_specificity"]
+
+
+def test_a_threshold_margin_never_moves_an_image_across_it():
+    """The high-specificity threshold sits just above its boundary negative: a relative margin of 1e-5 would have
+    turned that negative positive (specificity 0.9 -> 0.8 on the images it was fitted on)."""
+    neg = np.r_[np.linspace(-3, -1, 8), 0.0, 2.0]
+    pos = np.r_[1e-6, np.linspace(0.5, 3, 9)]
+    z = np.r_[neg, pos]
+    y = np.r_[np.zeros(10, int), np.ones(10, int)]
+    t, b, th = M.fit_operating_points(z, y)
+    p = M.apply_calibration(z, t, b)
+    for k, target in (("screening", ("sensitivity", 0.95)), ("high_specificity", ("specificity", 0.90))):
+        moved = M.with_margin(th[k], p)
+        assert moved < th[k]
+        assert M.binary_metrics(y, p, threshold=moved)[target[0]] >= target[1], k
+        assert ((p >= moved) == (p >= th[k])).all(), k
+    assert M.with_margin(0.5, [0.9, 0.8]) == pytest.approx(0.5 * (1 - 1e-5))  # nothing below: the plain margin

@@ -222,3 +222,39 @@ def test_a_bundle_in_another_clone_finds_the_split_file_its_repository_ships(key
     assert seen.record == str(clone / "configs" / "splits" / "default.csv"), seen.why_not
     train = [s for s in evaluation_samples(grouped_manifest) if s.key in {x.key for x in samples if x.split == "train"}]
     assert training_overlap(train, seen, str(grouped_manifest))["train"] == len(train) > 0
+
+
+def test_a_bundles_fingerprints_count_copies_under_other_names_and_sizes(tmp_path):
+    """Renamed, resized and re-encoded copies of the images a bundle trained on escape the path, key and name
+    checks; the perceptual hashes the bundle ships count them, and the warning says so."""
+    from melanoma_detector.data.fingerprints import fingerprint_images
+
+    examples = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.jpg"))
+    if len(examples) < 12:
+        pytest.skip("needs the 12 sample images in examples/")
+    from PIL import Image
+
+    root = tmp_path / "bundle"
+    root.mkdir()
+    prints = fingerprint_images({"train": [str(p) for p in examples[:4]], "val": [str(p) for p in examples[4:6]]})
+    sha = prints.save(root / "seen_images.npz")
+    meta = {"seen_images": {"file": "seen_images.npz", "sha256": sha}}
+    data = tmp_path / "kaggle-like" / "train"
+    for i, p in enumerate(examples):  # every example, squashed to 300x300 under a new name
+        cls = "malignant" if "malignant" in p.name else "benign"
+        (data / cls).mkdir(parents=True, exist_ok=True)
+        Image.open(p).resize((300, 300)).save(data / cls / f"{cls}_{i}.jpg", quality=80)
+    samples = evaluation_samples(data)
+    seen = model_images(_bundle(meta, root))
+    ov = training_overlap(samples, seen, str(data))
+    assert ov["copies"] == {"train": 4, "val": 2}
+    assert not ov["checked"] and ov["train"] is None  # no split record: the names alone find nothing
+    text = overlap_warning("kaggle", ov)
+    assert text.startswith(f"kaggle: 4 of {len(samples)} scored images (33%) are in the model's training split and 2")
+    assert "perceptual hash" in text and "overstate" in text
+    # a bundle without fingerprints says why copies were not looked for; a damaged file is refused, not trusted
+    ov = training_overlap(samples, model_images(_bundle({}, root)), str(data))
+    assert ov["copies"] is None and "no fingerprints" in ov["copies_note"]
+    (root / "seen_images.npz").write_bytes(b"changed")
+    ov = training_overlap(samples, model_images(_bundle(meta, root)), str(data))
+    assert ov["copies"] is None and "sha256 differs" in ov["copies_note"]

@@ -37,6 +37,59 @@ def test_bundle_contents(tiny_bundle):
     assert "never a diagnosis" in card and "Limitations" in card
 
 
+def test_the_bundle_fingerprints_the_images_its_model_trained_and_was_calibrated_on(tiny_bundle, tmp_path, capsys):
+    import csv
+
+    from melanoma_detector.data.fingerprints import SeenImages
+
+    root, run, bundle = tiny_bundle
+    meta = json.loads((bundle / "metadata.json").read_text())
+    with (run / "split.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    n = {s: sum(r["split"] == s for r in rows) for s in ("train", "val")}
+    seen = meta["seen_images"]
+    assert seen["file"] == "seen_images.npz" and seen["counts"] == n and seen["missing"] == {"train": 0, "val": 0}
+    prints = SeenImages.load(bundle / "seen_images.npz", sha256=seen["sha256"])
+    assert prints.counts == n and len(prints.hashes) == 2 * (n["train"] + n["val"])  # 4:3 images: + square crop
+    assert "Fingerprints: `seen_images.npz`" in (bundle / "MODEL_CARD.md").read_text()
+    # --no-fingerprints writes none, and a bundle exported over one with them keeps no stale file
+    out = tmp_path / "plain"
+    import shutil
+
+    shutil.copytree(bundle, out)
+    assert main(["export", "--model", str(run), "--out", str(out), "--overwrite", "--no-fingerprints",
+                 "--resamples", "20"]) == 0
+    capsys.readouterr()
+    assert "seen_images" not in json.loads((out / "metadata.json").read_text())
+    assert not (out / "seen_images.npz").exists()
+    assert "Fingerprints:" not in (out / "MODEL_CARD.md").read_text()
+
+
+def test_card_gives_a_bundle_from_before_fingerprints_the_same_ones_export_writes(tiny_bundle, bundle_copy,
+                                                                                  tmp_path, capsys):
+    _, run, bundle = tiny_bundle
+    meta = json.loads((bundle_copy / "metadata.json").read_text())
+    del meta["seen_images"]
+    (bundle_copy / "metadata.json").write_text(json.dumps(meta))
+    (bundle_copy / "seen_images.npz").unlink()
+    assert main(["card", str(bundle_copy), "--fingerprint-split", str(run / "split.csv")]) == 0
+    assert "training and" in capsys.readouterr().out
+    assert (bundle_copy / "seen_images.npz").read_bytes() == (bundle / "seen_images.npz").read_bytes()
+    assert json.loads((bundle_copy / "metadata.json").read_text())["seen_images"] == \
+        json.loads((bundle / "metadata.json").read_text())["seen_images"]
+    assert (bundle_copy / "MODEL_CARD.md").read_text() == (bundle / "MODEL_CARD.md").read_text()
+    other = tmp_path / "other.csv"  # the same rows, one training image moved to val: not the split it trained on
+    rows = (run / "split.csv").read_text().splitlines()
+    i = next(i for i, r in enumerate(rows) if r.endswith(",train"))
+    rows[i] = rows[i][: -len("train")] + "val"
+    other.write_text("\n".join(rows) + "\n")
+    for split, why in ((other, "train_keys_sha256 differs"), (tmp_path / "none.csv", "not found")):
+        assert main(["card", str(bundle_copy), "--fingerprint-split", str(split)]) == 2
+        err = capsys.readouterr().err
+        assert why in err and "accepted: the split file the bundle's models trained on" in err
+        assert len(err.strip().splitlines()) == 1
+
+
 def test_predictor_never_imports_torch(tiny_bundle):
     root, _, bundle = tiny_bundle
     img = next((root / "test" / "malignant").iterdir())

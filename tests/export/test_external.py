@@ -76,6 +76,23 @@ def test_bundle_itself_needs_no_note_and_rerecording_replaces(tmp_path, meta):
     assert "| d/other | 200 (40) | this bundle |" in card and "AUC 0.81 for this bundle" in card
 
 
+def test_a_set_holding_copies_of_training_images_under_other_names_is_refused(tmp_path, meta):
+    """Copies found by the bundle's fingerprints (`overlap.copies` in metrics.json) make a collection no external one,
+    wherever its folder lies."""
+    rep = _report(tmp_path, "ev", data=["/d/kaggle"], trained_on=["/d/ham10000"], sha=SHA)
+    report = json.loads((rep / "metrics.json").read_text())
+    report["sets"][0]["overlap"] = {"checked": False, "of": 200, "train": None, "val": None,
+                                    "copies": {"train": 37, "val": 4}}
+    (rep / "metrics.json").write_text(json.dumps(report))
+    with pytest.raises(UserError, match=r"copies of images the evaluated model trained on \(37\) or was calibrated "
+                                        r"on \(4\) under another name, size or encoding") as e:
+        read_external_evaluation(rep, bundle_meta=meta)
+    assert "accepted: images that model never saw" in str(e.value) and "\n" not in str(e.value)
+    report["sets"][0]["overlap"]["copies"] = {"train": 0, "val": 0}
+    (rep / "metrics.json").write_text(json.dumps(report))
+    assert read_external_evaluation(rep, bundle_meta=meta)[0]["unseen_verified"]
+
+
 @pytest.mark.parametrize("data", ["/d/ham10000", "/d/ham10000/test", "/d"])
 def test_data_the_model_trained_on_is_refused(tmp_path, meta, data):
     rep = _report(tmp_path, "ev", data=[data], trained_on=["/d/ham10000"], sha=SHA)

@@ -104,6 +104,8 @@ def test_refit_gate_writes_a_new_bundle_and_leaves_the_source(bundle_and_split, 
     assert meta["input_gate"]["refitted"]["n_val"] == n_val and gate["n_fit"] == n_val // 2
     assert 0 <= meta["metrics"]["test"]["ood_refused_fraction"] <= 1
     assert "3 acquisition variants" in (out / "MODEL_CARD.md").read_text()
+    assert meta["seen_images"] == src["seen_images"]  # the same graph saw the same images
+    assert (out / "seen_images.npz").read_bytes() == (bundle / "seen_images.npz").read_bytes()
     pred = Predictor(out)  # verifies both sha256s
     assert pred.ood["threshold"] == pytest.approx(gate["threshold"])
 
@@ -149,7 +151,7 @@ def test_interrupted_refit_gate_leaves_no_half_bundle(bundle_and_split, tmp_path
     assert "interrupted" in capsys.readouterr().err
     assert not out.exists() and list(out.parent.iterdir()) == []
     assert main(args) == 0
-    assert {p.name for p in out.iterdir()} == {"model.onnx", "metadata.json", "MODEL_CARD.md", "ood.npz"}
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "metadata.json", "MODEL_CARD.md", "ood.npz", "seen_images.npz"}
     assert list(out.parent.iterdir()) == [out]
 
 

@@ -53,6 +53,8 @@ def test_recalibrated_bundle_serves_the_refitted_calibration(tiny, tmp_path, cap
     assert r["n_holdout"] == meta["metrics"]["test"]["n"] > 0 and 0.15 < r["n_holdout"] / 80 < 0.35
     assert r["source_bundle"]["thresholds"] == src["thresholds"]
     assert meta["risk_tiers"][1]["min_probability"] == meta["thresholds"]["screening"]
+    assert meta["seen_images"] == src["seen_images"]  # the same graph saw the same images
+    assert (out / "seen_images.npz").read_bytes() == (bundle / "seen_images.npz").read_bytes()
 
     # redo the numbers from the served graph and the bundle's own record of which image did what
     with (out / "recalibration_split.csv").open() as fh:
@@ -181,7 +183,7 @@ def test_interrupted_recalibration_leaves_no_half_bundle(tiny, tmp_path, monkeyp
         assert sorted(p.name for p in parent.iterdir()) == (["empty", "recal"] if out.name == "empty" else [])
         assert main(args) == 0
         assert {p.name for p in out.iterdir()} == {"model.onnx", "metadata.json", "MODEL_CARD.md", "ood.npz",
-                                                   "recalibration_split.csv"}
+                                                   "recalibration_split.csv", "seen_images.npz"}
         assert json.loads((out / "metadata.json").read_text())["recalibration"]["gate"] == gate
     assert sorted(p.name for p in parent.iterdir()) == ["empty", "recal"]
 

@@ -13,7 +13,9 @@ seed, same whole-group draws for a cluster bootstrap), and the interval is the s
 interval over the resamples where the metric is defined, so for every metric the result equals
 ``bootstrap_ci(y, p, metric, n_resamples=..., seed=..., groups=...)`` (the tests check this),
 except that the plain (ungrouped) AUC there uses a different random stream. Point estimates come
-from the exact functions of :mod:`metrics`.
+from the exact functions of :mod:`metrics`. A proportion at a threshold (sensitivity, specificity, PPV, NPV,
+accuracy) then gets the union of that interval and Wilson's (``proportion_intervals="wilson-union"``, the default;
+"bootstrap" leaves the percentile interval alone).
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from scipy import stats
 
 from melanoma_detector.evaluation import metrics as M
 
-__all__ = ["metric_functions", "metrics_with_ci", "resample_counts", "weighted_metrics"]
+__all__ = ["metric_functions", "metrics_with_ci", "resample_counts", "weighted_metrics", "wilson_interval"]
 
 ECE_BINS = 15
 MIN_TPR = 0.80  # partial AUC above this sensitivity (ISIC 2024)
@@ -230,6 +233,7 @@ def metrics_with_ci(
     ranking: bool = True,
     calibration: bool = True,
     max_block_elements: int = 2_000_000,
+    proportion_intervals: str = "wilson-union",
 ) -> dict[str, dict[str, Any]]:
     """``{metric: {"value", "ci95": [low, high], "n_valid"}}`` for every metric of
     :func:`weighted_metrics`: exact point estimate plus a percentile bootstrap interval
@@ -273,4 +277,49 @@ def metrics_with_ci(
         if v.size:
             lo, hi = np.quantile(v, q)
             out[name]["ci95"] = [float(lo), float(hi)]
+    if proportion_intervals == "wilson-union":
+        _widen_proportions(out, yy, pp, thresholds, g, alpha)
+    elif proportion_intervals != "bootstrap":
+        raise ValueError(f"proportion_intervals: {proportion_intervals!r}; accepted: 'wilson-union', 'bootstrap'")
     return out
+
+
+# A proportion's numerator and denominator at a threshold: (images counted, of these images), as boolean masks.
+_PROPORTIONS = {
+    "sensitivity": lambda pos, called: (pos & called, pos),
+    "specificity": lambda pos, called: (~pos & ~called, ~pos),
+    "ppv": lambda pos, called: (pos & called, called),
+    "npv": lambda pos, called: (~pos & ~called, ~called),
+    "accuracy": lambda pos, called: (pos == called, np.ones_like(pos)),
+}
+
+
+def wilson_interval(p_hat: float, n: float, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson's score interval of a proportion `p_hat` observed on `n` independent units."""
+    z = float(stats.norm.ppf(1.0 - alpha / 2.0))
+    denom = 1.0 + z * z / n
+    centre = (p_hat + z * z / (2.0 * n)) / denom
+    half = z / denom * math.sqrt(max(p_hat * (1.0 - p_hat), 0.0) / n + z * z / (4.0 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _widen_proportions(out: dict[str, dict[str, Any]], y: np.ndarray, p: np.ndarray, thresholds: Mapping[str, float],
+                       groups: np.ndarray | None, alpha: float) -> None:
+    """The percentile bootstrap of a proportion collapses to a point at 0 % or 100 % (12 of 12 melanomas found
+    gives [1, 1]) and covers the truth too rarely at small n; Wilson's interval does neither. So each proportion's
+    interval is the union of the two. With lesion groups Wilson counts the groups, not the images (one lesion's
+    images are not independent evidence), which can only widen it."""
+    pos = y == 1
+    for name, thr in thresholds.items():
+        called = p >= float(thr)
+        for key, masks in _PROPORTIONS.items():
+            entry = out.get(f"{key}@{name}")
+            if entry is None or entry["value"] is None:
+                continue
+            _, of = masks(pos, called)
+            n = len(np.unique(groups[of])) if groups is not None else int(of.sum())
+            if n == 0:
+                continue
+            lo, hi = wilson_interval(float(entry["value"]), n, alpha)
+            b_lo, b_hi = entry["ci95"]
+            entry["ci95"] = [lo if b_lo is None else min(lo, b_lo), hi if b_hi is None else max(hi, b_hi)]

@@ -261,12 +261,29 @@ def _head_digest(path: str) -> str | None:
 class ModelImages:
     """What the evaluated model saw: `roles` (train and val when its split was found; recalibration for a
     bundle re-fitted by `melanoma recalibrate`), the split file read (`record`) or why none could be
-    (`why_not`), and the data folders it trained on."""
+    (`why_not`), and the data folders it trained on. `fingerprints`: a bundle's perceptual hashes of its training
+    and validation images (`data.fingerprints`), which find copies under other names and sizes too."""
 
     roles: dict[str, _Seen]
     record: str | None
     why_not: str | None
     folders: list[str]
+    fingerprints: Any = None
+    fingerprints_note: str | None = None
+
+
+def _bundle_fingerprints(meta: Mapping[str, Any], root: Path | None) -> tuple[Any, str | None]:
+    """The bundle's seen-image fingerprints, or None and why not (a bundle from before them, a damaged file)."""
+    from melanoma_detector.data.fingerprints import SeenImages
+
+    info = meta.get("seen_images") or {}
+    if not info.get("file") or root is None:
+        return None, "the bundle has no fingerprints of its training images (exported before them, or without data)"
+    try:
+        return SeenImages.load(Path(root) / str(info["file"]), sha256=info.get("sha256")), None
+    except DataError as e:
+        log.warning("%s", e)
+        return None, str(e)
 
 
 def _roots(folders: Sequence[str]) -> dict[str, str]:
@@ -366,7 +383,8 @@ def _bundle_images(meta: Mapping[str, Any], root: Path | None) -> ModelImages:
             except DataError as e:
                 log.warning("%s", e)
     _recalibration_roles(meta, Path(root) if root is not None else None, roles)
-    return ModelImages(roles, None if split is None else str(split), why, folders)
+    prints, note = _bundle_fingerprints(meta, root)
+    return ModelImages(roles, None if split is None else str(split), why, folders, prints, note)
 
 
 def model_images(predictor, source: str | Path | None = None) -> ModelImages:
@@ -411,6 +429,14 @@ def training_overlap(samples: Sequence[Sample], seen: ModelImages, data: str) ->
             out[role] = 0 if checked else None
     if not checked:
         out["note"] = f"could not be checked: {seen.why_not}"
+    # Copies under another name, size or encoding, which the checks above cannot see: by perceptual hash.
+    if seen.fingerprints is not None:
+        from melanoma_detector.data.fingerprints import count_copies
+
+        out["copies"] = count_copies(seen.fingerprints, [s.path for s in samples])
+    else:
+        out["copies"] = None
+        out["copies_note"] = seen.fingerprints_note or "the model has no fingerprints of its training images"
     out["in_training_folder"] = _overlaps(str(Path(data).expanduser()), seen.folders) if seen.folders else None
     return out
 
@@ -592,7 +618,7 @@ def _compare_set(es: EvalSet, a: Scored, b: Scored, info_a, info_b, set_dir: Pat
     opts = dict(groups=groups, n_resamples=n_resamples, seed=seed, prevalence=prevalence)
     res["model"] = metrics_with_ci(y, p1, info_a["thresholds"], **opts)
     res["compare"] = metrics_with_ci(y, p2, info_b["thresholds"], **opts)
-    res["delong"] = M.delong_test(y, p1, p2)
+    res["delong"] = M.delong_test(y, p1, p2, groups=groups)  # by lesion, as the bootstrap resamples
     path = plot_roc_compare(
         y, {"A": p1, "B": p2}, set_dir / "roc_compare.png",
         operating_points={"A": {"screening": info_a["thresholds"]["screening"]},
@@ -699,6 +725,7 @@ def evaluate_model(
         "model": info,
         "settings": {
             "n_resamples": int(n_resamples), "seed": int(seed), "confidence": 0.95,
+            "proportion_intervals": "wilson-union",
             "interval": "percentile bootstrap; whole lesion groups resampled where the data names them",
             "prevalence": None if prevalence is None else float(prevalence),
             "tta": bool(tta), "ece_bins": 15, "partial_auc_min_tpr": 0.80,

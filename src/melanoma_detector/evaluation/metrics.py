@@ -52,6 +52,7 @@ __all__ = [
     "specificity_at_sensitivity",
     "threshold_for_sensitivity",
     "threshold_for_specificity",
+    "with_margin",
 ]
 
 ArrayLike = Any  # numpy array, list, pandas Series ...
@@ -288,6 +289,15 @@ def threshold_for_specificity(y: ArrayLike, p: ArrayLike, target: float = 0.90) 
     if higher.size:
         return float(higher.min())
     return float(np.nextafter(bound, np.inf))
+
+
+def with_margin(threshold: float, p: ArrayLike, *, rel: float = 1e-5) -> float:
+    """`threshold` moved down by `rel` of itself, but no further than halfway to the highest score in `p` below it,
+    so that every score keeps its side of the rule ``p >= threshold``."""
+    pp = np.asarray(p, dtype=np.float64).ravel()
+    below = pp[pp < threshold]
+    lowered = threshold * (1.0 - rel)
+    return float(max(lowered, (below.max() + threshold) / 2.0)) if below.size else float(lowered)
 
 
 def confusion_at_threshold(y: ArrayLike, p: ArrayLike, threshold: float) -> dict[str, int]:
@@ -666,18 +676,49 @@ def bootstrap_ci(
     )
 
 
-def delong_test(y: ArrayLike, p1: ArrayLike, p2: ArrayLike) -> dict[str, float | None]:
+def _clustered_auc_cov(v01: np.ndarray, v10: np.ndarray, aucs: np.ndarray, gid: np.ndarray, pos: np.ndarray,
+                       m: int, n: int) -> tuple[np.ndarray | None, int]:
+    """Obuchowski's (1997) covariance of K AUCs over the same clustered samples: (K, K), or None when fewer than
+    two groups hold positives or negatives. v01 (K, m) and v10 (K, n) are the per-sample structural components."""
+    n_all = int(gid.max()) + 1
+    gp, gn = gid[pos], gid[~pos]
+    mp = np.bincount(gp, minlength=n_all).astype(np.float64)
+    nn = np.bincount(gn, minlength=n_all).astype(np.float64)
+    i10, i01, i_all = int((mp > 0).sum()), int((nn > 0).sum()), int(((mp > 0) | (nn > 0)).sum())
+    if i10 < 2 or i01 < 2:
+        return None, i_all
+    dp = np.stack([np.bincount(gp, weights=v, minlength=n_all) for v in v01]) - mp * aucs[:, None]  # (K, G)
+    dn = np.stack([np.bincount(gn, weights=v, minlength=n_all) for v in v10]) - nn * aucs[:, None]
+    s10 = i10 / ((i10 - 1) * m) * (dp @ dp.T)
+    s01 = i01 / ((i01 - 1) * n) * (dn @ dn.T)
+    s11 = i_all / (i_all - 1) * (dp @ dn.T)
+    return s10 / m + s01 / n + (s11 + s11.T) / (m * n), i_all
+
+
+def delong_test(y: ArrayLike, p1: ArrayLike, p2: ArrayLike, *,
+                groups: ArrayLike | None = None) -> dict[str, float | None]:
     """DeLong's test of two correlated ROC AUCs (same samples, two models).
 
     Fast O(n log n) algorithm of Sun & Xu (2014) using mid-ranks. Returns ``auc1``, ``auc2``,
     ``diff`` (auc1 - auc2), ``se`` (of the difference), ``z``, ``p_value`` (two-sided) and a
     95 % normal interval ``ci_low``/``ci_high`` of the difference. Identical predictions give
     z = 0 and p = 1. All ``None`` if either class is absent (or n_pos, n_neg < 2).
+
+    ``groups`` (one id per sample, e.g. the lesion): images of one lesion are not independent, and
+    DeLong's variance, which treats them so, is too small (on the HAM10000 test split, 167 melanoma images
+    from 94 lesions, a 5 % test rejected two equally good models 13-17 % of the time). With groups the
+    structural components are summed per group and the variance is Obuchowski's (1997) clustered estimator,
+    which is DeLong's when every group holds one sample. ``n_groups`` is then returned too.
     """
     yy, s1 = _inputs(y, p1)
     s2 = _scores(p2)
     if s2.shape != yy.shape:
         raise ValueError(f"the two score arrays differ in length: {s1.size} vs {s2.size}")
+    g = None
+    if groups is not None:
+        g = np.asarray(groups)
+        if g.shape != yy.shape:
+            raise ValueError(f"groups has {g.size} entries for {yy.size} samples")
     pos = yy == 1
     m = int(pos.sum())
     n = int(yy.size - m)
@@ -699,10 +740,20 @@ def delong_test(y: ArrayLike, p1: ArrayLike, p2: ArrayLike) -> dict[str, float |
     aucs = tz[:, :m].sum(axis=1) / m / n - (m + 1.0) / (2.0 * n)
     v01 = (tz[:, :m] - tx) / n  # structural components of the positives
     v10 = 1.0 - (tz[:, m:] - tw) / m  # ... and of the negatives
-    cov = np.cov(v01) / m + np.cov(v10) / n
+    n_groups = None
+    if g is None:
+        cov = np.cov(v01) / m + np.cov(v10) / n
+    else:
+        cov, n_groups = _clustered_auc_cov(v01, v10, aucs, np.unique(g, return_inverse=True)[1], pos, m, n)
+        if cov is None:  # one group holds every positive or every negative: no between-group variance to estimate
+            out = dict.fromkeys(keys)
+            out.update(auc1=float(aucs[0]), auc2=float(aucs[1]), diff=float(aucs[0] - aucs[1]), n_groups=n_groups)
+            return out
     var = float(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1])
     diff = float(aucs[0] - aucs[1])
     out = {"auc1": float(aucs[0]), "auc2": float(aucs[1]), "diff": diff}
+    if n_groups is not None:
+        out["n_groups"] = n_groups
     tiny = 1e-15
     if var <= tiny:
         se = 0.0

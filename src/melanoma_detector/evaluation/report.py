@@ -75,12 +75,17 @@ def overlap_warning(name: str, overlap: Mapping[str, Any] | None) -> str | None:
     if not overlap:
         return None
     n = int(overlap.get("of") or 0)
-    found = [(int(overlap[k]), what) for k, what in _ROLES if overlap.get(k)]
+    copies = overlap.get("copies") or {}
+    # a copy under another name, size or encoding (found by perceptual hash) counts as the image itself
+    counts = {k: max(int(overlap.get(k) or 0), int(copies.get(k) or 0)) for k, _ in _ROLES}
+    found = [(counts[k], what) for k, what in _ROLES if counts[k]]
     if found:
         (c, what), rest = found[0], found[1:]
         text = f"{c:,} of {n:,} scored images ({_share(c, n)}) are in {what.format(MODELS)}"
         text += "".join(f"{' and' if i == len(rest) - 1 else ','} {c2:,} ({_share(c2, n)}) in {w2.format('its ')}"
                         for i, (c2, w2) in enumerate(rest))
+        if any(int(copies.get(k) or 0) > int(overlap.get(k) or 0) for k, _ in _ROLES):
+            text += " (counting copies under another name, size or encoding, found by perceptual hash)"
         return f"{name}: {text}; these figures overstate performance on new images"
     if not overlap.get("checked") and overlap.get("in_training_folder"):
         return (f"{name}: its images lie in a data folder the model trained on, and which of them it trained on "
@@ -102,6 +107,15 @@ def _e(x: Any) -> str:
 
 def _num(x: Any, digits: int = 3) -> str:
     return "n/a" if x is None else f"{float(x):.{digits}f}"
+
+
+def _p(p: Any, *, spaced: bool = False) -> str:
+    """A p-value to 4 decimals, and "< 0.0001" rather than a p of 0.0000 (with `spaced`, "= 0.0123" or "< 0.0001")."""
+    if p is None:
+        return "= n/a" if spaced else "n/a"
+    if float(p) < 1e-4:
+        return "< 0.0001"
+    return f"= {float(p):.4f}" if spaced else f"{float(p):.4f}"
 
 
 def _ci(m: Mapping[str, Any] | None, digits: int = 3) -> str:
@@ -239,12 +253,15 @@ def _compare_html(c: Mapping[str, Any] | None, out: Path, info_a, info_b, preval
     if not c.get("model"):
         return "\n".join(parts)
     d = c["delong"] or {}
-    parts.append("<h4>DeLong's test (AUC difference)</h4>")
+    clustered = d.get("n_groups") is not None
+    parts.append("<h4>DeLong's test (AUC difference)" + (", clustered by lesion group (Obuchowski)" if clustered
+                                                           else "") + "</h4>")
     parts.append(_table(
         ["AUC A", "AUC B", "difference A − B [95% CI]", "z", "p-value (two-sided)", "n"],
         [[_num(d.get("auc1")), _num(d.get("auc2")),
           f"{_num(d.get('diff'))} [{_num(d.get('ci_low'))}, {_num(d.get('ci_high'))}]",
-          _num(d.get("z"), 2), _num(d.get("p_value"), 4), c["n_common"]]], num_from=0))
+          _num(d.get("z"), 2), _p(d.get("p_value")),
+          f"{c['n_common']} ({d['n_groups']} groups)" if clustered else c["n_common"]]], num_from=0))
     keys = [k for k in c["model"] if k in c["compare"]]
     keys += [k for k in c["model"] if k not in c["compare"]]
     keys += [k for k in c["compare"] if k not in c["model"]]
@@ -282,7 +299,9 @@ def render_html(results: Mapping[str, Any], out: Path) -> str:
         f"<p>95% confidence intervals: percentile bootstrap with {settings['n_resamples']} "
         f"resamples (seed {settings['seed']}); where the data names lesion groups, whole lesions "
         f"are resampled so that several images of one lesion do not count as independent "
-        f"evidence. Point estimates are on all assessed images. A case is called malignant when "
+        f"evidence. A proportion at a threshold (sensitivity, specificity, PPV, NPV, accuracy) gets "
+        f"the union of that interval and Wilson's score interval (counting lesion groups where named), "
+        f"because the percentile bootstrap shrinks to a point at 0% or 100%. Point estimates are on all assessed images. A case is called malignant when "
         f"its probability is at or above the threshold. The <em>screening</em> threshold was set "
         f"for 95% sensitivity and the <em>high_specificity</em> threshold for 90% specificity on "
         f"the model's validation data; on a new set they give whatever sensitivity and "
@@ -381,6 +400,7 @@ def format_summary(results: Mapping[str, Any]) -> str:
                              f"{_ci(mb.get('specificity@screening')):<22}")
             lines.append(f"{'':<18} DeLong: AUC A − B = {_num(d.get('diff'))} "
                          f"[{_num(d.get('ci_low'))}, {_num(d.get('ci_high'))}], "
-                         f"p = {_num(d.get('p_value'), 4)}")
+                         f"p {_p(d.get('p_value'), spaced=True)}"
+                         + (f" (clustered by {d['n_groups']} lesion groups)" if d.get("n_groups") is not None else ""))
     lines += [f"warning: {w}" for w in _overlap_warnings(results) if w]
     return "\n".join(lines)

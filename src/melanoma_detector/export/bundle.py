@@ -24,8 +24,10 @@ import numpy as np
 
 from melanoma_detector import CLASS_NAMES, DISCLAIMER, __version__
 from melanoma_detector.config import training_data_paths
+from melanoma_detector.data.fingerprints import FILE_NAME as FINGERPRINT_FILE
 from melanoma_detector.errors import DataError, UserError
 from melanoma_detector.export.gate import fit_bundle_gate, write_ood
+from melanoma_detector.fileio import atomic_path
 from melanoma_detector.inference.bundle import BUNDLE_FORMAT_VERSION, OOD_FILE, is_bundle_path
 from melanoma_detector.preprocess import Preprocessing
 
@@ -46,7 +48,7 @@ RISK_TEXTS = {
     ),
 }
 # Every file a bundle folder holds; `staged_bundle` replaces exactly these.
-BUNDLE_FILES = ("model.onnx", "metadata.json", "MODEL_CARD.md", OOD_FILE)
+BUNDLE_FILES = ("model.onnx", "metadata.json", "MODEL_CARD.md", OOD_FILE, FINGERPRINT_FILE)
 DATA_CREDITS = [
     {
         "name": "HAM10000",
@@ -108,8 +110,12 @@ def export_bundle(
     n_resamples: int = 1000,
     version: str | None = None,
     uncalibrated: bool = False,
+    seen_fingerprints: bool = True,
 ) -> dict[str, Any]:
-    """`uncalibrated`: let a model be exported without validation images even when its calibration is unknown:
+    """`seen_fingerprints`: store perceptual hashes of the images the members trained on and export calibrated on
+    (`data.fingerprints`), so that `melanoma evaluate` finds renamed, resized or re-encoded copies of them.
+
+    `uncalibrated`: let a model be exported without validation images even when its calibration is unknown:
     an ensemble keeps its first member's calibration and thresholds, which do not describe the mean logit, and a
     checkpoint without calibration gets T=1, b=0 and thresholds 0.5 (for inspecting the graph only; `melanoma
     export` never does this)."""
@@ -208,7 +214,7 @@ def export_bundle(
         },
         "licence": "Model weights trained on HAM10000: CC BY-NC-SA 4.0 (non-commercial use only)"
         if _looks_like_shared(data_paths) else "see the training data's licence",
-        "metrics": {"n_resamples": n_resamples},
+        "metrics": {"n_resamples": n_resamples, "proportion_intervals": "wilson-union"},
         "disclaimer": DISCLAIMER,
     }
     if images is not None:
@@ -240,6 +246,9 @@ def export_bundle(
                 (predictor.ood_distance(t_feats) > ood["threshold"]).mean()
             )
         meta["splits"] = {"file": str(split_path), "val": len(val), "test": len(test)}
+    (out / FINGERPRINT_FILE).unlink(missing_ok=True)  # stale from an earlier export into this folder
+    if seen_fingerprints and use_data:
+        meta["seen_images"] = _write_fingerprints(out, paths, loaded, images[0] if images is not None else [])
     meta["risk_tiers"] = risk_tiers(meta["thresholds"])
     write_metadata(out, meta)
     from melanoma_detector.export.model_card import write_model_card
@@ -270,6 +279,76 @@ def _data_credits(paths: list[str]) -> list[dict[str, str]]:
 
 def _looks_like_shared(paths: list[str]) -> bool:
     return any("ham10000" in str(p).lower() for p in paths)
+
+
+def _write_fingerprints(out: Path, paths: list[Path], loaded: list[tuple[Any, dict[str, Any]]],
+                        val: list[dict[str, str]]) -> dict[str, Any] | None:
+    """Hash the members' training images (each run's split.csv, train rows) and the val images export calibrated
+    on into `out`/seen_images.npz; returns the metadata block, or None when no image was at hand."""
+    from melanoma_detector.data.splits import read_split_rows
+
+    train: list[str] = []
+    for path, (_, member) in zip(paths, loaded):
+        own = path.parent / "split.csv"
+        if not own.is_file():
+            continue  # said already by _refuse_images_members_trained_on
+        try:
+            rows = read_split_rows(own, data_paths=training_data_paths(member.get("config")))
+        except DataError as e:
+            log.warning("%s; its training images are not fingerprinted", e)
+            continue
+        train += [r["path"] for r in rows if r["split"] == "train"]
+    return write_fingerprints(out, train, [r["path"] for r in val])
+
+
+def write_fingerprints(out: Path, train: list[str], val: list[str]) -> dict[str, Any] | None:
+    """seen_images.npz in `out` for these images; its metadata block, or None when none could be read."""
+    from melanoma_detector.data.fingerprints import COPY_BITS, METHOD, fingerprint_images
+
+    if not train and not val:
+        return None
+    seen = fingerprint_images({"train": train, "val": val}, progress=log.isEnabledFor(logging.INFO))
+    if not len(seen.hashes):
+        return None
+    sha = seen.save(Path(out) / FINGERPRINT_FILE)
+    if any(seen.missing.values()):
+        log.warning("fingerprints: %s listed image(s) not found or unreadable, not fingerprinted",
+                    " and ".join(f"{n} {r}" for r, n in seen.missing.items() if n))
+    return {"file": FINGERPRINT_FILE, "sha256": sha, "method": METHOD, "copy_bits": COPY_BITS,
+            "counts": seen.counts, "missing": seen.missing}
+
+
+def fingerprint_bundle(bundle_dir: str | Path, split_file: str | Path, *,
+                       data_paths: list[str] | None = None) -> dict[str, Any]:
+    """Give an existing bundle the fingerprints export now writes, from the split its models trained on: the
+    split's train rows and its val rows (where export fitted calibration). Refused unless the split's training
+    images are the ones the bundle records (training.train_keys_sha256). The graph is untouched."""
+    from melanoma_detector.data.splits import read_split_rows, split_csv_fingerprint
+    from melanoma_detector.export.external import _bundle_data
+    from melanoma_detector.inference.bundle import load_bundle
+
+    bundle = load_bundle(bundle_dir)
+    meta = dict(bundle.metadata)
+    expected = (meta.get("training") or {}).get("train_keys_sha256")
+    if not Path(split_file).is_file():
+        raise UserError(f"--split {split_file}: not found; accepted: the split file the bundle's models trained on")
+    if not expected or split_csv_fingerprint(split_file) != expected:
+        why = "the bundle records no fingerprint of its training images" if not expected else \
+            "its training images are not the ones the bundle records (training.train_keys_sha256 differs)"
+        raise UserError(f"--split {split_file}: {why}; accepted: the split file the bundle's models trained on")
+    folders = data_paths or _bundle_data(meta)
+    rows = read_split_rows(split_file, data_paths=folders)
+    block = write_fingerprints(bundle.root, [r["path"] for r in rows if r["split"] == "train"],
+                               [r["path"] for r in rows if r["split"] == "val"])
+    if block is None:
+        raise DataError(f"--split {split_file}: none of its train or val images could be read under "
+                        f"{', '.join(folders)}; accepted: the data folders the bundle trained on")
+    meta["seen_images"] = block
+    write_metadata(bundle.root, meta)
+    from melanoma_detector.export.model_card import write_model_card
+
+    write_model_card(bundle.root, meta)
+    return meta
 
 
 def _refuse_images_members_trained_on(split_path: Path, images: tuple[list[dict[str, str]], list[dict[str, str]]],
@@ -304,7 +383,9 @@ def write_metadata(out: Path, meta: dict[str, Any]) -> None:
             return v.item()
         return v
 
-    (out / "metadata.json").write_text(json.dumps(clean(meta), indent=1, allow_nan=False))
+    text = json.dumps(clean(meta), indent=1, allow_nan=False)
+    with atomic_path(out / "metadata.json") as tmp:  # `card` rewrites a live bundle's: never half a file
+        tmp.write_text(text)
 
 
 def check_export_target(out_dir: str | Path, *, overwrite: bool | None = None,
@@ -334,6 +415,15 @@ def refuse_file_on_the_way(out: Path, accepted: str) -> None:
     for p in (out, *out.parents):
         if p.exists() and not p.is_dir():
             raise UserError(f"--out {out}: {p} is a file; accepted: {accepted}")
+
+
+def copy_fingerprints(src_root: Path, meta: dict[str, Any], stage: Path) -> None:
+    """A bundle made from another (recalibrate, refit-gate) keeps the same graph, so the same seen images."""
+    info = meta.get("seen_images") or {}
+    if info.get("file") and (Path(src_root) / info["file"]).is_file():
+        shutil.copy2(Path(src_root) / info["file"], stage / FINGERPRINT_FILE)
+    else:
+        meta.pop("seen_images", None)
 
 
 @contextmanager

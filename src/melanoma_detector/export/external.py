@@ -77,6 +77,12 @@ def read_external_evaluation(eval_dir: str | Path, *, bundle_meta: dict[str, Any
                 accepted = "images neither that model nor this bundle's recalibration saw"
             raise UserError(f"--external-eval {eval_dir}: set {s.get('name')!r} ({data}) holds images of {whose} "
                             f"({', '.join(checked)}; first: {inside}); accepted: {accepted}")
+        copies = {k: int(v or 0) for k, v in ((s.get("overlap") or {}).get("copies") or {}).items()}
+        if copies.get("train") or copies.get("val"):
+            raise UserError(f"--external-eval {eval_dir}: set {s.get('name')!r} ({data}) holds copies of images the "
+                            f"evaluated model trained on ({copies.get('train', 0)}) or was calibrated on "
+                            f"({copies.get('val', 0)}) under another name, size or encoding (found by perceptual "
+                            "hash); accepted: images that model never saw")
         unseen = None if trained_on is None else True  # None: reports written before models recorded their data
         entries.append({
             "data": data,

@@ -185,7 +185,7 @@ def refit_bundle_gate(bundle_dir: str | Path, data: Sequence[str | Path], out_di
     from melanoma_detector.data.discovery import discover_all
     from melanoma_detector.data.splits import apply_split_file, split_csv_fingerprint
     from melanoma_detector.errors import DataError, UserError
-    from melanoma_detector.export.bundle import check_export_target, staged_bundle, write_metadata
+    from melanoma_detector.export.bundle import check_export_target, copy_fingerprints, staged_bundle, write_metadata
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.predictor import Predictor
 
@@ -212,6 +212,7 @@ def refit_bundle_gate(bundle_dir: str | Path, data: Sequence[str | Path], out_di
     # no half bundle (an ood.npz alone) that its rerun would refuse as not empty.
     with staged_bundle(out) as stage:
         shutil.copy2(predictor.bundle.graph_path, stage / predictor.bundle.graph_path.name)
+        copy_fingerprints(predictor.bundle.root, meta, stage)
         stamp = _dt.datetime.now(_dt.timezone.utc)
         meta["input_gate"] = {**(meta.get("input_gate") or {}), "ood": write_ood(stage, ood),
                               "refitted": {"by": "melanoma refit-gate", "date": stamp.date().isoformat(),

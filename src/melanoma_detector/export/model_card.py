@@ -151,7 +151,7 @@ photos, non-skin images, mucosal/acral/nail lesions beyond what the training dat
 {data}
 
 Split: lesion-grouped (no lesion on two sides), stratified, seeded; {facts['split']}. **{meta['licence']}.** {facts['inherits']}
-
+{_seen_images_text(meta)}
 ## Calibration and operating points (set on {fitted_on})
 - Temperature scaling with a bias: p = sigmoid(logit / T + b), T = {meta['temperature']:.3f},
   b = {meta.get('logit_bias', 0.0):.3f} (the bias undoes the prior shift of class-weighted training).
@@ -160,7 +160,7 @@ Split: lesion-grouped (no lesion on two sides), stratified, seeded; {facts['spli
 - Risk levels: **Low** below the screening threshold, **Moderate** between the two, **High** above
   the high-specificity threshold.
 {recal_text}
-## Metrics (95% bootstrap CIs, {(meta.get('metrics') or {}).get('n_resamples', 1000)} resamples by lesion group)
+## Metrics (95% bootstrap CIs, {(meta.get('metrics') or {}).get('n_resamples', 1000)} resamples by lesion group{_proportions_text(meta)})
 {metrics_table(meta.get('metrics', {}), {"test": "Held-out recalibration images"} if recal else None)}
 {ECE_NOTE}
 
@@ -185,6 +185,24 @@ side, near-uniform images (grey-level std < {gate.get('min_std', 4.0)}),{' and i
 
 
 HAM, ISIC = "HAM10000", "ISIC 2017"
+
+
+def _proportions_text(meta: dict[str, Any]) -> str:
+    """How the intervals of proportions were made, for bundles that record it (earlier ones: bootstrap alone)."""
+    if (meta.get("metrics") or {}).get("proportion_intervals") == "wilson-union":
+        return "; a proportion's interval also covers Wilson's, on lesion groups"
+    return ""
+
+
+def _seen_images_text(meta: dict[str, Any]) -> str:
+    """What lets `melanoma evaluate` find copies of the images this model saw (empty when the bundle has none)."""
+    seen = meta.get("seen_images")
+    if not seen:
+        return ""
+    counts = seen.get("counts") or {}
+    return (f"\nFingerprints: `{seen['file']}` holds perceptual hashes of the {counts.get('train', 0):,} training and "
+            f"{counts.get('val', 0):,} validation images ({seen['method']}), so that `melanoma evaluate` counts "
+            "renamed, resized or re-encoded copies of them among the images it scores; a crop is not found.\n")
 SEED_HEAD = ([512, 256], [0.45, 0.35])
 
 

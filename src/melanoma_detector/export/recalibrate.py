@@ -39,7 +39,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
     the source gate and fits only on the images it accepts."""
     from melanoma_detector.data.discovery import discover_all, require_both_classes
     from melanoma_detector.evaluation.metrics import fit_operating_points
-    from melanoma_detector.export.bundle import check_export_target, staged_bundle, write_metadata
+    from melanoma_detector.export.bundle import check_export_target, copy_fingerprints, staged_bundle, write_metadata
     from melanoma_detector.export.model_card import write_model_card
     from melanoma_detector.inference.bundle import OOD_FILE
     from melanoma_detector.inference.predictor import Predictor
@@ -58,10 +58,12 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
 
     seen = model_images(predictor, bundle_dir)
     overlap = training_overlap(samples, seen, str(data[0]))
-    if overlap.get("train") or overlap.get("val"):
-        raise UserError(f"{', '.join(map(str, data))}: {overlap.get('train') or 0} training and {overlap.get('val') or 0} "
-                        f"validation images of {bundle_dir} among these {len(samples)}; accepted: labelled images of "
-                        "a new source that the model never trained or validated on")
+    copies = overlap.get("copies") or {}  # under another name, size or encoding (perceptual hash)
+    n_train, n_val = (max(int(overlap.get(k) or 0), int(copies.get(k) or 0)) for k in ("train", "val"))
+    if n_train or n_val:
+        raise UserError(f"{', '.join(map(str, data))}: {n_train} training and {n_val} validation images of {bundle_dir} "
+                        f"(or copies of them) among these {len(samples)}; accepted: labelled images of a new source "
+                        "that the model never trained or validated on")
 
     sc = _score(predictor, samples, progress=progress)
     src_far = (predictor.ood_distance(sc.feats) > predictor.ood["threshold"] if predictor.ood is not None
@@ -118,6 +120,7 @@ def recalibrate_bundle(bundle_dir: str | Path, data: list[str | Path], out_dir: 
             ood = (src_meta.get("input_gate") or {}).get("ood") or {}
             if gate == "keep" and ood.get("file"):
                 shutil.copy2(predictor.bundle.root / ood["file"], stage / OOD_FILE)
+            copy_fingerprints(predictor.bundle.root, meta, stage)
             _write_split(split_tmp, [sc.kept[i] for i in fit_i], [sc.kept[i] for i in held_i], sc.refused)
             write_metadata(stage, meta)
             write_model_card(stage, meta)
@@ -192,7 +195,7 @@ def _new_metadata(src_meta: dict[str, Any], temperature: float, bias: float, thr
         temperature=temperature, logit_bias=bias, thresholds=thresholds, risk_tiers=risk_tiers(thresholds),
         calibration={"method": "temperature scaling with a bias, p = sigmoid(logit / T + b), re-fitted by "
                                "`melanoma recalibrate` (NLL)", "n": n_fit},
-        metrics={"n_resamples": n_resamples},
+        metrics={"n_resamples": n_resamples, "proportion_intervals": "wilson-union"},
     )
     return meta
 

@@ -679,6 +679,7 @@ def _finalize(model, best, base, splits, pp, config, out_dir, *, device, progres
         apply_calibration,
         binary_metrics,
         fit_operating_points,
+        with_margin,
     )
 
     workers = config.data.num_workers
@@ -693,10 +694,11 @@ def _finalize(model, best, base, splits, pp, config, out_dir, *, device, progres
     temperature, logit_bias, thresholds = fit_operating_points(val_logits, val_y)
     # A torch model's float32 logits change in the last bits with batch size and memory layout (up to ~2e-6 in
     # probability between this pass and TorchPredictor's), so a threshold sitting exactly on a boundary image
-    # could drop it when served. A relative 1e-5 below keeps it on its side. (A bundle needs no margin: export
-    # fits on the very graph it serves, and its outputs do not depend on the batch.)
-    thresholds = {k: v * (1 - 1e-5) for k, v in thresholds.items()}
+    # could drop it when served. A relative 1e-5 below keeps it on its side, but never past the next score below:
+    # the high-specificity threshold sits just above a negative, which must stay negative. (A bundle needs no
+    # margin: export fits on the very graph it serves, and its outputs do not depend on the batch.)
     p_val = apply_calibration(val_logits, temperature, logit_bias)
+    thresholds = {k: with_margin(v, p_val) for k, v in thresholds.items()}
     metrics = {"val": binary_metrics(val_y, p_val, threshold=thresholds["screening"])}
     if splits["test"] and len({s.label for s in splits["test"]}) == 2:
         tl_, ty = logits_of(splits["test"], "final test")
