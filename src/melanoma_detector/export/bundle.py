@@ -247,8 +247,10 @@ def export_bundle(
             )
         meta["splits"] = {"file": str(split_path), "val": len(val), "test": len(test)}
     (out / FINGERPRINT_FILE).unlink(missing_ok=True)  # stale from an earlier export into this folder
-    if seen_fingerprints and use_data:
-        meta["seen_images"] = _write_fingerprints(out, paths, loaded, images[0] if images is not None else [])
+    seen = _write_fingerprints(out, paths, loaded, images[0] if images is not None else []) \
+        if seen_fingerprints and use_data else None
+    if seen is not None:
+        meta["seen_images"] = seen
     meta["risk_tiers"] = risk_tiers(meta["thresholds"])
     write_metadata(out, meta)
     from melanoma_detector.export.model_card import write_model_card
@@ -283,11 +285,13 @@ def _looks_like_shared(paths: list[str]) -> bool:
 
 def _write_fingerprints(out: Path, paths: list[Path], loaded: list[tuple[Any, dict[str, Any]]],
                         val: list[dict[str, str]]) -> dict[str, Any] | None:
-    """Hash the members' training images (each run's split.csv, train rows) and the val images export calibrated
-    on into `out`/seen_images.npz; returns the metadata block, or None when no image was at hand."""
+    """Hash the members' training images (each run's split.csv, train rows) and the validation images they chose
+    their epoch on and export calibrated on into `out`/seen_images.npz; returns the metadata block, or None when no
+    image was at hand."""
     from melanoma_detector.data.splits import read_split_rows
 
     train: list[str] = []
+    seen_val = [r["path"] for r in val]
     for path, (_, member) in zip(paths, loaded):
         own = path.parent / "split.csv"
         if not own.is_file():
@@ -298,7 +302,8 @@ def _write_fingerprints(out: Path, paths: list[Path], loaded: list[tuple[Any, di
             log.warning("%s; its training images are not fingerprinted", e)
             continue
         train += [r["path"] for r in rows if r["split"] == "train"]
-    return write_fingerprints(out, train, [r["path"] for r in val])
+        seen_val += [r["path"] for r in rows if r["split"] == "val"]
+    return write_fingerprints(out, train, seen_val)
 
 
 def write_fingerprints(out: Path, train: list[str], val: list[str]) -> dict[str, Any] | None:
@@ -331,17 +336,19 @@ def fingerprint_bundle(bundle_dir: str | Path, split_file: str | Path, *,
     meta = dict(bundle.metadata)
     expected = (meta.get("training") or {}).get("train_keys_sha256")
     if not Path(split_file).is_file():
-        raise UserError(f"--split {split_file}: not found; accepted: the split file the bundle's models trained on")
+        raise UserError(f"--fingerprint-split {split_file}: not found; accepted: the split file the bundle's models "
+                        "trained on")
     if not expected or split_csv_fingerprint(split_file) != expected:
         why = "the bundle records no fingerprint of its training images" if not expected else \
             "its training images are not the ones the bundle records (training.train_keys_sha256 differs)"
-        raise UserError(f"--split {split_file}: {why}; accepted: the split file the bundle's models trained on")
+        raise UserError(f"--fingerprint-split {split_file}: {why}; accepted: the split file the bundle's models "
+                        "trained on")
     folders = data_paths or _bundle_data(meta)
     rows = read_split_rows(split_file, data_paths=folders)
     block = write_fingerprints(bundle.root, [r["path"] for r in rows if r["split"] == "train"],
                                [r["path"] for r in rows if r["split"] == "val"])
     if block is None:
-        raise DataError(f"--split {split_file}: none of its train or val images could be read under "
+        raise DataError(f"--fingerprint-split {split_file}: none of its train or val images could be read under "
                         f"{', '.join(folders)}; accepted: the data folders the bundle trained on")
     meta["seen_images"] = block
     write_metadata(bundle.root, meta)
