@@ -140,7 +140,11 @@ def cmd_train(args) -> int:
             raise UserError(f"--resume continues a run with its saved config.yaml; drop {', '.join(sorted(fixed))} "
                             f"(accepted with --resume: --device, --threads, --workers, --no-progress)")
         runtime = {key: getattr(args, name) for name, key in _RUNTIME_TRAIN_OPTIONS.items()}
-        summary = run_training(None, args.resume, progress=not args.no_progress, resume=True, runtime=runtime)
+        try:
+            summary = run_training(None, args.resume, progress=not args.no_progress, resume=True, runtime=runtime)
+        except KeyboardInterrupt:
+            _resume_hint(args.resume)
+            raise
         _print_train_summary(summary)
         return 0
     overrides = {
@@ -194,9 +198,35 @@ def cmd_train(args) -> int:
                         "manifest, repeated to combine several")
     if not 0 <= config.train.unfreeze_fraction <= 1:
         raise UserError(f"--unfreeze-fraction {config.train.unfreeze_fraction}: accepted 0 to 1")
-    summary = run_training(config, args.out, progress=not args.no_progress)
+    _refuse_out_inside_data(args.out, config.data.paths)
+    try:
+        summary = run_training(config, args.out, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        _resume_hint(args.out)
+        raise
     _print_train_summary(summary)
     return 0
+
+
+def _resume_hint(out: str) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if (Path(out) / "config.yaml").is_file():
+        print(f"the run is kept up to its last finished epoch; continue it with: melanoma train --resume {out}",
+              file=sys.stderr)
+    else:
+        print("stopped before training began; nothing to resume: run the same command again", file=sys.stderr)
+
+
+def _refuse_out_inside_data(out: str, data: list[str]) -> None:
+    """A run folder inside a data folder puts config.yaml, split.csv and plots among the images, where every later
+    `train` on that data refuses them as bad images."""
+    where = Path(os.path.realpath(os.path.expanduser(out)))
+    for d in data:
+        root = Path(os.path.realpath(os.path.expanduser(str(d))))
+        if root.is_dir() and (where == root or root in where.parents):
+            raise UserError(f"--out {out}: inside the data folder {d}, where the run's files would be read as images; "
+                            "accepted: a run folder outside every --data folder")
 
 
 def _print_train_summary(summary) -> None:
@@ -490,6 +520,7 @@ def _add_export(sub) -> None:
                    help="do not store perceptual hashes of the training and validation images (seen_images.npz), "
                         "with which `melanoma evaluate` finds renamed, resized or re-encoded copies of them")
     p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for CIs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     p.set_defaults(func=cmd_export)
 
 
@@ -499,7 +530,8 @@ def cmd_export(args) -> int:
     check_export_target(args.out, overwrite=args.overwrite)
     with staged_bundle(args.out) as stage:
         meta = export_bundle(args.model, stage, split_file=args.split, use_data=not args.no_data,
-                             n_resamples=args.resamples, seen_fingerprints=not args.no_fingerprints)
+                             n_resamples=args.resamples, seen_fingerprints=not args.no_fingerprints,
+                             progress=not args.no_progress)
     test = meta.get("metrics", {}).get("test")
     print(f"bundle written to {args.out} (model {meta['model_version']}, sha256 {meta['graph']['sha256'][:12]})")
     if test:

@@ -1,5 +1,6 @@
 """Every bad-input case of the CLI: one-line error naming the file or folder, exit code 2."""
 
+import json
 import subprocess
 import sys
 
@@ -53,7 +54,22 @@ def test_unknown_class_folder(tmp_path, capsys):
     _one_line_error(capsys, "nevus", "accepted class folders: benign, malignant")
 
 
-@pytest.mark.parametrize("content,name", [(b"", "zero.jpg"), (b"GIF89a garbage", "bad.jpg"), (b"hello", "notes.txt")])
+def test_a_non_image_file_beside_the_images_is_left_out_with_a_warning(tmp_path, caplog):
+    """A notes.txt in a class folder is no image (`data check` lists it as harmless); train used to refuse the whole
+    data set for it as a "bad image". Now it is left out, said, and counted in data_summary.json."""
+    root = tmp_path / "data"
+    make_class_folder(root / "train", 6, np.random.default_rng(0))
+    make_class_folder(root / "test", 2, np.random.default_rng(1))
+    (root / "train" / "benign" / "notes.txt").write_bytes(b"hello")
+    caplog.set_level("WARNING")
+    assert _train(root, tmp_path / "out") == 0
+    assert any("left out 1 non-image file(s)" in r.getMessage() and "notes.txt" in r.getMessage()
+               for r in caplog.records)
+    summary = json.loads((tmp_path / "out" / "data_summary.json").read_text())
+    assert summary["ignored_non_image_files"] == 1 and summary["skipped_bad_images"] == 0
+
+
+@pytest.mark.parametrize("content,name", [(b"", "zero.jpg"), (b"GIF89a garbage", "bad.jpg")])
 def test_bad_file_in_data_then_skip(tmp_path, capsys, content, name):
     root = tmp_path / "data"
     make_class_folder(root / "train", 6, np.random.default_rng(0))

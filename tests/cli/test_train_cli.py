@@ -56,3 +56,48 @@ def test_a_run_repeats_from_its_config_yaml_alone(seed_layout, tmp_path, monkeyp
     assert main(["train", "--config", str(first / "config.yaml"), "--out", str(again), "--no-progress"]) == 0
     assert (again / "split.csv").read_text() == (first / "split.csv").read_text()
     assert (again / "config.yaml").read_text() == (first / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("where", ["root", "inside"])
+def test_a_run_folder_inside_a_data_folder_is_refused_before_anything_is_written(seed_layout, capsys, where):
+    """A run inside the data (say `--out DATA/test/benign`) left config.yaml among the images, and every later
+    `train` on that data refused it as a bad image."""
+    out = seed_layout if where == "root" else seed_layout / "test" / "benign" / "run"
+    before = sorted(p.relative_to(seed_layout) for p in seed_layout.rglob("*"))
+    assert main(["train", "--data", str(seed_layout), "--out", str(out), "--backbone", TINY_BACKBONE,
+                 "--no-pretrained", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "inside the data folder" in err and "accepted: a run folder outside every --data folder" in err
+    assert "\n" not in err
+    assert sorted(p.relative_to(seed_layout) for p in seed_layout.rglob("*")) == before
+
+
+def test_a_run_refused_for_its_data_leaves_no_config_behind(tmp_path, capsys):
+    data = tmp_path / "one-class" / "benign"
+    data.mkdir(parents=True)
+    import numpy as np
+
+    from conftest import lesion_image
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        lesion_image(rng, False).save(data / f"b{i}.jpg")
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "one-class"), "--out", str(out), "--backbone", TINY_BACKBONE,
+                 "--no-pretrained", "--no-progress"]) == 2
+    assert "error: " in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_ctrl_c_says_how_to_continue(seed_layout, tmp_path, capsys, monkeypatch):
+    import melanoma_detector.training.trainer as trainer
+
+    def interrupted(config, out_dir, **kwargs):
+        (out_dir / "config.yaml").parent.mkdir(parents=True)
+        (out_dir / "config.yaml").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer, "run_training", lambda config, out, **kw: interrupted(config, tmp_path / "run", **kw))
+    assert main(["train", "--data", str(seed_layout), "--out", str(tmp_path / "run"), "--no-progress"]) == 130
+    err = capsys.readouterr().err
+    assert f"continue it with: melanoma train --resume {tmp_path / 'run'}" in err and "interrupted" in err

@@ -36,3 +36,12 @@ def test_a_split_that_is_not_there_is_a_one_line_error(grouped_manifest, tmp_pat
     with pytest.raises(DataError, match=r"split 'train'; accepted: test, val, all"):
         evaluation_samples(grouped_manifest, split="train")
 
+
+
+def test_a_non_image_file_is_left_out_with_a_warning_not_refused(seed_layout, caplog):
+    """A notes.txt in train/, which evaluation does not even score, used to refuse the whole evaluation."""
+    (seed_layout / "train" / "malignant" / "notes.txt").write_text("hello")
+    caplog.set_level("WARNING")
+    chosen = evaluation_samples(seed_layout)
+    assert chosen and all(s.split == "test" for s in chosen)
+    assert any("left out 1 non-image file(s)" in r.getMessage() for r in caplog.records)

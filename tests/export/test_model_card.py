@@ -82,3 +82,17 @@ def test_a_recalibrated_card_names_the_images_its_refitted_gate_compares_against
     meta["recalibration"]["gate"] = "keep"
     del meta["input_gate"]["refitted"]
     assert "far from those of the validation images (" in _card(tmp_path, meta)
+
+
+def test_a_users_collection_is_described_by_the_split_that_happened(tmp_path):
+    """A Kaggle-style folder keeps its own test/ folder, so the configured 70/15/15 is not what happened, and with no
+    lesion ids the split was by image: the card said "lesion-grouped" and "70/15/15" regardless."""
+    meta = _single(["/tmp/x/kaggle"])
+    meta["splits"] = {"file": "runs/r/split.csv", "val": 12, "test": 24}
+    for part in ("val", "test"):
+        meta["metrics"][part].update(n=meta["splits"][part], n_groups=meta["splits"][part])
+    card = _card(tmp_path, meta)
+    assert "Split: by image (the data names no lesion groups" in card and "lesion-grouped" not in card
+    assert "its own train/val/test folders are kept); 12 validation and 24 test images" in card
+    grouped = _single(["/tmp/x/kaggle"])
+    assert "Split: lesion-grouped (no lesion on two sides)" in _card(tmp_path, grouped)  # n_groups < n

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from melanoma_detector.data.discovery import Sample
-from melanoma_detector.data.io import load_image
+from melanoma_detector.data.io import IMAGE_EXTENSIONS, load_image
 from melanoma_detector.errors import DataError, ImageDecodeError
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ def validate_images(
     """Decode every image once before training so a bad file fails in seconds, not mid-epoch.
 
     Without `skip_bad` the first bad file is an error naming it; with it, bad files are dropped
-    and returned so the caller can report how many.
+    and returned so the caller can report how many. `non_images` (files whose extension is no image's, such as a
+    notes.txt beside the images) are no training images at all, as `data check` says: they are left out with a
+    warning, not refused as bad images.
     """
     from tqdm import tqdm
 
@@ -89,7 +91,10 @@ def validate_images(
         results = list(
             tqdm(pool.map(check, samples), total=len(samples), desc="checking images", disable=not progress, leave=False)
         )
-    bad = [r for r in results if r] + [f"{p}: not an image file (extension)" for p in non_images]
+    if non_images:
+        log.warning("left out %d non-image file(s) (accepted: %s), first: %s", len(non_images), ", ".join(IMAGE_EXTENSIONS),
+                    non_images[0])
+    bad = [r for r in results if r]
     if bad and not skip_bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise DataError(f"bad image in data: {bad[0]}{more}; fix or remove it, or pass --skip-bad-images")

@@ -89,8 +89,8 @@ def evaluation_samples(path: str | Path, *, split_file: str | Path | None = None
         if name is None:
             raise DataError(f"{path}: has split folders but no test/ or val/ to evaluate on")
         chosen = [s for s in src.samples if s.split == name]
-    if src.non_images:
-        raise DataError(f"not an image file in evaluation data: {src.non_images[0]}")
+    if src.non_images:  # a notes.txt beside the images is no image to score (as `data check` and `train` treat it)
+        log.warning("%s: left out %d non-image file(s), first: %s", path, len(src.non_images), src.non_images[0])
     require_both_classes(chosen, f"evaluation data {path}")
     return chosen
 

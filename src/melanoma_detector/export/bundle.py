@@ -111,6 +111,7 @@ def export_bundle(
     version: str | None = None,
     uncalibrated: bool = False,
     seen_fingerprints: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """`seen_fingerprints`: store perceptual hashes of the images the members trained on and export calibrated on
     (`data.fingerprints`), so that `melanoma evaluate` finds renamed, resized or re-encoded copies of them.
@@ -222,7 +223,7 @@ def export_bundle(
         # Served once to fit on, so a complete metadata.json, checkpoint calibration and all (re-fitted below).
         write_metadata(out, {**meta, "risk_tiers": risk_tiers(meta["thresholds"])})
         predictor = Predictor(out, verify=True)
-        v = run_graph(predictor, [r["path"] for r in val], outputs=("logit", "gate_features"))
+        v = run_graph(predictor, [r["path"] for r in val], outputs=("logit", "gate_features"), progress=progress)
         v_logits = v["logit"]
         y_val = np.array([int(r["label"]) for r in val])
         temperature, logit_bias, thresholds = fit_operating_points(v_logits, y_val)
@@ -235,7 +236,8 @@ def export_bundle(
         groups_val = [r.get("group") or r["key"] for r in val]
         meta["metrics"]["val"] = metrics_with_ci(y_val, p_val, groups_val, thresholds, n_resamples=n_resamples)
         if test:
-            t = run_graph(predictor, [r["path"] for r in test], outputs=("logit", "gate_features"))
+            t = run_graph(predictor, [r["path"] for r in test], outputs=("logit", "gate_features"),
+                          progress=progress)
             t_logits, t_feats = t["logit"], t["gate_features"]
             y_test = np.array([int(r["label"]) for r in test])
             p_test = apply_calibration(t_logits, temperature, logit_bias)
@@ -247,7 +249,7 @@ def export_bundle(
             )
         meta["splits"] = {"file": str(split_path), "val": len(val), "test": len(test)}
     (out / FINGERPRINT_FILE).unlink(missing_ok=True)  # stale from an earlier export into this folder
-    seen = _write_fingerprints(out, paths, loaded, images[0] if images is not None else []) \
+    seen = _write_fingerprints(out, paths, loaded, images[0] if images is not None else [], progress=progress) \
         if seen_fingerprints and use_data else None
     if seen is not None:
         meta["seen_images"] = seen
@@ -284,7 +286,7 @@ def _looks_like_shared(paths: list[str]) -> bool:
 
 
 def _write_fingerprints(out: Path, paths: list[Path], loaded: list[tuple[Any, dict[str, Any]]],
-                        val: list[dict[str, str]]) -> dict[str, Any] | None:
+                        val: list[dict[str, str]], *, progress: bool = True) -> dict[str, Any] | None:
     """Hash the members' training images (each run's split.csv, train rows) and the validation images they chose
     their epoch on and export calibrated on into `out`/seen_images.npz; returns the metadata block, or None when no
     image was at hand."""
@@ -303,16 +305,16 @@ def _write_fingerprints(out: Path, paths: list[Path], loaded: list[tuple[Any, di
             continue
         train += [r["path"] for r in rows if r["split"] == "train"]
         seen_val += [r["path"] for r in rows if r["split"] == "val"]
-    return write_fingerprints(out, train, seen_val)
+    return write_fingerprints(out, train, seen_val, progress=progress)
 
 
-def write_fingerprints(out: Path, train: list[str], val: list[str]) -> dict[str, Any] | None:
+def write_fingerprints(out: Path, train: list[str], val: list[str], *, progress: bool = True) -> dict[str, Any] | None:
     """seen_images.npz in `out` for these images; its metadata block, or None when none could be read."""
     from melanoma_detector.data.fingerprints import COPY_BITS, METHOD, fingerprint_images
 
     if not train and not val:
         return None
-    seen = fingerprint_images({"train": train, "val": val}, progress=log.isEnabledFor(logging.INFO))
+    seen = fingerprint_images({"train": train, "val": val}, progress=progress)
     if not len(seen.hashes):
         return None
     sha = seen.save(Path(out) / FINGERPRINT_FILE)
@@ -324,7 +326,7 @@ def write_fingerprints(out: Path, train: list[str], val: list[str]) -> dict[str,
 
 
 def fingerprint_bundle(bundle_dir: str | Path, split_file: str | Path, *,
-                       data_paths: list[str] | None = None) -> dict[str, Any]:
+                       data_paths: list[str] | None = None, progress: bool = True) -> dict[str, Any]:
     """Give an existing bundle the fingerprints export now writes, from the split its models trained on: the
     split's train rows and its val rows (where export fitted calibration). Refused unless the split's training
     images are the ones the bundle records (training.train_keys_sha256). The graph is untouched."""
@@ -346,7 +348,7 @@ def fingerprint_bundle(bundle_dir: str | Path, split_file: str | Path, *,
     folders = data_paths or _bundle_data(meta)
     rows = read_split_rows(split_file, data_paths=folders)
     block = write_fingerprints(bundle.root, [r["path"] for r in rows if r["split"] == "train"],
-                               [r["path"] for r in rows if r["split"] == "val"])
+                               [r["path"] for r in rows if r["split"] == "val"], progress=progress)
     if block is None:
         raise DataError(f"--fingerprint-split {split_file}: none of its train or val images could be read under "
                         f"{', '.join(folders)}; accepted: the data folders the bundle trained on")

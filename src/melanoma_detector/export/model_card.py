@@ -150,7 +150,7 @@ photos, non-skin images, mucosal/acral/nail lesions beyond what the training dat
 ## Training data and licence
 {data}
 
-Split: lesion-grouped (no lesion on two sides), stratified, seeded; {facts['split']}. **{meta['licence']}.** {facts['inherits']}
+Split: {_grouping_text(meta)}, stratified, seeded; {facts['split']}. **{meta['licence']}.** {facts['inherits']}
 {_seen_images_text(meta)}
 ## Calibration and operating points (set on {fitted_on})
 - Temperature scaling with a bias: p = sigmoid(logit / T + b), T = {meta['temperature']:.3f},
@@ -257,6 +257,14 @@ def _gate_images(meta: dict[str, Any]) -> str:
     return "the validation images"
 
 
+def _grouping_text(meta: dict[str, Any]) -> str:
+    """Lesion-grouped only where the data named lesions: with one group per image, the split was by image."""
+    m = (meta.get("metrics") or {}).get("test") or (meta.get("metrics") or {}).get("val") or {}
+    if isinstance(m.get("n_groups"), int) and isinstance(m.get("n"), int) and m["n_groups"] >= m["n"]:
+        return "by image (the data names no lesion groups, so images of one lesion may sit on two sides)"
+    return "lesion-grouped (no lesion on two sides)"
+
+
 def _data_facts(meta: dict[str, Any]) -> dict[str, str]:
     """The card's statements about the training data, for the collections the bundle credits: what holds for
     HAM10000 and ISIC 2017 (their layout, resolution, licence) is said of them only."""
@@ -272,7 +280,12 @@ def _data_facts(meta: dict[str, Any]) -> dict[str, str]:
     if isic:
         split.append(f"{ISIC} train -> train, {ISIC} val -> val")
     if others:
-        split.append(f"{', '.join(others)} {fractions} (a collection's own train/val folders are kept)")
+        # a collection's own train/val/test folders are kept, so the configured fractions may not be what happened
+        counts = meta.get("splits") or {}
+        actual = (f"; {counts['val']:,} validation and {counts['test']:,} test images" if not ham and not isic
+                  and isinstance(counts.get("val"), int) and isinstance(counts.get("test"), int) else "")
+        split.append(f"{', '.join(others)} {fractions} where it has no split folders (its own train/val/test folders "
+                     f"are kept){actual}")
     inherits = ("Anything derived from this\nmodel inherits the non-commercial terms of HAM10000." if ham else
                 "Anything derived from this model inherits the terms of the data it was trained on.")
     shrunk = ([f"{HAM} was shrunk to 200x150"] if ham else []) + ([f"{ISIC} squashed to 256x256"] if isic else [])

@@ -265,9 +265,11 @@ def prepare_samples(config: Config, out_dir: Path, *, progress: bool, write: boo
     require_both_classes(by_split["train"], "training split")
     require_both_classes(by_split["val"], "validation split")
     if write:
+        out_dir.mkdir(parents=True, exist_ok=True)  # only once the data passed: a refused run leaves no folder
         save_split(samples, out_dir / "split.csv")
         (out_dir / "data_summary.json").write_text(
-            json.dumps({"counts": split_counts(samples), "skipped_bad_images": len(bad), "bad_images": bad[:100]}, indent=2)
+            json.dumps({"counts": split_counts(samples), "skipped_bad_images": len(bad), "bad_images": bad[:100],
+                        "ignored_non_image_files": len(non_images), "non_image_files": non_images[:100]}, indent=2)
         )
     return by_split
 
@@ -401,15 +403,16 @@ def _train(config: Config, out_dir: Path, *, dist: DistInfo, device: torch.devic
     main = dist.is_main
     if previous is None:
         config = _resolve_paths(config)
-        # a resumed run keeps the config.yaml it was started with (resume points this process at the run's own
-        # split.csv, which must not leak into the file a later `--config RUN/config.yaml` repeats)
-        if main and write_config:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, out_dir / "config.yaml")
     tc, mc = config.train, config.model
     seed_everything(tc.seed)
     check_backbone_name(mc.backbone)
     splits = prepare_samples(config, out_dir, progress=progress, write=main and previous is None)
+    # Written once the data has been read and split: a run refused for its data leaves no config.yaml behind. A
+    # resumed run keeps the config.yaml it was started with (resume points this process at the run's own
+    # split.csv, which must not leak into the file a later `--config RUN/config.yaml` repeats).
+    if previous is None and main and write_config:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, out_dir / "config.yaml")
     train_s, val_s = splits["train"], splits["val"]
     if main:
         log.info("data: train %d, val %d, test %d images; device %s; %d process(es)",
