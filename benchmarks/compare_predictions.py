@@ -56,7 +56,7 @@ def main() -> None:
             continue
         groups = np.array([a[k][2] for k in keys], dtype=object)  # one lesion's images are not independent
         d = delong_test(y, np.array([a[k][1] for k in keys]), np.array([b[k][1] for k in keys]), groups=groups)
-        p = "n/a" if d["p_value"] is None else f"{d['p_value']:.3f}"
+        p = "n/a" if d["p_value"] is None else "< 0.001" if d["p_value"] < 0.001 else f"{d['p_value']:.3f}"
         print(f"{name}: n={len(keys)} ({int(y.sum())} malignant); AUC A {d['auc1']:.4f}, B {d['auc2']:.4f}; "
               f"A - B {d['diff']:+.4f} ({d['ci_low']:+.4f}, {d['ci_high']:+.4f}), DeLong p = {p} "
               f"(clustered by {d.get('n_groups')} lesion groups)")

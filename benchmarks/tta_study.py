@@ -101,7 +101,7 @@ def gain_gap_permutation(y, plain, tta, groups, in_val, *, n: int, seed: int) ->
 
 def fmt_delong(y, a, b, groups=None) -> str:
     d = delong_test(y, a, b, groups=groups)  # clustered by lesion: one lesion's images are not independent
-    p = "n/a" if d["p_value"] is None else f"{d['p_value']:.3f}"
+    p = "n/a" if d["p_value"] is None else "< 0.001" if d["p_value"] < 0.001 else f"{d['p_value']:.3f}"
     return f"{d['auc1']:.3f} vs {d['auc2']:.3f}: {d['diff']:+.3f} ({d['ci_low']:+.3f}, {d['ci_high']:+.3f}), p = {p}"
 
 
