@@ -379,6 +379,20 @@ def test_summary_sets_both_models_on_the_images_delong_pairs(report):
     assert any(line.strip().startswith("B (same imgs)") for line in lines)
 
 
+def test_the_summary_says_when_the_threshold_is_a_default_not_a_fitted_one(report):
+    """An interrupted run's checkpoint stores no thresholds; evaluate used 0.5 and said so only in metrics.json."""
+    import copy
+
+    from melanoma_detector.evaluation.report import format_summary
+
+    _, results = report
+    results = copy.deepcopy(results)
+    assert "not fitted" not in format_summary(results).splitlines()[0]
+    results["model"]["thresholds_note"] = "the model stores no thresholds: 0.5 used"
+    first = format_summary(results).splitlines()[0]
+    assert "(the model stores no thresholds: 0.5 used: not fitted on validation images)" in first
+
+
 def test_a_rerun_without_compare_leaves_no_compare_files(datasets, tmp_path):
     _, kaggle = datasets
     out = tmp_path / "e"

@@ -537,3 +537,14 @@ def test_a_threshold_margin_never_moves_an_image_across_it():
         assert M.binary_metrics(y, p, threshold=moved)[target[0]] >= target[1], k
         assert ((p >= moved) == (p >= th[k])).all(), k
     assert M.with_margin(0.5, [0.9, 0.8]) == pytest.approx(0.5 * (1 - 1e-5))  # nothing below: the plain margin
+
+
+def test_perfectly_separated_calibration_images_are_warned_about(caplog):
+    """A tiny validation set with no overlap put the screening threshold at 0.99999, silently."""
+    caplog.set_level("WARNING")
+    y = np.r_[np.zeros(8, int), np.ones(4, int)]
+    M.fit_operating_points(np.r_[np.linspace(-4, -1, 8), np.linspace(2, 5, 4)], y)
+    assert any("separate the classes perfectly (8 benign, 4 malignant)" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    M.fit_operating_points(np.r_[np.linspace(-4, 3, 8), np.linspace(-1, 5, 4)], y)  # overlapping: no warning
+    assert not caplog.records

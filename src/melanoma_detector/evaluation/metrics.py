@@ -16,6 +16,7 @@ No torch here: this module must import on a machine without it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,6 +26,8 @@ import numpy as np
 from scipy import optimize, special, stats
 
 from melanoma_detector.calibration import calibrated_probabilities, sigmoid
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BootstrapCI",
@@ -479,6 +482,15 @@ def fit_operating_points(logits: ArrayLike, y: ArrayLike) -> tuple[float, float,
         raise ValueError("operating points need both classes among the calibration images (benign and malignant)")
     temperature, bias = fit_temperature_bias(logits, y)
     p = apply_calibration(logits, temperature, bias)
+    yy = _labels(y)
+    z = _scores(logits, name="logits")
+    if z[yy == 1].min() > z[yy == 0].max():
+        # Nothing to calibrate between: the NLL drives T towards its bound and the thresholds to the gap's edge
+        # (a screening threshold of 0.99999 on a small validation set), which new images will not respect.
+        log.warning("the calibration images separate the classes perfectly (%d benign, %d malignant): temperature "
+                    "and thresholds sit at the edge of that gap and will not hold on new images; fit them on more "
+                    "validation images (or `melanoma recalibrate` on a labelled set of your own)",
+                    int((yy == 0).sum()), int((yy == 1).sum()))
     return temperature, bias, {"screening": float(threshold_for_sensitivity(y, p, SCREENING_SENSITIVITY)),
                                "high_specificity": float(threshold_for_specificity(y, p, HIGH_SPECIFICITY))}
 

@@ -381,7 +381,10 @@ def format_summary(results: Mapping[str, Any]) -> str:
     thr = results["model"]["thresholds"]["screening"]
     header = (f"{'set':<18} {'n':>6} {'malig':>6} {'refused':>7}  {'AUC [95% CI]':<22} "
               f"{'sens @ screening':<22} {'spec @ screening':<22}")
-    lines = [f"screening threshold {thr:.4g}; 95% CIs from {results['settings']['n_resamples']} "
+    note = results["model"].get("thresholds_note") or ""
+    # a default threshold (an interrupted run's checkpoint stores none) must not pass for a fitted one
+    unfitted = f" ({note}: not fitted on validation images)" if note.startswith("the model stores no") else ""
+    lines = [f"screening threshold {thr:.4g}{unfitted}; 95% CIs from {results['settings']['n_resamples']} "
              f"bootstrap resamples", header, "-" * len(header)]
     cmp = {c["name"]: c for c in (results.get("compare") or {}).get("sets", [])}
     for s in results["sets"]:
