@@ -304,8 +304,12 @@ def cmd_evaluate(args) -> int:
     if args.prevalence is not None and not 0 < args.prevalence < 1:
         raise UserError(f"--prevalence {args.prevalence}: expected a fraction between 0 and 1 (e.g. 0.02)")
     out = check_report_target(args.out or "evaluation")
+    split_file = args.split_file or _run_split_for(args.model, args.data)
+    if split_file and not args.split_file:
+        print(f"scoring the run's own {args.split or 'test'} split ({split_file}) of the data it trained on; "
+              "--split all scores every image")
     # Bad data fails before any model is loaded.
-    sets = load_eval_sets(args.data, split_file=args.split_file, split=args.split)
+    sets = load_eval_sets(args.data, split_file=split_file, split=args.split)
     predictor = _make_predictor(args.model, tta=args.tta)
     other = _make_predictor(args.compare, tta=args.tta) if args.compare else None
     results = evaluate_model(
@@ -317,6 +321,27 @@ def cmd_evaluate(args) -> int:
     print(f"report: {out / 'report.html'}  (metrics.json, predictions.csv and plots in {out})")
     print(DISCLAIMER)
     return 0
+
+
+def _run_split_for(model: str | None, data: list[str]) -> str | None:
+    """A run evaluated on exactly the data folders it trained on: its split.csv, so that its test split is scored
+    rather than every image (mostly its own training images) under a warning."""
+    if not model:
+        return None
+    run = Path(model) if Path(model).is_dir() else Path(model).parent
+    split, config = run / "split.csv", run / "config.yaml"
+    if not (split.is_file() and config.is_file()):
+        return None
+    import yaml
+
+    try:
+        trained = ((yaml.safe_load(config.read_text(encoding="utf-8")) or {}).get("data") or {}).get("paths") or []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, AttributeError):
+        return None
+    real = {os.path.realpath(os.path.expanduser(str(p))) for p in trained}
+    if data and all(os.path.realpath(os.path.expanduser(d)) in real for d in data):
+        return str(split)
+    return None
 
 
 def _collect_images(paths: list[str]) -> list[str]:

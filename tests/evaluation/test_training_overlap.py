@@ -49,7 +49,7 @@ def test_a_run_evaluated_on_its_own_training_folder_warns_with_the_count(tiny_ru
     split = _split(run)
     n_train, n_val, n = len(split["train"]), len(split["val"]), sum(map(len, split.values()))
     caplog.set_level(logging.WARNING)
-    res = _evaluate(run, tmp_path / "ev", "--data", str(data))
+    res = _evaluate(run, tmp_path / "ev", "--data", str(data), "--split", "all")
     s = res["sets"][0]
     assert s["n"] == n and 0 < n_train < n and n_val > 0
     assert s["overlap"]["checked"] and s["overlap"]["split_file"] == str(run / "split.csv")
@@ -75,9 +75,25 @@ def test_its_test_split_is_not_flagged(tiny_run, tmp_path, capsys, caplog):
     assert not any("scored images" in r.getMessage() for r in caplog.records)
 
 
+def test_a_run_on_the_data_it_trained_on_scores_its_own_test_split_by_default(tiny_run, tmp_path, capsys):
+    """Scoring every image of a run's own data folder measured mostly its training images (a warning said so);
+    the run's split.csv says which are its test images."""
+    data, run = tiny_run
+    res = _evaluate(run, tmp_path / "ev", "--data", str(data))
+    ov = res["sets"][0]["overlap"]
+    assert res["sets"][0]["n"] == len(_split(run)["test"]) and ov["train"] == 0 and ov["val"] == 0
+    out = capsys.readouterr().out
+    assert f"scoring the run's own test split ({run / 'split.csv'})" in out and "warning:" not in out
+    other = tmp_path / "copy"  # another folder (a copy): every image, and the warning, as before
+    shutil.copytree(data, other)
+    res = _evaluate(run, tmp_path / "ev2", "--data", str(other))
+    assert res["sets"][0]["n"] == sum(map(len, _split(run).values())) and "scoring the run's own" not in \
+        capsys.readouterr().out
+
+
 def test_the_compared_model_is_checked_too(tiny_run, tmp_path, capsys):
     data, run = tiny_run
-    res = _evaluate(run, tmp_path / "ev", "--data", str(data), "--compare", str(run))
+    res = _evaluate(run, tmp_path / "ev", "--data", str(data), "--compare", str(run), "--split", "all")
     ov_a, ov_b = res["sets"][0]["overlap"], res["compare"]["sets"][0]["overlap"]
     assert ov_b["checked"] and (ov_b["train"], ov_b["val"]) == (ov_a["train"], ov_a["val"]) and ov_b["train"] > 0
     out = capsys.readouterr().out
