@@ -339,3 +339,20 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(tmp_path, capsy
 def test_a_folder_given_as_manifest_is_named_as_one(tmp_path, capsys):
     assert main(["predict", "--manifest", str(tmp_path)]) == 2
     _one_line_error(capsys, "is a folder", "goes as an argument")
+
+
+def test_a_test_image_that_is_a_copy_of_a_training_image_is_warned_about(tmp_path, caplog):
+    """`data check` found it (LEAKAGE), while train and evaluate said nothing."""
+    import shutil
+
+    root = tmp_path / "data"
+    make_class_folder(root / "train", 6, np.random.default_rng(0))
+    make_class_folder(root / "test", 2, np.random.default_rng(1))
+    src = sorted((root / "train" / "benign").iterdir())[0]
+    shutil.copy(src, root / "test" / "benign" / "copy.jpg")
+    caplog.set_level("WARNING")
+    assert _train(root, tmp_path / "out") == 0
+    assert any("byte-identical copies of training images" in r.getMessage() and "copy.jpg" in r.getMessage()
+               for r in caplog.records)
+    summary = json.loads((tmp_path / "out" / "data_summary.json").read_text())
+    assert summary["val_test_copies_of_train"] == 1 and summary["copies"][0][0].endswith("copy.jpg")

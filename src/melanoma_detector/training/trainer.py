@@ -264,14 +264,41 @@ def prepare_samples(config: Config, out_dir: Path, *, progress: bool, write: boo
     by_split = {name: [s for s in samples if s.split == name] for name in ("train", "val", "test")}
     require_both_classes(by_split["train"], "training split")
     require_both_classes(by_split["val"], "validation split")
+    copies = cross_split_copies(by_split) if write else []
     if write:
         out_dir.mkdir(parents=True, exist_ok=True)  # only once the data passed: a refused run leaves no folder
         save_split(samples, out_dir / "split.csv")
         (out_dir / "data_summary.json").write_text(
             json.dumps({"counts": split_counts(samples), "skipped_bad_images": len(bad), "bad_images": bad[:100],
-                        "ignored_non_image_files": len(non_images), "non_image_files": non_images[:100]}, indent=2)
+                        "ignored_non_image_files": len(non_images), "non_image_files": non_images[:100],
+                        "val_test_copies_of_train": len(copies), "copies": copies[:100]}, indent=2)
         )
     return by_split
+
+
+def cross_split_copies(by_split: dict[str, list[Sample]], *, workers: int = 4) -> list[list[str]]:
+    """[validation or test image, the training image with the same bytes] pairs, with a warning: collections
+    such as the Kaggle melanoma set hold byte-identical copies, and one on both sides makes validation and test
+    figures optimistic. Bytes only, which is cheap enough to run on every training run; `melanoma data check`
+    also finds resized and re-encoded copies."""
+    import hashlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    def digest(s: Sample) -> str | None:
+        try:
+            return hashlib.sha256(Path(s.path).read_bytes()).hexdigest()
+        except OSError:
+            return None
+
+    with ThreadPoolExecutor(workers) as pool:
+        train = {h: s.path for s, h in zip(by_split["train"], pool.map(digest, by_split["train"])) if h}
+        held = [s for name in ("val", "test") for s in by_split[name]]
+        pairs = [[s.path, train[h]] for s, h in zip(held, pool.map(digest, held)) if h in train]
+    if pairs:
+        log.warning("%d validation/test image(s) are byte-identical copies of training images, first: %s = %s; "
+                    "their figures are optimistic: remove the copies (`melanoma data check` lists them)",
+                    len(pairs), *pairs[0])
+    return pairs
 
 
 # ---- crash-safe runs --------------------------------------------------------------------------
