@@ -312,3 +312,15 @@ def test_a_file_name_that_is_not_utf8_is_reported_not_a_crash(tmp_path):
     r = check_dataset(root, out_dir=tmp_path / "out", progress=False)
     assert r["summary"]["unreadable"] == 1
     assert "bad\\xe9.jpg" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_one_class_folder_is_warned_about(tmp_path):
+    root = tmp_path / "data"
+    files = make_seed_layout(root)
+    for folder in ("train/malignant", "test/malignant"):
+        for f in files[folder]:
+            f.unlink()
+    summary = format_summary(run(root, tmp_path))
+    assert "WARNING: no malignant images: `melanoma train` needs both benign and malignant ones" in summary
+    make_seed_layout(tmp_path / "both")
+    assert "WARNING" not in format_summary(run(tmp_path / "both", tmp_path / "o2"))

@@ -681,6 +681,8 @@ def format_summary(report: dict) -> str:
         f"label conflicts: {s['label_conflicts']}, lesion groups in several splits: "
         f"{s['groups_in_several_splits']}",
         f"LEAKAGE between splits: {'YES' if report['leakage'] else 'no'}",
+        *[f"WARNING: no {c} images: `melanoma train` needs both {' and '.join(CLASS_NAMES)} ones"
+          for c in CLASS_NAMES if not counts.get("all", {}).get(c)],
         f"report written to {report['out_dir']} (report.md, report.json, sample_grid.png, class_balance.png)",
     ]
     return "\n".join(lines)
